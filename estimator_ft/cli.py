@@ -1,0 +1,290 @@
+"""`estimator-ft SUBCOMMAND --flags`: the only module that defines or reads absl flags.
+
+Each subcommand defines just its own flags (so `--help` lists what matters and no flag is inert),
+turns them into library arguments - for training, one validated `Config` - and calls the library.
+User errors (ValueError from validation or the library) print one clear message and exit 2.
+"""
+
+import dataclasses
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from estimator_ft import config as config_lib
+from estimator_ft.config import Config
+
+FLAGS = flags.FLAGS
+logger = logging.getLogger("estimator_ft")
+
+EXIT_USER_ERROR = 2
+
+_HELP = {
+    "train_dir": "Training images: one sub-folder per class (<dir>/<class>/*.jpg|png|gif|bmp).",
+    "validation_dir": "Validation images, same classes and layout as --train_dir.",
+    "tfds_name": "TFDS dataset name (e.g. cats_vs_dogs) instead of folders; needs prepared data offline.",
+    "tfds_data_dir": "TFDS data_dir holding the prepared dataset (default: TFDS' own default).",
+    "tfds_train_split": "TFDS split used for training.",
+    "tfds_validation_split": "TFDS split used for validation.",
+    "tfds_image_key": "Feature key of the image in the TFDS dataset.",
+    "tfds_label_key": "Feature key of the class label in the TFDS dataset.",
+    "image_size": "Square input size in pixels (>= 32; 224 is ResNet50's native size, 64 is quick on CPU).",
+    "batch_size": "Images per training step.",
+    "augment": "Random flip and crop/scale while training (never in evaluation).",
+    "shuffle_buffer": "Shuffle buffer size (file names, so a large buffer is cheap).",
+    "cache": "Cache decoded, resized images in memory (before augmentation).",
+    "bad_images": "What to do with files that cannot be decoded: fail (list them and stop) or skip them.",
+    "seed": "Seed for initial weights, shuffling, augmentation and dropout.",
+    "weights": "imagenet (downloaded once by Keras), none (random init, works offline) or PATH.h5.",
+    "fine_tune_from": "all: train the whole base; none: head only; LAYER_NAME: train from that layer on.",
+    "dropout": "Dropout rate before the Dense head.",
+    "batchnorm_momentum": "Momentum of the BN moving statistics (0.99 = ResNet50's own; 0.9 settles "
+                          "faster in short runs from scratch).",
+    "optimizer": "momentum (SGD with --momentum) or adam.",
+    "learning_rate": "Learning rate (1e-4 with momentum 0.9 is the fine-tuning default).",
+    "momentum": "Momentum of the SGD optimizer.",
+    "lr_schedule": "constant or cosine decay over the whole run.",
+    "epochs": "Epochs to train in total (a resumed run continues up to this many).",
+    "update_ops": "apply: BatchNorm moving statistics are updated (correct). skip: DIAGNOSTIC ONLY - "
+                  "reproduces the broken hand-written loop whose evaluation uses stale statistics.",
+    "precision": "float32, mixed_bfloat16 (CPUs with AVX512_BF16) or mixed_float16 (GPUs).",
+    "jit": "Compile with XLA.",
+    "path": "estimator (tf.estimator model_fn) or keras (model.fit reference path).",
+    "model_dir": "Folder for checkpoints, TensorBoard logs, config.json, results.json and exports.",
+    "save_checkpoints_steps": "Checkpoint (and evaluate) every N steps; 0 = once per epoch.",
+    "keep_checkpoint_max": "Checkpoints kept.",
+    "save_summary_steps": "TensorBoard training summaries every N steps.",
+    "log_every_n_steps": "Progress line (steps/s, images/s, ETA) every N steps.",
+    "distribution": "none (default; also for TF_CONFIG clusters with parameter servers), mirrored, "
+                    "or multi_worker_mirrored.",
+    "exact_resume": "Checkpoint the input pipeline position too, so a resumed run sees exactly the "
+                    "batches an uninterrupted one would.",
+    "export_best_metric": "Validation metric that picks the 'best' export (loss: lowest; else highest).",
+    "exports_to_keep": "Exported versions kept per exporter.",
+}
+
+
+def _define_config_flags(overrides=None, skip=()):
+  """One flag per Config field, default taken from the dataclass (or `overrides`)."""
+  overrides = overrides or {}
+  enums = {"optimizer": config_lib.OPTIMIZERS, "lr_schedule": config_lib.LR_SCHEDULES,
+           "bad_images": config_lib.BAD_IMAGE_POLICIES, "update_ops": config_lib.UPDATE_OPS_MODES,
+           "path": config_lib.PATHS, "distribution": config_lib.DISTRIBUTIONS,
+           "precision": config_lib.PRECISIONS, "export_best_metric": config_lib.EXPORT_METRICS}
+  for field in dataclasses.fields(Config):
+    if field.name in skip:
+      continue
+    default = overrides.get(field.name, field.default)
+    help_text = _HELP[field.name]
+    if field.name in enums:
+      flags.DEFINE_enum(field.name, default, enums[field.name], help_text)
+    elif field.type in (bool, "bool"):
+      flags.DEFINE_boolean(field.name, default, help_text)
+    elif field.type in (int, "int"):
+      # Ranges are checked by Config.validate, whose messages say what to use instead.
+      flags.DEFINE_integer(field.name, default, help_text)
+    elif field.type in (float, "float"):
+      flags.DEFINE_float(field.name, default, help_text)
+    else:
+      flags.DEFINE_string(field.name, default, help_text)
+
+
+def _config_from_flags(require_model_dir=True, **forced) -> Config:
+  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config) if f.name in FLAGS}
+  values.update(forced)
+  return Config(**values).validate(require_model_dir=require_model_dir)
+
+
+# ---------------------------------------------------------------- train
+
+def _define_train():
+  _define_config_flags()
+
+
+def _run_train(argv):
+  _no_positional(argv)
+  from estimator_ft import training
+  config = _config_from_flags()
+  results = training.run(config)
+  _print_train_summary(results, config)
+  return 0
+
+
+def _print_train_summary(results, config):
+  history = results.get("history") or []
+  last = history[-1] if history else {}
+  lines = [
+      "",
+      f"Done: {config.path} path, {results.get('global_step')} steps, {len(history)} epochs, "
+      f"{results.get('wall_time_s')} s.",
+  ]
+  if "val_accuracy" in last:
+    lines.append(f"  final epoch: training loss {last.get('loss', float('nan')):.4f} / accuracy "
+                 f"{last.get('accuracy', float('nan')):.4f} (running averages over the epoch); "
+                 f"validation loss {last['val_loss']:.4f} / accuracy {last['val_accuracy']:.4f} "
+                 "(one full pass, inference mode)")
+  lines += [
+      f"  checkpoints:      {config.model_dir}",
+      f"  results:          {os.path.join(config.model_dir, 'results.json')}",
+      f"  TensorBoard logs: {config.model_dir}   (open with: tensorboard --logdir {config.model_dir})",
+      f"  exported model:   {results.get('export_path') or 'none (see estimator-ft export)'}",
+  ]
+  if results.get("skipped_images"):
+    lines.append(f"  skipped images:   {len(results['skipped_images'])} (listed in results.json)")
+  print("\n".join(lines))
+
+
+# ---------------------------------------------------------------- compare
+
+def _define_compare():
+  # Parity needs dropout off and no augmentation: stated in the output too.
+  _define_config_flags(overrides={"dropout": 0.0, "augment": False}, skip=("path", "model_dir", "update_ops"))
+  flags.DEFINE_string("output_dir", "", "Folder for comparison.json/.csv/.png and each path's model_dir.")
+  flags.DEFINE_list("paths", ["keras", "estimator", "naive"],
+                    "Paths to compare: keras, estimator, naive (= estimator with --update_ops=skip).")
+
+
+def _run_compare(argv):
+  _no_positional(argv)
+  from estimator_ft import compare
+  if not FLAGS.output_dir:
+    raise ValueError("--output_dir is required: the folder for the comparison outputs.")
+  config = _config_from_flags(require_model_dir=False, model_dir=FLAGS.output_dir)
+  compare.run_compare(config, FLAGS.output_dir, tuple(FLAGS.paths))
+  return 0
+
+
+# ---------------------------------------------------------------- export / predict
+
+def _define_export():
+  flags.DEFINE_string("model_dir", "", "Training model_dir holding checkpoints and config.json.")
+  flags.DEFINE_string("export_dir", "", "Base folder for the versioned export (default MODEL_DIR/export/manual).")
+
+
+def _run_export(argv):
+  _no_positional(argv)
+  from estimator_ft import export
+  if not FLAGS.model_dir:
+    raise ValueError("--model_dir is required: the training model_dir to export from.")
+  path = export.export_from_checkpoint(FLAGS.model_dir, FLAGS.export_dir or None)
+  print(f"Exported SavedModel: {path}")
+  return 0
+
+
+def _define_predict():
+  flags.DEFINE_string("saved_model", "", "An exported SavedModel version folder (.../export/NAME/TIMESTAMP).")
+  flags.DEFINE_integer("predict_batch_size", 32, "Images per model call.", lower_bound=1)
+
+
+def _run_predict(argv):
+  from estimator_ft import serving
+  if not FLAGS.saved_model:
+    raise ValueError("--saved_model is required: an exported SavedModel version folder.")
+  if len(argv) < 2:
+    raise ValueError("Give one or more image files or folders after the flags.")
+  return serving.predict_cli(FLAGS.saved_model, argv[1:], FLAGS.predict_batch_size)
+
+
+# ---------------------------------------------------------------- launch-local
+
+def _define_launch_local():
+  flags.DEFINE_integer("workers", 1, "Worker processes besides the chief.", lower_bound=0)
+  flags.DEFINE_integer("ps", 1, "Parameter-server processes.", lower_bound=0)
+  flags.DEFINE_boolean("evaluator", True, "Start an evaluator process.")
+  flags.DEFINE_integer("timeout_s", 1800, "Stop every role and fail after this many seconds.", lower_bound=1)
+
+
+def _run_launch_local(argv):
+  from estimator_ft import cluster
+  return cluster.launch_local(workers=FLAGS.workers, ps=FLAGS.ps, evaluator=FLAGS.evaluator,
+                              train_args=list(argv[1:]), timeout_s=FLAGS.timeout_s)
+
+
+# ---------------------------------------------------------------- bench
+
+def _define_bench():
+  flags.DEFINE_integer("image_size", 64, "Image size for the benchmark.", lower_bound=32)
+  flags.DEFINE_integer("batch_size", 32, "Batch size.", lower_bound=1)
+  flags.DEFINE_integer("steps", 20, "Timed steps per measurement (after warm-up).", lower_bound=1)
+  flags.DEFINE_integer("repeats", 3, "Repeats of each measurement (min/median/max reported).", lower_bound=1)
+  flags.DEFINE_boolean("quick", False, "Fewer steps and repeats: about two minutes on 2 cores.")
+  flags.DEFINE_enum("precision", "float32", config_lib.PRECISIONS, "Training precision.")
+  flags.DEFINE_boolean("jit", False, "Compile with XLA.")
+  flags.DEFINE_string("data_dir", "data/sample", "Image folder (with train/) for the pipeline and folder benchmarks.")
+  flags.DEFINE_string("output", "", "Write the results JSON here.")
+
+
+def _run_bench(argv):
+  _no_positional(argv)
+  from estimator_ft import bench
+  bench.run_bench(image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
+                  repeats=FLAGS.repeats, quick=FLAGS.quick, precision=FLAGS.precision, jit=FLAGS.jit,
+                  data_dir=FLAGS.data_dir, output=FLAGS.output)
+  return 0
+
+
+# ---------------------------------------------------------------- dispatch
+
+SUBCOMMANDS = {
+    "train": (_define_train, _run_train, "fine-tune ResNet50 (Estimator or Keras path)"),
+    "compare": (_define_compare, _run_compare, "train keras / estimator / naive side by side"),
+    "export": (_define_export, _run_export, "export a SavedModel from the latest checkpoint"),
+    "predict": (_define_predict, _run_predict, "classify image files with an exported SavedModel"),
+    "launch-local": (_define_launch_local, _run_launch_local,
+                     "run a TF_CONFIG cluster on 127.0.0.1: launch-local [flags] -- <train flags>"),
+    "bench": (_define_bench, _run_bench, "measure training and input-pipeline throughput"),
+}
+
+
+def _no_positional(argv):
+  if len(argv) > 1:
+    raise ValueError(f"Unexpected arguments {argv[1:]}: every setting is a --flag (see --help).")
+
+
+def _usage():
+  lines = ["usage: estimator-ft SUBCOMMAND [--flags]   (estimator-ft SUBCOMMAND --help for its flags)", ""]
+  lines += [f"  {name:13s} {help_text}" for name, (_, _, help_text) in SUBCOMMANDS.items()]
+  return "\n".join(lines)
+
+
+def _configure_logging():
+  """Our progress lines readable; TensorFlow's own noise off unless --verbosity asks for it."""
+  verbose = FLAGS.verbosity > 0
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+  logger.handlers[:] = [handler]
+  logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+  logger.propagate = False
+  import tensorflow as tf
+  tf.get_logger().setLevel(logging.INFO if verbose else logging.ERROR)
+  tf.autograph.set_verbosity(1 if verbose else 0)
+
+
+def _main_for(run_fn):
+  def main(argv):
+    _configure_logging()
+    try:
+      return run_fn(argv)
+    except ValueError as e:  # user errors: one clear message, no traceback
+      print(f"estimator-ft: error: {e}", file=sys.stderr)
+      return EXIT_USER_ERROR
+  return main
+
+
+def run_main(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(_usage())
+    sys.exit(0 if len(argv) >= 2 else EXIT_USER_ERROR)
+  name = argv[1]
+  if name not in SUBCOMMANDS:
+    print(f"estimator-ft: unknown subcommand {name!r}.\n\n{_usage()}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+  if not any(a.startswith(("--verbosity", "-v")) for a in argv):
+    # Before TensorFlow is imported: hides its C++ start-up chatter (CUDA probing, oneDNN notice).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  define_flags, run_fn, _ = SUBCOMMANDS[name]
+  define_flags()
+  app.run(_main_for(run_fn), argv=[f"estimator-ft {name}"] + argv[2:])

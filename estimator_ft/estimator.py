@@ -1,0 +1,272 @@
+"""The Estimator training path: `train_and_evaluate`, progress and epoch-metrics hooks, history.
+
+Evaluation runs on every checkpoint, and a checkpoint is written at every epoch end (unless
+--save_checkpoints_steps says otherwise), so the whole validation set is evaluated once per epoch.
+The training input is one infinite, reshuffled stream, so epochs are counted in steps:
+`steps_per_epoch = ceil(train examples / batch size)` - the same count the Keras path gives `fit`.
+"""
+
+import glob
+import json
+import logging
+import math
+import os
+import time
+
+import tensorflow as tf
+
+from estimator_ft import config as config_lib
+from estimator_ft import data as data_lib
+from estimator_ft import model_fn as model_fn_lib
+from estimator_ft.config import Config
+
+logger = logging.getLogger("estimator_ft")
+
+TRAIN_HISTORY_FILE = "train_history.json"
+
+
+class NaNLossError(ValueError):
+  """Training produced a NaN loss; checkpoints written before it are intact."""
+
+
+def distribution_strategy(config: Config):
+  """The tf.distribute strategy for RunConfig, or None for the default (incl. TF_CONFIG + ps)."""
+  if config.distribution == "mirrored":
+    return tf.distribute.MirroredStrategy()
+  if config.distribution == "multi_worker_mirrored":
+    return tf.distribute.experimental.MultiWorkerMirroredStrategy()
+  return None
+
+
+def make_run_config(config: Config, steps_per_epoch: int) -> tf.estimator.RunConfig:
+  strategy = distribution_strategy(config)
+  return tf.estimator.RunConfig(
+      model_dir=config.model_dir,
+      tf_random_seed=config.seed,
+      save_checkpoints_steps=config.save_checkpoints_steps or steps_per_epoch,
+      keep_checkpoint_max=config.keep_checkpoint_max,
+      save_summary_steps=config.save_summary_steps,
+      # Our ProgressHook logs steps/s, images/s and ETA; the built-in line would repeat it.
+      log_step_count_steps=10**9,
+      train_distribute=strategy,
+      session_config=_session_config(config))
+
+
+def _session_config(config: Config):
+  session_config = tf.compat.v1.ConfigProto(allow_soft_placement=True)
+  if config.jit:
+    session_config.graph_options.optimizer_options.global_jit_level = tf.compat.v1.OptimizerOptions.ON_1
+  return session_config
+
+
+def make_estimator(config: Config, class_names, steps_per_epoch: int, initial_weights: str = ""):
+  model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights)
+  return tf.estimator.Estimator(model_fn=model_fn, config=make_run_config(config, steps_per_epoch))
+
+
+# ---------------------------------------------------------------- hooks
+
+class ProgressHook(tf.estimator.SessionRunHook):
+  """Logs epoch, step, steps/s, images/s, loss and ETA every `every_n_steps` steps."""
+
+  def __init__(self, steps_per_epoch, max_steps, batch_size, every_n_steps):
+    self._steps_per_epoch = steps_per_epoch
+    self._max_steps = max_steps
+    self._batch_size = batch_size
+    self._every = every_n_steps
+
+  def begin(self):
+    self._global_step = tf.compat.v1.train.get_global_step()
+    self._loss_sum = tf.compat.v1.get_default_graph().get_tensor_by_name(
+        model_fn_lib.BATCH_LOSS_TENSOR + ":0")
+    self._size = tf.compat.v1.get_default_graph().get_tensor_by_name(
+        model_fn_lib.BATCH_SIZE_TENSOR + ":0")
+    self._last_time = None
+    self._last_step = None
+
+  def before_run(self, run_context):
+    return tf.estimator.SessionRunArgs([self._global_step, self._loss_sum, self._size])
+
+  def after_run(self, run_context, run_values):
+    step_before, loss_sum, size = run_values.results
+    step = int(step_before) + 1
+    now = time.time()
+    if self._last_time is None:
+      self._last_time, self._last_step = now, step
+      return
+    if step % self._every and step != self._max_steps:
+      return
+    elapsed = now - self._last_time
+    steps_per_s = (step - self._last_step) / elapsed if elapsed > 0 else float("nan")
+    eta = (self._max_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
+    epoch = min(math.ceil(step / self._steps_per_epoch), math.ceil(self._max_steps / self._steps_per_epoch))
+    logger.info("epoch %d  step %d/%d  %.2f steps/s  %.1f img/s  loss %.4f  ETA %s",
+                epoch, step, self._max_steps, steps_per_s, steps_per_s * self._batch_size,
+                loss_sum / max(size, 1), _format_seconds(eta))
+    self._last_time, self._last_step = now, step
+
+
+class EpochMetricsHook(tf.estimator.SessionRunHook):
+  """Keras-style training metrics: per-example running averages over each epoch.
+
+  They are what Keras' progress bar shows as `loss` / `accuracy` - averages over an epoch of a
+  model that kept changing, not a measurement of the final weights (that is validation's job).
+  Written to `train_history.json` at each epoch end, so a resumed run keeps earlier epochs.
+  """
+
+  def __init__(self, model_dir, steps_per_epoch):
+    self._path = os.path.join(model_dir, TRAIN_HISTORY_FILE)
+    self._steps_per_epoch = steps_per_epoch
+
+  def begin(self):
+    graph = tf.compat.v1.get_default_graph()
+    self._fetches = [tf.compat.v1.train.get_global_step()] + [
+        graph.get_tensor_by_name(name + ":0") for name in
+        (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_CORRECT_TENSOR,
+         model_fn_lib.BATCH_SIZE_TENSOR)]
+    self._history = read_train_history(os.path.dirname(self._path))
+    self._reset()
+
+  def _reset(self):
+    self._loss = self._correct = self._count = 0.0
+    self._steps_seen = 0
+
+  def before_run(self, run_context):
+    return tf.estimator.SessionRunArgs(self._fetches)
+
+  def after_run(self, run_context, run_values):
+    step_before, loss_sum, correct, size = run_values.results
+    self._loss += float(loss_sum)
+    self._correct += float(correct)
+    self._count += float(size)
+    self._steps_seen += 1
+    step = int(step_before) + 1
+    if step % self._steps_per_epoch == 0:
+      epoch = step // self._steps_per_epoch
+      self._history = [h for h in self._history if h["epoch"] != epoch]
+      self._history.append({
+          "epoch": epoch, "step": int(step),
+          "loss": self._loss / self._count, "accuracy": self._correct / self._count,
+          # A resumed run sees only part of the interrupted epoch; say so rather than hide it.
+          "train_steps_averaged": self._steps_seen})
+      self._history.sort(key=lambda h: h["epoch"])
+      config_lib.write_json_atomic(self._path, self._history)
+      self._reset()
+
+
+def read_train_history(model_dir):
+  path = os.path.join(model_dir, TRAIN_HISTORY_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_eval_events(eval_dir):
+  """{global_step: {metric: value}} from the Estimator's eval event files."""
+  by_step = {}
+  for path in sorted(glob.glob(os.path.join(eval_dir, "events.out.tfevents.*"))):
+    try:
+      for event in tf.compat.v1.train.summary_iterator(path):
+        for value in event.summary.value:
+          if value.HasField("simple_value"):
+            by_step.setdefault(int(event.step), {})[value.tag] = float(value.simple_value)
+    except tf.errors.DataLossError:
+      # An evaluator killed mid-write leaves a truncated last record; the earlier ones are valid.
+      logger.warning("Truncated event file %s: using the records before the damage.", path)
+  return by_step
+
+
+def build_history(model_dir, steps_per_epoch, epochs):
+  """Per-epoch dicts: training running averages + validation (one full pass, per example)."""
+  train = {h["epoch"]: h for h in read_train_history(model_dir)}
+  evals = read_eval_events(os.path.join(model_dir, "eval"))
+  history = []
+  for epoch in range(1, epochs + 1):
+    entry = {"epoch": epoch}
+    if epoch in train:
+      entry.update(loss=train[epoch]["loss"], accuracy=train[epoch]["accuracy"])
+    metrics = evals.get(epoch * steps_per_epoch)
+    if metrics:
+      entry.update(val_loss=metrics.get(model_fn_lib.EXAMPLE_LOSS), val_accuracy=metrics.get("accuracy"))
+      entry.update({f"val_{k}": v for k, v in metrics.items()
+                    if k not in ("accuracy", "loss", model_fn_lib.EXAMPLE_LOSS)})
+    history.append(entry)
+  return history
+
+
+def _format_seconds(seconds):
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------- train
+
+def train(config: Config, splits, initial_weights: str) -> dict:
+  """Runs train_and_evaluate to `epochs` epochs (resuming if model_dir has checkpoints)."""
+  from estimator_ft import export as export_lib
+
+  class_names = tuple(splits.class_names)
+  steps_per_epoch = data_lib.steps_per_epoch(splits.train, config.batch_size)
+  max_steps = config.epochs * steps_per_epoch
+  estimator = make_estimator(config, class_names, steps_per_epoch, initial_weights)
+  hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps),
+           EpochMetricsHook(config.model_dir, steps_per_epoch)]
+  if config.exact_resume:
+    # Saves the tf.data iterator position with every checkpoint, so a resumed run sees exactly the
+    # batches an uninterrupted run would have seen (costs a larger checkpoint; see BUILD_NOTES).
+    hooks.append(tf.data.experimental.CheckpointInputPipelineHook(estimator))
+  train_spec = tf.estimator.TrainSpec(
+      input_fn=data_lib.make_input_fn(splits.train, config, "train"), max_steps=max_steps, hooks=hooks)
+  eval_spec = tf.estimator.EvalSpec(
+      input_fn=data_lib.make_input_fn(splits.validation, config, "eval"),
+      steps=None,  # None: the whole validation set, every time
+      exporters=export_lib.make_exporters(config, class_names),
+      start_delay_secs=0, throttle_secs=0)
+  _log_run_plan(config, splits, steps_per_epoch)
+  write_config_summary(config, class_names)
+  try:
+    tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+  except tf.compat.v1.train.NanLossDuringTrainingError as e:
+    raise NaNLossError(
+        f"Training stopped: the loss became NaN. The checkpoints in {config.model_dir} written "
+        f"before that are intact. Lower --learning_rate (now {config.learning_rate}), check the "
+        "input images, or use --precision=float32; then re-run to resume from the last checkpoint."
+    ) from e
+
+  history = build_history(config.model_dir, steps_per_epoch, config.epochs)
+  evals = read_eval_events(os.path.join(config.model_dir, "eval"))
+  final_step = max(evals) if evals else None
+  if final_step != max_steps:
+    # Training was already complete (re-run of a finished command): evaluate once more.
+    final = estimator.evaluate(data_lib.make_input_fn(splits.validation, config, "eval"))
+    final_evaluation = {k: float(v) for k, v in final.items()}
+  else:
+    final_evaluation = evals[final_step]
+  return {
+      "global_step": int(estimator.get_variable_value("global_step")),
+      "steps_per_epoch": steps_per_epoch,
+      "history": history,
+      "final_evaluation": final_evaluation,
+      "export_path": export_lib.latest_export_path(config.model_dir),
+  }
+
+
+def write_config_summary(config: Config, class_names) -> None:
+  """The resolved config as a TensorBoard text summary (TEXT tab) in model_dir."""
+  writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "config"))
+  text = json.dumps({"config": config.to_dict(), "class_names": list(class_names)}, indent=2)
+  with writer.as_default():
+    tf.summary.text("run_config", "```\n" + text + "\n```", step=0)
+  writer.close()
+
+
+def _log_run_plan(config, splits, steps_per_epoch):
+  logger.info("Estimator path: %d train / %d validation images, classes %s, %d steps per epoch "
+              "x %d epochs, batch %d, image %dpx, BN updates: %s%s",
+              splits.train.num_examples, splits.validation.num_examples, list(splits.class_names),
+              steps_per_epoch, config.epochs, config.batch_size, config.image_size, config.update_ops,
+              "  [DIAGNOSTIC: update_ops=skip reproduces the broken loop - BN moving statistics "
+              "are never updated]" if config.update_ops == "skip" else "")

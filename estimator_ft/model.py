@@ -1,0 +1,182 @@
+"""The one model builder used by every path: Keras ResNet50 base + Dropout + Dense head.
+
+Pretrained weights are not loaded inside the Estimator graph (a Keras `load_weights` there runs in
+Keras' own session and is then overwritten by the Estimator's variable initializers). Instead every
+path starts from an *initial-weights checkpoint* written once by `save_initial_weights`, keyed by the
+position of each weight in `model.weights`: the Estimator reads it through variable initializers
+(`tf.compat.v1.train.init_from_checkpoint`), Keras through `set_weights`. The same file therefore
+gives the Estimator and Keras paths bit-identical starting points.
+"""
+
+import contextlib
+import logging
+import os
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from estimator_ft.config import Config
+
+logger = logging.getLogger("estimator_ft")
+
+FEATURE_KEY = "image"  # name of the model input; also the feature key of the data pipeline
+IMAGENET_NOTOP_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+_INITIAL_WEIGHT_KEY = "initial_weights/w{:04d}"
+
+
+class WeightsError(ValueError):
+  """Pretrained weights could not be found or do not fit the model."""
+
+
+def num_outputs(num_classes: int) -> int:
+  """One sigmoid unit for two classes, one softmax unit per class otherwise."""
+  if num_classes < 2:
+    raise ValueError(f"A classifier needs at least 2 classes, got {num_classes}.")
+  return 1 if num_classes == 2 else num_classes
+
+
+@contextlib.contextmanager
+def _dtype_policy(precision: str):
+  """Applies a Keras mixed-precision policy while the model is built, then restores the old one."""
+  previous = tf.keras.mixed_precision.global_policy()
+  tf.keras.mixed_precision.set_global_policy(precision)
+  try:
+    yield
+  finally:
+    tf.keras.mixed_precision.set_global_policy(previous)
+
+
+def _resolve_weights_argument(weights: str):
+  if weights == "none":
+    return None
+  if weights == "imagenet":
+    return "imagenet"
+  if not os.path.isfile(weights):
+    raise WeightsError(f"--weights={weights}: no such file. Give the path of a Keras .h5 weights "
+                       "file for ResNet50 without its top, or use --weights=imagenet or none.")
+  return weights
+
+
+def build_model(config: Config, num_classes: int, weights: str = "none") -> tf.keras.Model:
+  """ResNet50 (include_top=False, global average pooling) -> Dropout -> Dense head.
+
+  `weights` is `none` by default because the paths load their start from the initial-weights
+  checkpoint (see module docstring); `save_initial_weights` passes `config.weights`.
+  Layers before `config.fine_tune_from` are frozen; frozen BatchNormalization layers run in
+  inference mode whatever `training` says (the Keras transfer-learning convention).
+  """
+  size = config.image_size
+  inputs = tf.keras.Input(shape=(size, size, 3), name=FEATURE_KEY)
+  with _dtype_policy(config.precision):
+    try:
+      base = tf.keras.applications.ResNet50(
+          include_top=False, weights=_resolve_weights_argument(weights), input_tensor=inputs,
+          pooling="avg")
+    except WeightsError:
+      raise
+    except Exception as e:  # Keras raises bare Exception/ValueError/OSError for fetch and h5 errors
+      raise _explain_weights_failure(weights, e) from e
+    features = base.output  # == the `avg_pool` features of the full ResNet50
+    features = tf.keras.layers.Dropout(config.dropout, seed=config.seed, name="head_dropout")(features)
+    units = num_outputs(num_classes)
+    logits = tf.keras.layers.Dense(units, name="head_logits")(features)
+    # The activation stays float32 under mixed precision so the loss is computed in float32.
+    activation = "sigmoid" if units == 1 else "softmax"
+    probabilities = tf.keras.layers.Activation(activation, dtype="float32", name="probabilities")(logits)
+  model = tf.keras.Model(inputs, probabilities, name="resnet50_classifier")
+  freeze_base_layers(model, base, config.fine_tune_from)
+  set_batchnorm_momentum(model, config.batchnorm_momentum)
+  return model
+
+
+def set_batchnorm_momentum(model: tf.keras.Model, momentum: float) -> None:
+  """BN layers read `momentum` when called, so this applies to every later call of the model."""
+  for layer in model.layers:
+    if isinstance(layer, tf.keras.layers.BatchNormalization):
+      layer.momentum = momentum
+
+
+def freeze_base_layers(model: tf.keras.Model, base: tf.keras.Model, fine_tune_from: str) -> None:
+  base_layers = [l for l in base.layers if not isinstance(l, tf.keras.layers.InputLayer)]
+  if fine_tune_from == "all":
+    first_trainable = 0
+  elif fine_tune_from == "none":
+    first_trainable = len(base_layers)
+  else:
+    names = [l.name for l in base_layers]
+    if fine_tune_from not in names:
+      stage_starts = [n for n in names if n.endswith("_block1_1_conv")]
+      raise ValueError(f"--fine_tune_from={fine_tune_from!r} is not a ResNet50 layer. Use all, "
+                       f"none, or a layer name such as: {', '.join(stage_starts)}.")
+    first_trainable = names.index(fine_tune_from)
+  for index, layer in enumerate(base_layers):
+    layer.trainable = index >= first_trainable
+
+
+def _explain_weights_failure(weights: str, error: Exception) -> WeightsError:
+  if weights == "imagenet":
+    cache = os.path.join(os.path.expanduser("~"), ".keras", "models", IMAGENET_NOTOP_WEIGHTS_FILE)
+    return WeightsError(
+        f"Could not load the ImageNet weights ({type(error).__name__}: {error}). Keras downloads "
+        f"them once into {cache}. Offline, copy that file there from a machine with internet, pass "
+        f"--weights=/path/to/{IMAGENET_NOTOP_WEIGHTS_FILE}, or train from scratch with --weights=none.")
+  return WeightsError(
+      f"--weights={weights} does not fit ResNet50 without its top ({type(error).__name__}: {error}). "
+      f"Use a file such as {IMAGENET_NOTOP_WEIGHTS_FILE} (include_top=False), or --weights=none.")
+
+
+# ---------------------------------------------------------------- the initial-weights checkpoint
+
+def save_initial_weights(config: Config, num_classes: int, prefix: str) -> str:
+  """Builds the model eagerly once (seeded, with `config.weights`) and writes its weights.
+
+  Returns the checkpoint prefix. Written under a temporary prefix and renamed, so a crash never
+  leaves a partial checkpoint that a later run would trust.
+  """
+  tf.keras.utils.set_random_seed(config.seed)
+  model = build_model(config, num_classes, weights=config.weights)
+  values = [np.asarray(w) for w in model.get_weights()]
+  _write_weight_checkpoint(prefix, values)
+  logger.info("Initial weights (%s, %d tensors) written to %s", config.weights, len(values), prefix)
+  return prefix
+
+
+def _write_weight_checkpoint(prefix: str, values: Sequence[np.ndarray]) -> None:
+  os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+  tmp_prefix = f"{prefix}.tmp{os.getpid()}"
+  names = [_INITIAL_WEIGHT_KEY.format(i) for i in range(len(values))]
+  tf.raw_ops.SaveV2(prefix=tmp_prefix, tensor_names=names, shape_and_slices=[""] * len(values),
+                    tensors=[tf.constant(v) for v in values])
+  for suffix in (".index", ".data-00000-of-00001"):
+    os.replace(tmp_prefix + suffix, prefix + suffix)
+
+
+def initial_weights_exist(prefix: str) -> bool:
+  return os.path.exists(prefix + ".index")
+
+
+def init_from_initial_weights(model: tf.keras.Model, prefix: str) -> None:
+  """Graph mode (inside a model_fn): makes the variables' initializers read the checkpoint.
+
+  Initializers only run when no checkpoint of the run exists, so resuming is unaffected.
+  """
+  assignment = {_INITIAL_WEIGHT_KEY.format(i): w for i, w in enumerate(model.weights)}
+  tf.compat.v1.train.init_from_checkpoint(prefix, assignment)
+
+
+def load_initial_weights(model: tf.keras.Model, prefix: str) -> None:
+  """Eager (Keras path): sets the model's weights from the checkpoint."""
+  reader = tf.train.load_checkpoint(prefix)
+  count = len(model.weights)
+  stored = len(reader.get_variable_to_shape_map())
+  if stored != count:
+    raise WeightsError(f"{prefix} holds {stored} tensors but the model has {count}: it was written "
+                       "for another configuration. Delete it, or use a new --model_dir.")
+  model.set_weights([reader.get_tensor(_INITIAL_WEIGHT_KEY.format(i)) for i in range(count)])
+
+
+def batchnorm_moving_statistics(model: tf.keras.Model) -> dict:
+  """{variable name: numpy value} of every BN moving mean/variance (for tests and compare)."""
+  return {w.name: np.asarray(w.numpy() if tf.executing_eagerly() else w)
+          for w in model.weights if "moving_" in w.name}

@@ -1,0 +1,185 @@
+"""The Estimator `model_fn`: the training flag comes from the mode, BN updates ride in the train op.
+
+Two things went wrong in the hand-written loop this package exists to replace, and both are
+handled explicitly here:
+
+1. Training mode. The Keras model is called with `training=(mode == TRAIN)`, so BatchNormalization
+   normalises with batch statistics while training and with its moving statistics in EVAL/PREDICT
+   (and Dropout is active only while training). Nothing depends on a global learning phase.
+2. BatchNormalization moving-statistics updates. Inside a model_fn, Keras layers add *nothing* to
+   `tf.compat.v1.GraphKeys.UPDATE_OPS`, so the usual `get_collection(UPDATE_OPS)` recipe trains
+   with frozen moving statistics and evaluation then uses the initial ones. Grouping all of
+   `model.updates` fails instead: the functional model also holds updates built on its own
+   `Input` placeholder. We take `model.get_updates_for(images)` - exactly the updates of the call
+   on the tensors this model_fn was fed - and make the optimizer step depend on them.
+"""
+
+import tensorflow as tf
+
+from estimator_ft import model as model_lib
+from estimator_ft.config import Config
+
+ModeKeys = tf.estimator.ModeKeys
+
+# Keys of the PREDICT dict and of the serving signature outputs.
+PROBABILITIES = "probabilities"
+CLASS_INDEX = "class_index"
+CLASS_NAME = "class_name"
+# Eval metric holding the per-example mean loss. Estimator's own "loss" is a mean of per-batch
+# means, which over-weights a short last batch; this one matches Keras' validation loss exactly.
+EXAMPLE_LOSS = "example_loss"
+
+# Names of tensors the training hooks fetch (see estimator.py).
+BATCH_LOSS_TENSOR = "train_batch/loss_sum"
+BATCH_CORRECT_TENSOR = "train_batch/correct"
+BATCH_SIZE_TENSOR = "train_batch/size"
+
+
+def make_optimizer(config: Config, steps_total: int):
+  """The same (legacy Keras) optimizer both paths use, so their updates are bit-identical."""
+  learning_rate = config.learning_rate
+  if config.lr_schedule == "cosine":
+    learning_rate = tf.keras.optimizers.schedules.CosineDecay(config.learning_rate, max(steps_total, 1))
+  if config.optimizer == "momentum":
+    optimizer = tf.keras.optimizers.legacy.SGD(learning_rate=learning_rate, momentum=config.momentum)
+  else:
+    optimizer = tf.keras.optimizers.legacy.Adam(learning_rate=learning_rate)
+  if config.precision == "mixed_float16":
+    optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+  return optimizer
+
+
+def make_loss(num_classes: int):
+  """Keras loss objects (per-example values); the Keras path compiles with the same ones."""
+  if model_lib.num_outputs(num_classes) == 1:
+    return tf.keras.losses.BinaryCrossentropy(reduction=tf.keras.losses.Reduction.NONE)
+  return tf.keras.losses.SparseCategoricalCrossentropy(reduction=tf.keras.losses.Reduction.NONE)
+
+
+def predicted_class(probabilities, num_classes: int):
+  if model_lib.num_outputs(num_classes) == 1:
+    return tf.cast(probabilities[:, 0] > 0.5, tf.int32)
+  return tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+
+
+def class_probabilities(probabilities, num_classes: int):
+  """[batch, num_classes] probabilities, also for the single sigmoid unit."""
+  if model_lib.num_outputs(num_classes) == 1:
+    return tf.concat([1.0 - probabilities, probabilities], axis=-1)
+  return probabilities
+
+
+def per_example_loss(labels, probabilities, num_classes: int):
+  labels = tf.reshape(labels, [-1])
+  if model_lib.num_outputs(num_classes) == 1:
+    labels = tf.cast(labels[:, tf.newaxis], probabilities.dtype)
+  return make_loss(num_classes)(labels, probabilities)
+
+
+def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_weights: str = ""):
+  """Returns the model_fn for `tf.estimator.Estimator`.
+
+  `initial_weights` is a checkpoint prefix written by `model.save_initial_weights`; when given, a
+  fresh run starts from it (a resumed run restores its own checkpoint instead).
+  """
+  class_names = tuple(class_names)
+  num_classes = len(class_names)
+  steps_total = config.epochs * steps_per_epoch
+
+  def model_fn(features, labels, mode):
+    images = features[model_lib.FEATURE_KEY] if isinstance(features, dict) else features
+    training = mode == ModeKeys.TRAIN
+    model = model_lib.build_model(config, num_classes)
+    if initial_weights:
+      model_lib.init_from_initial_weights(model, initial_weights)
+    probabilities = model(images, training=training)
+
+    all_probabilities = class_probabilities(probabilities, num_classes)
+    classes = predicted_class(probabilities, num_classes)
+    names = tf.gather(tf.constant(class_names), classes)
+    if mode == ModeKeys.PREDICT:
+      return _predict_spec(all_probabilities, classes, names, class_names)
+
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    example_losses = per_example_loss(labels, probabilities, num_classes)
+    regularization = tf.add_n(model.losses) if model.losses else tf.constant(0.0)
+    loss = tf.reduce_mean(example_losses) + regularization
+    correct = tf.cast(tf.equal(classes, labels), tf.float32)
+
+    if mode == ModeKeys.EVAL:
+      return tf.estimator.EstimatorSpec(
+          mode, loss=loss, predictions={PROBABILITIES: all_probabilities},
+          eval_metric_ops=_eval_metrics(labels, probabilities, all_probabilities, classes,
+                                        example_losses + regularization, num_classes))
+
+    global_step = tf.compat.v1.train.get_or_create_global_step()
+    optimizer = make_optimizer(config, steps_total)
+    # The optimizer's step counter *is* the Estimator's global step: one increment per batch.
+    optimizer.iterations = global_step
+    bn_updates = batchnorm_updates(model, images) if config.update_ops == "apply" else []
+    with tf.control_dependencies(bn_updates):
+      train_op = optimizer.get_updates(loss, model.trainable_weights)[0]
+
+    # Fetched by the epoch-metrics hook: Keras-style running averages are per example.
+    batch_size = tf.shape(labels)[0]
+    tf.identity(tf.reduce_sum(example_losses) + tf.cast(batch_size, tf.float32) * regularization,
+                name=BATCH_LOSS_TENSOR)
+    tf.identity(tf.reduce_sum(correct), name=BATCH_CORRECT_TENSOR)
+    tf.identity(batch_size, name=BATCH_SIZE_TENSOR)
+    tf.compat.v1.summary.scalar("accuracy", tf.reduce_mean(correct))
+    tf.compat.v1.summary.scalar("learning_rate", _current_learning_rate(optimizer))
+    tf.compat.v1.summary.image("input_images", _viewable(images), max_outputs=3)
+    return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op)
+
+  return model_fn
+
+
+def batchnorm_updates(model: tf.keras.Model, fed_tensor) -> list:
+  """The moving mean/variance assignments of the model call on `fed_tensor`, and nothing else.
+
+  Frozen BN layers (trainable=False) run in inference mode and contribute no updates.
+  """
+  return list(model.get_updates_for(fed_tensor)) + list(model.get_updates_for(None))
+
+
+def _current_learning_rate(optimizer):
+  inner = getattr(optimizer, "inner_optimizer", optimizer)
+  return tf.cast(inner._decayed_lr(tf.float32), tf.float32)  # pylint: disable=protected-access
+
+
+def _viewable(images):
+  """Undoes ResNet50's caffe preprocessing (BGR, mean-centred) for TensorBoard's image panel."""
+  mean_bgr = tf.constant([103.939, 116.779, 123.68])
+  rgb = tf.reverse(tf.cast(images, tf.float32) + mean_bgr, axis=[-1])
+  return tf.cast(tf.clip_by_value(rgb, 0.0, 255.0), tf.uint8)
+
+
+def _eval_metrics(labels, probabilities, all_probabilities, classes, example_losses, num_classes):
+  metrics = {
+      "accuracy": tf.compat.v1.metrics.accuracy(labels, classes),
+      EXAMPLE_LOSS: tf.compat.v1.metrics.mean(example_losses),
+  }
+  if num_classes == 2:
+    positive = probabilities[:, 0]
+    metrics["auc"] = tf.compat.v1.metrics.auc(labels, positive, summation_method="careful_interpolation")
+    metrics["precision"] = tf.compat.v1.metrics.precision(labels, classes)
+    metrics["recall"] = tf.compat.v1.metrics.recall(labels, classes)
+  else:
+    # Top-k only where it says more than accuracy: k below the number of classes.
+    k = min(5, num_classes - 1)
+    in_top_k = tf.math.in_top_k(labels, all_probabilities, k)
+    metrics[f"top_{k}_accuracy"] = tf.compat.v1.metrics.mean(tf.cast(in_top_k, tf.float32))
+  return metrics
+
+
+def _predict_spec(all_probabilities, classes, names, class_names):
+  predictions = {PROBABILITIES: all_probabilities, CLASS_INDEX: classes, CLASS_NAME: names}
+  batch = tf.shape(all_probabilities)[0]
+  classify_classes = tf.tile(tf.constant(class_names)[tf.newaxis, :], [batch, 1])
+  export_outputs = {
+      tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY: tf.estimator.export.PredictOutput(predictions),
+      "classification": tf.estimator.export.ClassificationOutput(
+          scores=all_probabilities, classes=classify_classes),
+  }
+  return tf.estimator.EstimatorSpec(ModeKeys.PREDICT, predictions=predictions,
+                                    export_outputs=export_outputs)
