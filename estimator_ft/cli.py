@@ -160,7 +160,8 @@ def _run_compare(argv):
 
 def _define_export():
   flags.DEFINE_string("model_dir", "", "Training model_dir holding checkpoints and config.json.")
-  flags.DEFINE_string("export_dir", "", "Base folder for the versioned export (default MODEL_DIR/export/manual).")
+  flags.DEFINE_string("export_dir", "", "Export base: the SavedModel goes to EXPORT_DIR/<version>/, the "
+                      "layout TF Serving loads (default MODEL_DIR/export/manual).")
 
 
 def _run_export(argv):
@@ -174,7 +175,9 @@ def _run_export(argv):
 
 
 def _define_predict():
-  flags.DEFINE_string("saved_model", "", "An exported SavedModel version folder (.../export/NAME/TIMESTAMP).")
+  flags.DEFINE_string("saved_model", "", "An exported SavedModel: a version folder "
+                      "(MODEL_DIR/export/NAME/VERSION) or an export base such as "
+                      "MODEL_DIR/export/best (its newest version is used).")
   flags.DEFINE_integer("predict_batch_size", 32, "Images per model call.", lower_bound=1)
 
 
@@ -184,6 +187,7 @@ def _run_predict(argv):
     raise ValueError("--saved_model is required: an exported SavedModel version folder.")
   if len(argv) < 2:
     raise ValueError("Give one or more image files or folders after the flags.")
+  # Exit status: 0 all classified, 1 some file(s) failed (each has an "error" line), 2 usage error.
   return serving.predict_cli(FLAGS.saved_model, argv[1:], FLAGS.predict_batch_size)
 
 

@@ -6,6 +6,7 @@ The training input is one infinite, reshuffled stream, so epochs are counted in 
 `steps_per_epoch = ceil(train examples / batch size)` - the same count the Keras path gives `fit`.
 """
 
+import functools
 import glob
 import json
 import logging
@@ -23,6 +24,9 @@ from estimator_ft.config import Config
 logger = logging.getLogger("estimator_ft")
 
 TRAIN_HISTORY_FILE = "train_history.json"
+# A cluster's evaluator polls model_dir for a new checkpoint this often (throttle_secs=0 would make
+# it spin on the checkpoint file while the trainers need the CPU).
+EVALUATOR_POLL_S = 2
 
 
 class NaNLossError(ValueError):
@@ -30,15 +34,36 @@ class NaNLossError(ValueError):
 
 
 def distribution_strategy(config: Config):
-  """The tf.distribute strategy for RunConfig, or None for the default (incl. TF_CONFIG + ps)."""
+  """The tf.distribute strategy of `config.distribution`, or None for the default.
+
+  The default covers a TF_CONFIG cluster with parameter servers on the Estimator path. The
+  MultiWorkerMirroredStrategy (Keras path) is made once per process: TensorFlow sets up its
+  collective ops only before the process runs its first op, and only once.
+  """
   if config.distribution == "mirrored":
     return tf.distribute.MirroredStrategy()
   if config.distribution == "multi_worker_mirrored":
-    return tf.distribute.experimental.MultiWorkerMirroredStrategy()
+    return _multi_worker_mirrored_strategy()
   return None
 
 
+@functools.lru_cache(maxsize=None)
+def _multi_worker_mirrored_strategy():
+  return tf.distribute.MultiWorkerMirroredStrategy()
+
+
 def make_run_config(config: Config, steps_per_epoch: int) -> tf.estimator.RunConfig:
+  if config.distribution == "multi_worker_mirrored":
+    # Measured with TF 2.15: the Estimator's distribute coordinator fails with
+    # "/job:chief/replica:0/task:0/device:CPU:0 unknown device" (and a TF_CONFIG-built strategy with
+    # "Collective ops must be configured at program startup").
+    raise ValueError(
+        "--distribution=multi_worker_mirrored does not work on the Estimator path with "
+        "TensorFlow 2.15. For several machines, run the Estimator path with the default "
+        "--distribution=none and a TF_CONFIG cluster with parameter servers (estimator-ft "
+        "launch-local --workers=N --ps=M); for synchronous multi-worker training use "
+        "--path=keras --distribution=multi_worker_mirrored; for several devices on one machine, "
+        "--distribution=mirrored.")
   strategy = distribution_strategy(config)
   return tf.estimator.RunConfig(
       model_dir=config.model_dir,
@@ -112,6 +137,10 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
   They are what Keras' progress bar shows as `loss` / `accuracy` - averages over an epoch of a
   model that kept changing, not a measurement of the final weights (that is validation's job).
   Written to `train_history.json` at each epoch end, so a resumed run keeps earlier epochs.
+
+  In an asynchronous cluster the shared global step also advances with the workers' steps, so the
+  chief sees it jump: an epoch ends at the first step past its boundary, the last one at `end`,
+  and the averages cover the chief's own batches (`train_steps_averaged` says how many).
   """
 
   def __init__(self, model_dir, steps_per_epoch):
@@ -120,11 +149,13 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
 
   def begin(self):
     graph = tf.compat.v1.get_default_graph()
-    self._fetches = [tf.compat.v1.train.get_global_step()] + [
+    self._global_step = tf.compat.v1.train.get_global_step()
+    self._fetches = [self._global_step] + [
         graph.get_tensor_by_name(name + ":0") for name in
         (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_CORRECT_TENSOR,
          model_fn_lib.BATCH_SIZE_TENSOR)]
     self._history = read_train_history(os.path.dirname(self._path))
+    self._epoch_before = None
     self._reset()
 
   def _reset(self):
@@ -140,18 +171,29 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     self._correct += float(correct)
     self._count += float(size)
     self._steps_seen += 1
-    step = int(step_before) + 1
-    if step % self._steps_per_epoch == 0:
-      epoch = step // self._steps_per_epoch
-      self._history = [h for h in self._history if h["epoch"] != epoch]
-      self._history.append({
-          "epoch": epoch, "step": int(step),
-          "loss": self._loss / self._count, "accuracy": self._correct / self._count,
-          # A resumed run sees only part of the interrupted epoch; say so rather than hide it.
-          "train_steps_averaged": self._steps_seen})
-      self._history.sort(key=lambda h: h["epoch"])
-      config_lib.write_json_atomic(self._path, self._history)
-      self._reset()
+    if self._epoch_before is None:
+      self._epoch_before = int(step_before) // self._steps_per_epoch
+    self._maybe_end_epoch(int(step_before) + 1)
+
+  def end(self, session):
+    # The last boundary of an asynchronous cluster may be crossed by another worker's step.
+    if self._steps_seen:
+      self._maybe_end_epoch(int(session.run(self._global_step)))
+
+  def _maybe_end_epoch(self, step):
+    epoch = step // self._steps_per_epoch
+    if epoch <= self._epoch_before:
+      return
+    self._history = [h for h in self._history if h["epoch"] != epoch]
+    self._history.append({
+        "epoch": epoch, "step": int(step),
+        "loss": self._loss / self._count, "accuracy": self._correct / self._count,
+        # A resumed run sees only part of the interrupted epoch; say so rather than hide it.
+        "train_steps_averaged": self._steps_seen})
+    self._history.sort(key=lambda h: h["epoch"])
+    config_lib.write_json_atomic(self._path, self._history)
+    self._epoch_before = epoch
+    self._reset()
 
 
 def read_train_history(model_dir):
@@ -186,13 +228,29 @@ def build_history(model_dir, steps_per_epoch, epochs):
     entry = {"epoch": epoch}
     if epoch in train:
       entry.update(loss=train[epoch]["loss"], accuracy=train[epoch]["accuracy"])
-    metrics = evals.get(epoch * steps_per_epoch)
+    eval_step = _eval_step_of_epoch(evals, epoch, steps_per_epoch, last=epoch == epochs)
+    metrics = evals.get(eval_step)
+    if eval_step is not None and eval_step != epoch * steps_per_epoch:
+      entry["val_global_step"] = eval_step
     if metrics:
       entry.update(val_loss=metrics.get(model_fn_lib.EXAMPLE_LOSS), val_accuracy=metrics.get("accuracy"))
       entry.update({f"val_{k}": v for k, v in metrics.items()
                     if k not in ("accuracy", "loss", model_fn_lib.EXAMPLE_LOSS)})
     history.append(entry)
   return history
+
+
+def _eval_step_of_epoch(evals, epoch, steps_per_epoch, last):
+  """The step of the evaluation that closes `epoch`: at its end, else the first one after it.
+
+  Asynchronous cluster workers share the global step, so checkpoints (and evaluations) land a
+  few steps past the epoch boundary rather than on it.
+  """
+  end = epoch * steps_per_epoch
+  if end in evals:
+    return end
+  after = [s for s in evals if s > end and (last or s < end + steps_per_epoch)]
+  return min(after) if after else None
 
 
 def _format_seconds(seconds):
@@ -212,8 +270,11 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   steps_per_epoch = data_lib.steps_per_epoch(splits.train, config.batch_size)
   max_steps = config.epochs * steps_per_epoch
   estimator = make_estimator(config, class_names, steps_per_epoch, initial_weights)
-  hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps),
-           EpochMetricsHook(config.model_dir, steps_per_epoch)]
+  is_chief = estimator.config.is_chief
+  hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps)]
+  if is_chief:
+    # One writer of train_history.json: in a cluster, the workers' averages would overwrite it.
+    hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch))
   if config.exact_resume:
     # Saves the tf.data iterator position with every checkpoint, so a resumed run sees exactly the
     # batches an uninterrupted run would have seen (costs a larger checkpoint; see BUILD_NOTES).
@@ -224,9 +285,11 @@ def train(config: Config, splits, initial_weights: str) -> dict:
       input_fn=data_lib.make_input_fn(splits.validation, config, "eval"),
       steps=None,  # None: the whole validation set, every time
       exporters=export_lib.make_exporters(config, class_names),
-      start_delay_secs=0, throttle_secs=0)
+      start_delay_secs=0,
+      throttle_secs=EVALUATOR_POLL_S if estimator.config.task_type == "evaluator" else 0)
   _log_run_plan(config, splits, steps_per_epoch)
-  write_config_summary(config, class_names)
+  if is_chief:
+    write_config_summary(config, class_names)
   try:
     tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
   except tf.compat.v1.train.NanLossDuringTrainingError as e:
@@ -235,6 +298,9 @@ def train(config: Config, splits, initial_weights: str) -> dict:
         f"before that are intact. Lower --learning_rate (now {config.learning_rate}), check the "
         "input images, or use --precision=float32; then re-run to resume from the last checkpoint."
     ) from e
+  if not is_chief:
+    # A cluster's worker or evaluator: model_dir and results belong to the chief.
+    return {"steps_per_epoch": steps_per_epoch}
 
   history = build_history(config.model_dir, steps_per_epoch, config.epochs)
   evals = read_eval_events(os.path.join(config.model_dir, "eval"))

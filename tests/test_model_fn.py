@@ -71,6 +71,11 @@ def test_batchnorm_updates_takes_the_fed_call_not_the_models_own_input():
     placeholder = model.inputs[0].op
     assert not any(placeholder in _ancestors(u if isinstance(u, tf.Operation) else u.op)
                    for u in updates)
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      session.run(updates)  # runs: depends only on the fed tensor
+      with pytest.raises(tf.errors.InvalidArgumentError, match="must feed a value for placeholder"):
+        session.run(model.updates)
 
 
 def test_frozen_base_runs_batchnorm_in_inference_mode():

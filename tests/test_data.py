@@ -1,0 +1,652 @@
+"""Tests of estimator_ft.data: decoding, the tf.data pipeline, folder scan and bad input, TFDS."""
+
+import hashlib
+import importlib.util
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from estimator_ft import data
+from estimator_ft.config import Config
+try:
+  from tests import images  # repo root on sys.path: `python -m pytest`, or tests/ is a package
+except ImportError:
+  import images  # bare `pytest`: it puts tests/ itself on sys.path
+
+SIZE = 32
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_config(tmp_path, train_dir="", validation_dir="", **overrides) -> Config:
+  values = dict(train_dir=str(train_dir), validation_dir=str(validation_dir),
+                model_dir=str(tmp_path / "m"), image_size=SIZE, batch_size=4, seed=7)
+  values.update(overrides)
+  return Config(**values)
+
+
+def expected_image(path, size=SIZE) -> np.ndarray:
+  """What eval must yield for one file: decode -> resize -> preprocess, nothing else."""
+  with open(path, "rb") as f:
+    return data.decode_and_preprocess(f.read(), size).numpy()
+
+
+def take(dataset, n):
+  return list(dataset.take(n).as_numpy_iterator())
+
+
+# ------------------------------------------------------------------ a small labelled folder set
+
+# Class folders created in an order different from the sorted one, to test the label mapping.
+CLASS_COUNTS = {"zebra": 3, "ant": 4, "bee": 2}  # 9 images: batch 4 leaves a partial batch of 1
+
+
+def example_red(example_id: int) -> int:
+  return 10 + 20 * example_id
+
+
+def write_identified_set(root, counts=CLASS_COUNTS):
+  """Solid-colour PNGs whose red value encodes a unique id; returns {path: (id, class)}."""
+  written, example_id = {}, 0
+  for class_name, count in counts.items():
+    for i in range(count):
+      path = os.path.join(root, class_name, f"img{i}.png")
+      images.write_png(path, size=20, solid=(example_red(example_id), 50, 200))
+      written[os.path.abspath(path)] = (example_id, class_name)
+      example_id += 1
+  return written
+
+
+def ids_of(batch_images) -> list:
+  """Example ids back from preprocessed solid images (red sits in channel 2 after BGR)."""
+  red = batch_images[..., 2].mean(axis=(1, 2)) + 123.68
+  return [int(round((r - 10) / 20)) for r in red]
+
+
+@pytest.fixture(scope="module")
+def folder_set(tmp_path_factory):
+  root = tmp_path_factory.mktemp("folder_set")
+  train = write_identified_set(root / "train")
+  validation = write_identified_set(root / "validation")
+  return root, train, validation
+
+
+@pytest.fixture(scope="module")
+def splits(folder_set, tmp_path_factory):
+  root, _, _ = folder_set
+  config = make_config(tmp_path_factory.mktemp("cfg"), root / "train", root / "validation")
+  return data.load_splits(config)
+
+
+# ------------------------------------------------------------------ decoding
+
+
+@pytest.mark.parametrize("kind", sorted(images.GOOD_FORMATS))
+def test_every_format_decodes_to_rgb_float_in_range(kind):
+  pattern = data.decode_image(images.encoded_bytes(kind, size=24), SIZE).numpy()
+  assert pattern.shape == (SIZE, SIZE, 3) and pattern.dtype == np.float32
+  assert 0.0 <= pattern.min() and pattern.max() <= 255.0
+  assert pattern.max() > 200  # real 0..255 values, not 0..1 or a 16-bit value cut to zero
+
+  red = data.decode_image(images.encoded_bytes(kind, size=24, solid=images.RED), SIZE).numpy()
+  if kind in ("png_gray", "jpeg_gray", "png_16bit"):
+    # Grayscale: three equal channels, at red's luma (0.299 * 255 = 76).
+    np.testing.assert_allclose(red[..., 0], red[..., 1], atol=0.01)
+    np.testing.assert_allclose(red[..., 0], red[..., 2], atol=0.01)
+    np.testing.assert_allclose(red, 76.0, atol=1.5)
+  else:
+    tolerance = 3.0 if kind.startswith("jpeg") else 0.0  # JPEG is lossy
+    np.testing.assert_allclose(red, np.broadcast_to([255.0, 0.0, 0.0], red.shape),
+                               atol=tolerance)
+
+
+def test_every_format_through_the_pipeline_matches_eager_decode(tmp_path):
+  # In a tf.data map shapes are not known statically, unlike eager calls: the graph path must
+  # still give 3 channels for gray, RGBA and 16-bit files.
+  files = images.all_format_files(tmp_path / "train" / "a", size=24)
+  images.all_format_files(tmp_path / "train" / "b", size=24, seed=1)
+  split = data.scan_image_folder(str(tmp_path / "train"), "train")
+  assert split.num_examples == 2 * len(files) and split.skipped == ()
+  config = make_config(tmp_path, batch_size=32)
+  (features, labels), = list(data.make_dataset(split, config, "eval").as_numpy_iterator())
+  assert features["image"].shape == (len(split.paths), SIZE, SIZE, 3)
+  for path, image in zip(split.paths, features["image"]):
+    np.testing.assert_array_equal(image, expected_image(path))
+
+
+def test_animated_gif_gives_its_first_frame():
+  image = data.decode_image(images.encoded_bytes("gif_animated", size=24), SIZE).numpy()
+  np.testing.assert_array_equal(image, np.broadcast_to([255.0, 0.0, 0.0], image.shape))
+
+
+def test_gray_image_has_equal_channels():
+  gray = data.decode_image(images.encoded_bytes("png_gray", size=24), SIZE).numpy()
+  assert np.ptp(gray) > 100  # a real pattern, not a flat image
+  np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
+  np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_rgba_drops_alpha_without_blending():
+  rgb = data.decode_image(images.encoded_bytes("png_rgb", size=24), SIZE).numpy()
+  rgba = data.decode_image(images.encoded_bytes("png_rgba", size=24), SIZE).numpy()
+  np.testing.assert_array_equal(rgba, rgb)
+
+
+def test_16bit_png_is_scaled_to_8_bit_range():
+  sixteen = data.decode_image(images.encoded_bytes("png_16bit", size=24), 24).numpy()
+  eight = data.decode_image(images.encoded_bytes("png_gray", size=24), 24).numpy()
+  # The 16-bit file holds gray * 257, so scaled back it must match the 8-bit file.
+  np.testing.assert_allclose(sixteen, eight, atol=1.0)
+
+
+def test_cmyk_and_progressive_jpeg_match_baseline():
+  baseline = data.decode_image(images.encoded_bytes("jpeg_rgb", size=24), SIZE).numpy()
+  for kind in ("jpeg_progressive", "jpeg_cmyk"):
+    other = data.decode_image(images.encoded_bytes(kind, size=24), SIZE).numpy()
+    assert np.abs(other - baseline).mean() < 4.0, kind
+
+
+@pytest.mark.parametrize("content", [
+    images.encoded_bytes("tiff"), images.truncated_bytes("jpeg"), images.truncated_bytes("png"),
+    b"", b"not an image at all"], ids=["tiff", "truncated_jpeg", "truncated_png", "empty", "text"])
+def test_undecodable_bytes_raise(content):
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    data.decode_image(content, SIZE)
+
+
+def test_preprocess_is_keras_resnet50_preprocess_input():
+  rng = np.random.default_rng(0)
+  batch = rng.uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
+  ours = data.preprocess_for_model(tf.constant(batch)).numpy()
+  keras = tf.keras.applications.resnet50.preprocess_input(batch.copy())
+  np.testing.assert_allclose(ours, keras, rtol=1e-6, atol=1e-4)
+  # Caffe mode, spelled out: RGB -> BGR, then the ImageNet channel means removed.
+  r, g, b = batch[0, 0, 0]
+  np.testing.assert_allclose(ours[0, 0, 0], [b - 103.939, g - 116.779, r - 123.68], atol=1e-3)
+
+
+def test_decode_and_preprocess_is_decode_then_preprocess():
+  encoded = images.encoded_bytes("jpeg_rgb", size=40)
+  np.testing.assert_array_equal(
+      data.decode_and_preprocess(encoded, SIZE).numpy(),
+      data.preprocess_for_model(data.decode_image(encoded, SIZE)).numpy())
+
+
+# ------------------------------------------------------------------ augmentation
+
+
+def _is_flipped(image) -> bool:
+  # The pattern's red grows left to right; a crop keeps that direction, only a flip reverses it.
+  return image[:, : SIZE // 2, 0].mean() > image[:, SIZE // 2:, 0].mean()
+
+
+def test_augment_is_random_per_seed_and_deterministic():
+  original = tf.constant(images.pattern(SIZE), tf.float32)
+  assert not _is_flipped(original.numpy())
+  outputs = [data.augment_image(original, tf.constant([3, i], tf.int64), SIZE).numpy()
+             for i in range(40)]
+  for out in outputs:
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 255.0
+  flipped = [_is_flipped(o) for o in outputs]
+  # An always-on or never-on flip fails here.
+  assert 8 <= sum(flipped) <= 32, sum(flipped)
+  # Crops: un-flipped outputs still differ from the original (not only flips happen)...
+  unflipped_changed = [np.abs(o - original.numpy()).mean() > 2.0
+                       for o, f in zip(outputs, flipped) if not f]
+  assert sum(unflipped_changed) >= len(unflipped_changed) // 2
+  # ...and from each other.
+  assert len({hashlib.sha1(o.tobytes()).hexdigest() for o in outputs}) >= 35
+  again = data.augment_image(original, tf.constant([3, 5], tf.int32), SIZE).numpy()
+  np.testing.assert_array_equal(again, outputs[5])
+
+
+# ------------------------------------------------------------------ folder pipeline
+
+
+def test_scan_maps_sorted_class_names_to_labels(folder_set, splits):
+  _, train_written, _ = folder_set
+  assert splits.class_names == ("ant", "bee", "zebra")
+  assert splits.train.class_names == splits.validation.class_names == splits.class_names
+  assert splits.train.num_examples == 9 and len(splits.train.paths) == 9
+  assert set(splits.train.paths) == set(train_written)
+  for path, label in zip(splits.train.paths, splits.train.labels):
+    assert splits.class_names[label] == train_written[path][1]
+  assert splits.train.skipped == ()
+
+
+def test_eval_yields_every_example_once_in_order_with_partial_batch(folder_set, splits, tmp_path):
+  root, _, _ = folder_set
+  config = make_config(tmp_path, root / "train", root / "validation", augment=True)
+  batches = list(data.make_dataset(splits.validation, config, "eval").as_numpy_iterator())
+  assert [len(labels) for _, labels in batches] == [4, 4, 1]
+  features, labels = batches[0]
+  assert set(features) == {data.FEATURE_KEY}
+  assert features["image"].dtype == np.float32 and labels.dtype == np.int32
+  got_images = np.concatenate([f["image"] for f, _ in batches])
+  got_labels = np.concatenate([l for _, l in batches])
+  # Eval is not augmented even with augment=True: exactly decode + resize + preprocess.
+  want = np.stack([expected_image(p) for p in splits.validation.paths])
+  np.testing.assert_array_equal(got_images, want)
+  np.testing.assert_array_equal(got_labels, splits.validation.labels)
+  assert data.steps_per_epoch(splits.validation, 4) == 3
+
+
+def test_predict_yields_features_only(folder_set, splits, tmp_path):
+  root, _, _ = folder_set
+  config = make_config(tmp_path, root / "train", root / "validation")
+  batches = list(data.make_dataset(splits.validation, config, "predict").as_numpy_iterator())
+  assert all(set(b) == {data.FEATURE_KEY} for b in batches)
+  assert sum(len(b["image"]) for b in batches) == 9
+
+
+def test_train_shuffles_each_epoch_and_repeats(folder_set, splits, tmp_path):
+  root, train_written, _ = folder_set
+  config = make_config(tmp_path, root / "train", root / "validation", batch_size=3,
+                       augment=False)
+  dataset = data.make_dataset(splits.train, config, "train")
+  batches = take(dataset, 7)  # 21 elements: more than two epochs of 9
+  assert all(f["image"].shape == (3, SIZE, SIZE, 3) for f, _ in batches)
+  ids = [i for f, _ in batches for i in ids_of(f["image"])]
+  labels = [l for _, ls in batches for l in ls]
+  epoch1, epoch2 = ids[:9], ids[9:18]
+  assert sorted(epoch1) == sorted(epoch2) == list(range(9))  # each example once per epoch
+  assert epoch1 != list(range(9)) and epoch1 != epoch2  # shuffled, and differently each epoch
+  class_of_id = {i: c for i, c in train_written.values()}
+  assert [splits.class_names[l] for l in labels] == [class_of_id[i] for i in ids]
+
+
+def test_train_is_deterministic_per_seed(folder_set, splits, tmp_path):
+  root, _, _ = folder_set
+  config = make_config(tmp_path, root / "train", root / "validation")
+
+  def first_batches(cfg):
+    return take(data.make_dataset(splits.train, cfg, "train"), 3)
+
+  one, two = first_batches(config), first_batches(config)
+  for (f1, l1), (f2, l2) in zip(one, two):
+    np.testing.assert_array_equal(f1["image"], f2["image"])
+    np.testing.assert_array_equal(l1, l2)
+  other = first_batches(config.replace(seed=8))
+  assert any(not np.array_equal(f1["image"], f3["image"]) for (f1, _), (f3, _) in zip(one, other))
+
+
+def test_train_augments_only_when_enabled(tmp_path):
+  # One asymmetric image per class, so flips and crops are visible in every element.
+  for class_name in ("a", "b"):
+    images.write_png(tmp_path / "train" / class_name / "x.png", size=SIZE, seed=1)
+  split = data.scan_image_folder(str(tmp_path / "train"), "train")
+  plain = expected_image(split.paths[0])
+  config = make_config(tmp_path, batch_size=2, augment=True)
+
+  augmented = np.concatenate([f["image"] for f, _ in take(
+      data.make_dataset(split, config, "train"), 10)])
+  differs = [not np.allclose(a, plain) for a in augmented]
+  assert sum(differs) >= 15  # nearly every element is flipped and/or cropped
+  # Flip test on preprocessed images: red is channel 2 after the BGR swap.
+  flipped = [a[:, : SIZE // 2, 2].mean() > a[:, SIZE // 2:, 2].mean() for a in augmented]
+  assert 3 <= sum(flipped) <= 17, sum(flipped)
+
+  not_augmented = np.concatenate([f["image"] for f, _ in take(
+      data.make_dataset(split, config.replace(augment=False), "train"), 3)])
+  for image in not_augmented:
+    np.testing.assert_array_equal(image, plain)
+  # Eval never augments, whatever config.augment says.
+  for mode in ("eval", "predict"):
+    for batch in data.make_dataset(split, config, mode).as_numpy_iterator():
+      for image in (batch[0] if mode == "eval" else batch)["image"]:
+        np.testing.assert_array_equal(image, plain)
+
+
+def test_cache_gives_the_same_batches(folder_set, splits, tmp_path):
+  root, _, _ = folder_set
+  config = make_config(tmp_path, root / "train", root / "validation", batch_size=3)
+  for mode, n in (("train", 7), ("eval", 3)):
+    plain = take(data.make_dataset(splits.train, config, mode), n)
+    cached = take(data.make_dataset(splits.train, config.replace(cache=True), mode), n)
+    assert len(plain) == len(cached) == n
+    for (f1, l1), (f2, l2) in zip(plain, cached):
+      np.testing.assert_allclose(f1["image"], f2["image"], atol=1e-4)
+      np.testing.assert_array_equal(l1, l2)
+
+
+def test_cache_reads_each_file_once(tmp_path):
+  written = write_identified_set(tmp_path / "train", {"a": 2, "b": 2})
+  split = data.scan_image_folder(str(tmp_path / "train"), "train")
+  config = make_config(tmp_path, batch_size=2, cache=True)
+  dataset = data.make_dataset(split, config, "eval")
+  first = [ids_of(f["image"]) for f, _ in dataset.as_numpy_iterator()]
+  for path in written:
+    os.remove(path)
+  # A second pass is served from the cache: the files are gone, yet nothing is missing.
+  assert [ids_of(f["image"]) for f, _ in dataset.as_numpy_iterator()] == first == [[0, 1], [2, 3]]
+
+
+def test_input_fn_builds_in_graph_mode(splits, tmp_path):
+  config = make_config(tmp_path, "x", "y")
+  input_fn = data.make_input_fn(splits.train, config, "train")
+  with tf.Graph().as_default():  # how tf.estimator calls it
+    features, labels = tf.compat.v1.data.make_one_shot_iterator(input_fn()).get_next()
+    assert features["image"].shape.as_list() == [4, SIZE, SIZE, 3]
+    assert labels.dtype == tf.int32
+    with tf.compat.v1.Session() as session:
+      images_value, labels_value = session.run([features["image"], labels])
+  assert images_value.shape == (4, SIZE, SIZE, 3) and labels_value.shape == (4,)
+
+
+def test_file_corrupted_after_scan_is_skipped_not_fatal(tmp_path):
+  written = write_identified_set(tmp_path / "train", {"a": 3, "b": 3})
+  split = data.scan_image_folder(str(tmp_path / "train"), "train")
+  broken = split.paths[1]
+  images.write_not_an_image(broken)  # after the scan said it was fine
+  config = make_config(tmp_path, batch_size=4, augment=False)
+  eval_ids = [i for f, _ in data.make_dataset(split, config, "eval").as_numpy_iterator()
+              for i in ids_of(f["image"])]
+  assert sorted(eval_ids) == sorted(i for p, (i, _) in written.items() if p != broken)
+  train = take(data.make_dataset(split, config, "train"), 4)
+  assert len(train) == 4 and written[broken][0] not in ids_of(
+      np.concatenate([f["image"] for f, _ in train]))
+
+
+def test_steps_per_epoch():
+  split = data.Split(name="train", class_names=("a", "b"), num_examples=10)
+  assert [data.steps_per_epoch(split, b) for b in (1, 3, 5, 10, 11)] == [10, 4, 2, 1, 1]
+  with pytest.raises(ValueError, match="batch_size"):
+    data.steps_per_epoch(split, 0)
+
+
+def test_invalid_mode_is_refused(splits, tmp_path):
+  with pytest.raises(ValueError, match="mode"):
+    data.make_dataset(splits.train, make_config(tmp_path, "x", "y"), "training")
+
+
+# ------------------------------------------------------------------ bad files
+
+
+def write_set_with_bad_files(root):
+  """A 2-class set with one bad file of each kind; returns {path: expected reason fragment}."""
+  for class_name in ("cat", "dog"):
+    for i in range(2):
+      images.write_jpeg(root / class_name / f"good{i}.jpg", size=20, seed=i)
+  return {
+      images.write_truncated(root / "cat" / "truncated.jpg"): "cannot be decoded",
+      images.write_truncated(root / "dog" / "truncated.png"): "cannot be decoded",
+      images.write_empty(root / "cat" / "empty.png"): "empty file",
+      images.write_not_an_image(root / "dog" / "notes.jpg"): "cannot be decoded",
+      images.write_tiff(root / "dog" / "scan.tif"): "unsupported format (.tif)",
+      images.write_not_an_image(root / "cat" / "readme.txt"): "unsupported format (.txt)",
+  }
+
+
+def test_bad_files_fail_with_every_path_listed(tmp_path):
+  bad = write_set_with_bad_files(tmp_path / "train")
+  with pytest.raises(data.DataError) as error:
+    data.scan_image_folder(str(tmp_path / "train"), "train", bad_images="fail")
+  message = str(error.value)
+  lines = message.splitlines()
+  for path, reason in bad.items():
+    assert any(path in line and reason in line for line in lines), (path, message)
+  assert "--bad_images=skip" in message
+  assert "good0.jpg" not in message
+
+
+def test_bad_files_skipped_and_recorded(tmp_path, caplog):
+  bad = write_set_with_bad_files(tmp_path / "train")
+  with caplog.at_level(logging.WARNING, logger="estimator_ft"):
+    split = data.scan_image_folder(str(tmp_path / "train"), "train", bad_images="skip")
+  assert split.num_examples == 4 and len(split.paths) == 4
+  assert all(os.path.basename(p).startswith("good") for p in split.paths)
+  assert sorted(split.labels) == [0, 0, 1, 1]
+  assert {p for p, _ in split.skipped} == set(bad)
+  for path, reason in split.skipped:
+    assert bad[path] in reason
+  assert "Skipping 6 bad file(s)" in caplog.text and "truncated.jpg" in caplog.text
+
+
+def test_palette_bmp_is_refused_but_rgb_and_gray_bmp_pass(tmp_path):
+  root = tmp_path / "train"
+  images.write_bmp(root / "a" / "rgb.bmp", size=16)
+  images.write_bmp(root / "a" / "gray.bmp", size=16, mode="L")
+  palette = images.write_bmp(root / "b" / "palette.bmp", size=16, mode="P")
+  # Why it is refused: TF decodes it without error, into the wrong pixels.
+  wrong = data.decode_image(open(palette, "rb").read(), 16).numpy()
+  right = data.decode_image(images.encoded_bytes("png_rgb", size=16), 16).numpy()
+  assert np.abs(wrong - right).mean() > 20
+  images.write_bmp(root / "b" / "ok.bmp", size=16, seed=3)
+  split = data.scan_image_folder(str(root), "train", bad_images="skip")
+  assert [os.path.basename(p) for p, _ in split.skipped] == ["palette.bmp"]
+  assert "palette BMP" in split.skipped[0][1]
+  assert split.num_examples == 3
+
+
+def test_hidden_files_and_folders_are_ignored(tmp_path):
+  root = tmp_path / "train"
+  write_identified_set(root, {"a": 2, "b": 2})
+  (root / ".DS_Store").write_bytes(b"junk")
+  (root / "a" / ".DS_Store").write_bytes(b"junk")
+  images.write_not_an_image(root / ".hidden_class" / "x.jpg")
+  images.write_not_an_image(root / "b" / ".thumbs" / "x.jpg")
+  images.write_jpeg(root / "b" / "UPPER.JPG", size=16)  # extensions are case-insensitive
+  split = data.scan_image_folder(str(root), "train")
+  assert split.class_names == ("a", "b") and split.num_examples == 5
+
+
+def test_nested_folders_inside_a_class_are_read(tmp_path):
+  root = tmp_path / "train"
+  write_identified_set(root, {"a": 1, "b": 1})
+  images.write_png(root / "a" / "more" / "deep.png", size=16)
+  split = data.scan_image_folder(str(root), "train")
+  assert split.num_examples == 3 and sorted(split.labels) == [0, 0, 1]
+
+
+# ------------------------------------------------------------------ folder errors
+
+
+def test_missing_folder(tmp_path):
+  with pytest.raises(data.DataError, match="--train_dir=.*does not exist"):
+    data.scan_image_folder(str(tmp_path / "nope"), "train")
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(data.DataError, match="is a file"):
+    data.scan_image_folder(str(tmp_path / "file"), "train")
+
+
+def test_folder_without_class_subfolders(tmp_path):
+  images.write_png(tmp_path / "train" / "loose.png")
+  with pytest.raises(data.DataError, match="no class sub-folders.*1 image file"):
+    data.scan_image_folder(str(tmp_path / "train"), "train")
+
+
+def test_empty_class_folder(tmp_path):
+  write_identified_set(tmp_path / "train", {"a": 2})
+  (tmp_path / "train" / "b").mkdir()
+  with pytest.raises(data.DataError, match=r"no usable images.*train[/\\]b"):
+    data.scan_image_folder(str(tmp_path / "train"), "train")
+
+
+def test_class_empty_after_skipping(tmp_path):
+  write_identified_set(tmp_path / "train", {"a": 2})
+  images.write_empty(tmp_path / "train" / "b" / "x.png")
+  with pytest.raises(data.DataError, match="after skipping bad files"):
+    data.scan_image_folder(str(tmp_path / "train"), "train", bad_images="skip")
+
+
+def test_single_class(tmp_path):
+  write_identified_set(tmp_path / "train", {"only": 4})
+  write_identified_set(tmp_path / "validation", {"only": 2})
+  config = make_config(tmp_path, tmp_path / "train", tmp_path / "validation")
+  with pytest.raises(data.DataError, match="need at least 2 classes"):
+    data.load_splits(config)
+
+
+def test_mismatched_class_sets_name_the_differences(tmp_path):
+  write_identified_set(tmp_path / "train", {"cat": 2, "dog": 2, "fox": 1})
+  write_identified_set(tmp_path / "validation", {"cat": 1, "dog": 1, "owl": 1})
+  config = make_config(tmp_path, tmp_path / "train", tmp_path / "validation")
+  with pytest.raises(data.DataError) as error:
+    data.load_splits(config)
+  assert "only in train: ['fox']" in str(error.value)
+  assert "only in validation: ['owl']" in str(error.value)
+
+
+def test_image_size_below_32_is_refused(folder_set, tmp_path):
+  root, _, _ = folder_set
+  config = make_config(tmp_path, root / "train", root / "validation", image_size=31)
+  with pytest.raises(ValueError, match="--image_size=31"):
+    data.load_splits(config)
+  with pytest.raises(ValueError, match="--image_size=31"):
+    config.validate()
+
+
+def test_batch_larger_than_train_split(folder_set, tmp_path):
+  root, _, _ = folder_set
+  config = make_config(tmp_path, root / "train", root / "validation", batch_size=10)
+  with pytest.raises(data.DataError, match="has 9 images, smaller than --batch_size=10"):
+    data.load_splits(config)
+  assert data.load_splits(config.replace(batch_size=9)).train.num_examples == 9
+
+
+def test_bad_images_setting_and_missing_sources(tmp_path):
+  with pytest.raises(ValueError, match="--bad_images='keep'"):
+    data.scan_image_folder(str(tmp_path), "train", bad_images="keep")
+  with pytest.raises(data.DataError, match="--validation_dir"):
+    data.load_splits(make_config(tmp_path, tmp_path))
+  with pytest.raises(data.DataError, match="not both"):
+    data.load_splits(make_config(tmp_path, tmp_path, tmp_path, tfds_name="cats_vs_dogs"))
+
+
+# ------------------------------------------------------------------ TFDS
+
+
+def test_tfds_source_through_the_same_pipeline(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = make_config(tmp_path, tfds_name="cats_vs_dogs", tfds_data_dir=str(tmp_path / "tfds"),
+                       batch_size=4)
+  with tfds.testing.mock_data(num_examples=10):
+    splits = data.load_splits(config)
+    assert splits.class_names == ("cat", "dog")
+    assert splits.train.num_examples == splits.validation.num_examples == 10
+    assert splits.train.tfds_split == "train[:80%]" and splits.train.paths == ()
+    batches = list(data.make_dataset(splits.validation, config, "eval").as_numpy_iterator())
+    train = take(data.make_dataset(splits.train, config, "train"), 4)
+    with tf.Graph().as_default():  # the Estimator builds the TFDS input_fn in a graph too
+      features, _ = tf.compat.v1.data.make_one_shot_iterator(
+          data.make_input_fn(splits.train, config, "train")()).get_next()
+      assert features["image"].shape.as_list() == [4, SIZE, SIZE, 3]
+  assert [len(l) for _, l in batches] == [4, 4, 2]
+  for features, labels in batches + train:
+    assert features["image"].shape[1:] == (SIZE, SIZE, 3)
+    assert features["image"].dtype == np.float32 and labels.dtype == np.int32
+    assert set(np.unique(labels)) <= {0, 1}
+  # Mock images are random noise: preprocessed values spread over the whole caffe range.
+  assert batches[0][0]["image"].min() < -90 and batches[0][0]["image"].max() > 120
+
+
+def test_tfds_bad_label_key(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = make_config(tmp_path, tfds_name="cats_vs_dogs", tfds_label_key="class")
+  with tfds.testing.mock_data(num_examples=4):
+    with pytest.raises(data.DataError, match="--tfds_label_key='class'.*image, image/filename"):
+      data.load_splits(config)
+
+
+def test_tfds_not_prepared_explains_how_to_prepare(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  config = make_config(tmp_path, tfds_name="cats_vs_dogs", tfds_data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(data.DataError, match="not prepared.*tfds build cats_vs_dogs"):
+    data.load_splits(config)
+  with pytest.raises(data.DataError, match="--tfds_name='no_such_dataset_xyz'"):
+    data.load_splits(config.replace(tfds_name="no_such_dataset_xyz"))
+
+
+# ------------------------------------------------------------------ synthetic data
+
+
+def test_synthetic_dataset_has_the_same_structure(tmp_path):
+  config = make_config(tmp_path, batch_size=4)
+  train = take(data.synthetic_dataset(config, num_classes=3, mode="train", num_examples=6), 5)
+  assert len(train) == 5  # repeats past its 6 examples
+  for features, labels in train:
+    assert features["image"].shape == (4, SIZE, SIZE, 3) and labels.dtype == np.int32
+    assert set(labels) <= {0, 1, 2}
+  evaluated = list(data.synthetic_dataset(config, 3, "eval", num_examples=6).as_numpy_iterator())
+  assert [len(l) for _, l in evaluated] == [4, 2]
+  np.testing.assert_array_equal(np.concatenate([l for _, l in evaluated]), [0, 1, 2, 0, 1, 2])
+  predicted = list(data.make_synthetic_input_fn(config, 3, "predict", 6)().as_numpy_iterator())
+  assert all(set(b) == {data.FEATURE_KEY} for b in predicted)
+  # Same element structure as the real pipeline.
+  real_spec = data.make_dataset(
+      data.Split("train", ("a", "b"), 1, paths=("x.png",), labels=(0,)), config, "eval"
+  ).element_spec
+  synthetic_spec = data.synthetic_dataset(config, 3, "eval").element_spec
+  assert real_spec == synthetic_spec
+
+
+# ------------------------------------------------------------------ the sample data generator
+
+
+def load_generator():
+  path = REPO / "data" / "make_sample_data.py"
+  spec = importlib.util.spec_from_file_location("make_sample_data", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tree_digest(root) -> dict:
+  return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+          for p in sorted(pathlib.Path(root).rglob("*")) if p.is_file()}
+
+
+def test_sample_generator_is_deterministic_and_loadable(tmp_path):
+  generator = load_generator()
+  first = generator.generate(str(tmp_path / "a"), seed=0, train_per_class=6,
+                             validation_per_class=2, image_size=48)
+  second = generator.generate(str(tmp_path / "b"), seed=0, train_per_class=6,
+                              validation_per_class=2, image_size=48)
+  other = generator.generate(str(tmp_path / "c"), seed=1, train_per_class=6,
+                             validation_per_class=2, image_size=48)
+  assert tree_digest(first) == tree_digest(second)
+  assert tree_digest(first).keys() == tree_digest(other).keys()
+  assert tree_digest(first) != tree_digest(other)
+  assert os.path.exists(os.path.join(first, ".complete"))
+  files = [p for p in pathlib.Path(first).rglob("*") if p.is_file() and p.name != ".complete"]
+  assert {p.suffix for p in files} == {".png", ".jpg"}
+  assert sorted(os.listdir(tmp_path)) == ["a", "b", "c"]  # no temporary folders left behind
+
+  config = make_config(tmp_path, os.path.join(first, "train"),
+                       os.path.join(first, "validation"), batch_size=4)
+  splits = data.load_splits(config)
+  assert splits.class_names == ("horizontal", "vertical")
+  assert (splits.train.num_examples, splits.validation.num_examples) == (12, 4)
+
+  # Regenerating over an earlier sample replaces it; a foreign folder is never overwritten.
+  generator.generate(first, seed=1, train_per_class=6, validation_per_class=2, image_size=48)
+  assert tree_digest(first) == tree_digest(other)
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "thesis.txt").write_text("precious")
+  with pytest.raises(ValueError, match="not a sample set"):
+    generator.generate(str(tmp_path / "mine"), train_per_class=1, validation_per_class=1)
+  assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
+
+
+def test_sample_generator_cli_needs_neither_tensorflow_nor_the_package(tmp_path):
+  script = (
+      "import runpy, sys\n"
+      f"sys.argv = ['make_sample_data.py', '--output_dir={tmp_path / 's'}', "
+      "'--train_per_class=2', '--validation_per_class=1', '--image_size=32']\n"
+      "try:\n"
+      f"  runpy.run_path({str(REPO / 'data' / 'make_sample_data.py')!r}, run_name='__main__')\n"
+      "except SystemExit as e:\n"
+      "  assert not e.code, e.code\n"
+      "heavy = [m for m in sys.modules if m.startswith(('tensorflow', 'estimator_ft'))]\n"
+      "assert not heavy, heavy\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert "Wrote 6 images" in result.stdout
+  assert (tmp_path / "s" / ".complete").exists()
