@@ -59,8 +59,10 @@ _HELP = {
     "log_every_n_steps": "Progress line (steps/s, images/s, ETA) every N steps.",
     "distribution": "none (default; also for TF_CONFIG clusters with parameter servers), mirrored, "
                     "or multi_worker_mirrored.",
-    "exact_resume": "Checkpoint the input pipeline position too, so a resumed run sees exactly the "
-                    "batches an uninterrupted one would.",
+    "exact_resume": "Resume the input stream exactly where the checkpoint left it (replayed from the "
+                    "seed), so a resumed run sees exactly the batches an uninterrupted one would.",
+    "deterministic": "Deterministic TensorFlow ops (enable_op_determinism): with --exact_resume and "
+                     "--dropout=0 a killed and resumed run ends with an uninterrupted run's weights.",
     "export_best_metric": "Validation metric that picks the 'best' export (loss: lowest; else highest).",
     "exports_to_keep": "Exported versions kept per exporter.",
 }
@@ -113,6 +115,10 @@ def _run_train(argv):
 
 
 def _print_train_summary(results, config):
+  if "role" in results:  # a worker, ps or evaluator of a TF_CONFIG cluster (see training.run)
+    print(f"\nDone: {results['role']} ({config.path} path). The chief writes checkpoints and "
+          f"results.json in {config.model_dir}.")
+    return
   history = results.get("history") or []
   last = history[-1] if history else {}
   lines = [
@@ -151,8 +157,10 @@ def _run_compare(argv):
   from estimator_ft import compare
   if not FLAGS.output_dir:
     raise ValueError("--output_dir is required: the folder for the comparison outputs.")
+  paths = compare.check_paths(FLAGS.paths)
   config = _config_from_flags(require_model_dir=False, model_dir=FLAGS.output_dir)
-  compare.run_compare(config, FLAGS.output_dir, tuple(FLAGS.paths))
+  comparison = compare.run_compare(config, FLAGS.output_dir, paths)
+  print(compare.format_report(comparison))
   return 0
 
 
@@ -194,9 +202,13 @@ def _run_predict(argv):
 # ---------------------------------------------------------------- launch-local
 
 def _define_launch_local():
+  # Defaults: the Estimator path's asynchronous parameter-server cluster. The Keras path
+  # (--path=keras --distribution=multi_worker_mirrored) needs --ps=0 --noevaluator.
   flags.DEFINE_integer("workers", 1, "Worker processes besides the chief.", lower_bound=0)
-  flags.DEFINE_integer("ps", 1, "Parameter-server processes.", lower_bound=0)
-  flags.DEFINE_boolean("evaluator", True, "Start an evaluator process.")
+  flags.DEFINE_integer("ps", 1, "Parameter-server processes (Estimator path; 0 for the Keras path).",
+                       lower_bound=0)
+  flags.DEFINE_boolean("evaluator", True, "Start an evaluator process that evaluates each new "
+                       "checkpoint (Estimator path; --noevaluator for the Keras path).")
   flags.DEFINE_integer("timeout_s", 1800, "Stop every role and fail after this many seconds.", lower_bound=1)
 
 
@@ -209,14 +221,23 @@ def _run_launch_local(argv):
 # ---------------------------------------------------------------- bench
 
 def _define_bench():
-  flags.DEFINE_integer("image_size", 64, "Image size for the benchmark.", lower_bound=32)
-  flags.DEFINE_integer("batch_size", 32, "Batch size.", lower_bound=1)
-  flags.DEFINE_integer("steps", 20, "Timed steps per measurement (after warm-up).", lower_bound=1)
+  flags.DEFINE_integer("image_size", 64, "Image size (224 for the fraction-of-peak target).",
+                       lower_bound=config_lib.RESNET50_MIN_IMAGE_SIZE)
+  flags.DEFINE_integer("batch_size", 32, "Batch size of every path.", lower_bound=1)
+  flags.DEFINE_integer("steps", 20, "Timed training steps per repeat (after warm-up).", lower_bound=1)
   flags.DEFINE_integer("repeats", 3, "Repeats of each measurement (min/median/max reported).", lower_bound=1)
-  flags.DEFINE_boolean("quick", False, "Fewer steps and repeats: about two minutes on 2 cores.")
-  flags.DEFINE_enum("precision", "float32", config_lib.PRECISIONS, "Training precision.")
-  flags.DEFINE_boolean("jit", False, "Compile with XLA.")
-  flags.DEFINE_string("data_dir", "data/sample", "Image folder (with train/) for the pipeline and folder benchmarks.")
+  flags.DEFINE_boolean("quick", False, "At most 5 steps x 2 repeats: about two minutes at 64 px on "
+                       "2 quiet cores.")
+  flags.DEFINE_enum("precision", "float32", config_lib.PRECISIONS,
+                    "Training precision of every path: " + _HELP["precision"])
+  flags.DEFINE_boolean("jit", False, "Compile with XLA (Keras jit_compile; the Estimator session's "
+                       "auto-clustering).")
+  flags.DEFINE_string("data_dir", "data/sample", "Image folder with train/ and validation/ for the "
+                      "input-pipeline, feed_dict and epoch-overhead measurements (generated sample "
+                      "images if it does not exist).")
+  flags.DEFINE_integer("accuracy_steps", 0, "If > 0, also train both paths this many steps on "
+                       "--data_dir from the same weights and report validation loss/accuracy (to "
+                       "compare precisions).", lower_bound=0)
   flags.DEFINE_string("output", "", "Write the results JSON here.")
 
 
@@ -225,7 +246,7 @@ def _run_bench(argv):
   from estimator_ft import bench
   bench.run_bench(image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
                   repeats=FLAGS.repeats, quick=FLAGS.quick, precision=FLAGS.precision, jit=FLAGS.jit,
-                  data_dir=FLAGS.data_dir, output=FLAGS.output)
+                  data_dir=FLAGS.data_dir, output=FLAGS.output, accuracy_steps=FLAGS.accuracy_steps)
   return 0
 
 
@@ -261,9 +282,9 @@ def _configure_logging():
   logger.handlers[:] = [handler]
   logger.setLevel(logging.DEBUG if verbose else logging.INFO)
   logger.propagate = False
-  import tensorflow as tf
-  tf.get_logger().setLevel(logging.INFO if verbose else logging.ERROR)
-  tf.autograph.set_verbosity(1 if verbose else 0)
+  # TensorFlow's Python logger keeps this level when TensorFlow is imported later (and importing
+  # it here would make every flag error wait for TensorFlow's start-up).
+  logging.getLogger("tensorflow").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def _main_for(run_fn):

@@ -79,6 +79,7 @@ class Config:
   log_every_n_steps: int = 10
   distribution: str = "none"
   exact_resume: bool = False
+  deterministic: bool = False  # tf.config.experimental.enable_op_determinism for the whole run
   export_best_metric: str = "loss"
   exports_to_keep: int = 3
 
@@ -136,6 +137,9 @@ class Config:
     if self.weights not in ("imagenet", "none") and not self.weights.endswith((".h5", ".keras")):
       fail(f"--weights={self.weights!r}: use imagenet, none, or the path of a Keras .h5 "
            "weights file for ResNet50 without its top.")
+    if self.weights not in ("imagenet", "none") and not os.path.isfile(self.weights):
+      fail(f"--weights={self.weights}: no such file. Give the path of a Keras .h5 weights file for "
+           "ResNet50 without its top, or use --weights=imagenet or none.")
     if not self.fine_tune_from:
       fail("--fine_tune_from must be all, none, or a ResNet50 layer name (e.g. conv5_block1_1_conv).")
     if require_model_dir and not self.model_dir:

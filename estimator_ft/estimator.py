@@ -14,6 +14,7 @@ import math
 import os
 import time
 
+import numpy as np
 import tensorflow as tf
 
 from estimator_ft import config as config_lib
@@ -24,6 +25,8 @@ from estimator_ft.config import Config
 logger = logging.getLogger("estimator_ft")
 
 TRAIN_HISTORY_FILE = "train_history.json"
+# What TF_XLA_FLAGS must hold for a session to XLA-compile CPU ops (see _session_config).
+CPU_GLOBAL_JIT_FLAG = "--tf_xla_cpu_global_jit"
 # A cluster's evaluator polls model_dir for a new checkpoint this often (throttle_secs=0 would make
 # it spin on the checkpoint file while the trainers need the CPU).
 EVALUATOR_POLL_S = 2
@@ -74,6 +77,10 @@ def make_run_config(config: Config, steps_per_epoch: int) -> tf.estimator.RunCon
       # Our ProgressHook logs steps/s, images/s and ETA; the built-in line would repeat it.
       log_step_count_steps=10**9,
       train_distribute=strategy,
+      # Not the graph.pbtxt (9 MB at 64 px) and a .meta file with every checkpoint: that costs about
+      # a second per checkpoint on 2 cores (measured by `estimator-ft bench`) and nothing reads
+      # them. TensorBoard's graph tab still works: the graph also goes into the event file.
+      checkpoint_save_graph_def=False,
       session_config=_session_config(config))
 
 
@@ -81,6 +88,14 @@ def _session_config(config: Config):
   session_config = tf.compat.v1.ConfigProto(allow_soft_placement=True)
   if config.jit:
     session_config.graph_options.optimizer_options.global_jit_level = tf.compat.v1.OptimizerOptions.ON_1
+    if not tf.config.list_physical_devices("GPU") and (
+        CPU_GLOBAL_JIT_FLAG not in os.environ.get("TF_XLA_FLAGS", "")):
+      logger.warning(
+          "--jit: a session's XLA auto-clustering compiles GPU ops only; on this CPU the Estimator "
+          "path runs without XLA unless TF_XLA_FLAGS=%s is set before the run starts. Measured "
+          "by `estimator-ft bench` on a 2-core CPU, XLA trained ResNet50 about 3x slower than the "
+          "default oneDNN kernels (Keras jit_compile about 5x), so leave --jit off on CPUs.",
+          CPU_GLOBAL_JIT_FLAG)
   return session_config
 
 
@@ -139,8 +154,8 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
   Written to `train_history.json` at each epoch end, so a resumed run keeps earlier epochs.
 
   In an asynchronous cluster the shared global step also advances with the workers' steps, so the
-  chief sees it jump: an epoch ends at the first step past its boundary, the last one at `end`,
-  and the averages cover the chief's own batches (`train_steps_averaged` says how many).
+  chief sees it jump: an epoch ends at the chief's first step past its boundary, and the averages
+  cover the chief's own batches (`train_steps_averaged` says how many).
   """
 
   def __init__(self, model_dir, steps_per_epoch):
@@ -149,13 +164,14 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
 
   def begin(self):
     graph = tf.compat.v1.get_default_graph()
-    self._global_step = tf.compat.v1.train.get_global_step()
-    self._fetches = [self._global_step] + [
+    self._fetches = [tf.compat.v1.train.get_global_step()] + [
         graph.get_tensor_by_name(name + ":0") for name in
         (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_CORRECT_TENSOR,
          model_fn_lib.BATCH_SIZE_TENSOR)]
     self._history = read_train_history(os.path.dirname(self._path))
-    self._epoch_before = None
+    # The epoch the run starts in, from the checkpoint it resumes (not from the first step seen:
+    # in a cluster the other workers may already have ended that epoch).
+    self._epoch_before = _latest_checkpoint_step(os.path.dirname(self._path)) // self._steps_per_epoch
     self._reset()
 
   def _reset(self):
@@ -171,14 +187,7 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     self._correct += float(correct)
     self._count += float(size)
     self._steps_seen += 1
-    if self._epoch_before is None:
-      self._epoch_before = int(step_before) // self._steps_per_epoch
     self._maybe_end_epoch(int(step_before) + 1)
-
-  def end(self, session):
-    # The last boundary of an asynchronous cluster may be crossed by another worker's step.
-    if self._steps_seen:
-      self._maybe_end_epoch(int(session.run(self._global_step)))
 
   def _maybe_end_epoch(self, step):
     epoch = step // self._steps_per_epoch
@@ -194,6 +203,14 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     config_lib.write_json_atomic(self._path, self._history)
     self._epoch_before = epoch
     self._reset()
+
+
+def _latest_checkpoint_step(model_dir):
+  """The global step of model_dir's latest checkpoint; 0 for a new run."""
+  latest = tf.train.latest_checkpoint(model_dir)
+  if latest is None:
+    return 0
+  return int(tf.train.load_checkpoint(latest).get_tensor(tf.compat.v1.GraphKeys.GLOBAL_STEP))
 
 
 def read_train_history(model_dir):
@@ -275,12 +292,10 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   if is_chief:
     # One writer of train_history.json: in a cluster, the workers' averages would overwrite it.
     hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch))
-  if config.exact_resume:
-    # Saves the tf.data iterator position with every checkpoint, so a resumed run sees exactly the
-    # batches an uninterrupted run would have seen (costs a larger checkpoint; see BUILD_NOTES).
-    hooks.append(tf.data.experimental.CheckpointInputPipelineHook(estimator))
   train_spec = tf.estimator.TrainSpec(
-      input_fn=data_lib.make_input_fn(splits.train, config, "train"), max_steps=max_steps, hooks=hooks)
+      input_fn=data_lib.make_input_fn(splits.train, config, "train",
+                                      start_batch=exact_resume_batch(config, estimator)),
+      max_steps=max_steps, hooks=hooks)
   eval_spec = tf.estimator.EvalSpec(
       input_fn=data_lib.make_input_fn(splits.validation, config, "eval"),
       steps=None,  # None: the whole validation set, every time
@@ -290,34 +305,110 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   _log_run_plan(config, splits, steps_per_epoch)
   if is_chief:
     write_config_summary(config, class_names)
+    if not estimator.config.cluster_spec.as_dict():  # a cluster's evaluator catches up by itself
+      finish_interrupted_evaluation(estimator, eval_spec)
   try:
     tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
   except tf.compat.v1.train.NanLossDuringTrainingError as e:
-    raise NaNLossError(
-        f"Training stopped: the loss became NaN. The checkpoints in {config.model_dir} written "
-        f"before that are intact. Lower --learning_rate (now {config.learning_rate}), check the "
-        "input images, or use --precision=float32; then re-run to resume from the last checkpoint."
-    ) from e
+    raise _nan_error(config, "the training loss became NaN") from e
+  except tf.errors.InvalidArgumentError as e:
+    if model_fn_lib.NON_FINITE_OUTPUTS not in str(e):
+      raise
+    raise _nan_error(config, "the model's outputs became NaN while evaluating") from e
   if not is_chief:
     # A cluster's worker or evaluator: model_dir and results belong to the chief.
     return {"steps_per_epoch": steps_per_epoch}
 
-  history = build_history(config.model_dir, steps_per_epoch, config.epochs)
+  global_step = int(estimator.get_variable_value("global_step"))
   evals = read_eval_events(os.path.join(config.model_dir, "eval"))
-  final_step = max(evals) if evals else None
-  if final_step != max_steps:
-    # Training was already complete (re-run of a finished command): evaluate once more.
+  if global_step not in evals:
+    # Training was already complete (re-run of a finished command), or this is a cluster's chief:
+    # its evaluator may not have reached the final checkpoint, which async workers can push past
+    # max_steps. Evaluate the final weights here.
     final = estimator.evaluate(data_lib.make_input_fn(splits.validation, config, "eval"))
     final_evaluation = {k: float(v) for k, v in final.items()}
   else:
-    final_evaluation = evals[final_step]
+    final_evaluation = evals[global_step]
+  # After the final evaluation, which the last epoch's validation figures may come from.
+  history = build_history(config.model_dir, steps_per_epoch, config.epochs)
   return {
-      "global_step": int(estimator.get_variable_value("global_step")),
+      "global_step": global_step,
       "steps_per_epoch": steps_per_epoch,
       "history": history,
       "final_evaluation": final_evaluation,
       "export_path": export_lib.latest_export_path(config.model_dir),
   }
+
+
+def _nan_error(config: Config, what: str) -> NaNLossError:
+  good = last_finite_checkpoint(config.model_dir)
+  resume = (f"The newest checkpoint with finite weights is {os.path.basename(good)}: to resume from "
+            f"it, delete the newer model.ckpt-* files and point {os.path.join(config.model_dir, 'checkpoint')} "
+            "at it; or start again in a new --model_dir." if good else
+            "No checkpoint with finite weights was written; start again in a new --model_dir.")
+  return NaNLossError(
+      f"Training stopped: {what} (loss became NaN). Nothing already written was removed. Lower "
+      f"--learning_rate (now {config.learning_rate}), check the input images, or use "
+      f"--precision=float32. {resume}")
+
+
+def last_finite_checkpoint(model_dir):
+  """The newest checkpoint of model_dir whose float tensors are all finite, or None."""
+  state = tf.train.get_checkpoint_state(model_dir)
+  for path in reversed(list(state.all_model_checkpoint_paths) if state else []):
+    try:
+      reader = tf.train.load_checkpoint(path)
+    except (tf.errors.OpError, ValueError):
+      continue
+    dtypes = reader.get_variable_to_dtype_map()
+    if all(np.all(np.isfinite(reader.get_tensor(name))) for name, dtype in dtypes.items()
+           if dtype.is_floating):
+      return path
+  return None
+
+
+def exact_resume_batch(config: Config, estimator) -> int:
+  """--exact_resume: the batch the training stream resumes at, the global step of the checkpoint.
+
+  The stream is replayed from the seed up to that batch (data.make_dataset's start_batch) rather
+  than restored from a checkpointed tf.data iterator: CheckpointInputPipelineHook writes its own
+  checkpoints *after* the model checkpoint and the evaluation and exports it triggers, so a run
+  killed in between resumed the model at step N with the input of an earlier step; its iterator
+  state also adds ~30 MB per checkpoint at 224 px (prefetch and map buffers), and the whole cache
+  with --cache. Replaying costs nothing in the checkpoint and stays consistent with it.
+  """
+  if not config.exact_resume:
+    return 0
+  if estimator.config.num_worker_replicas > 1:
+    raise ValueError("--exact_resume does not work in a TF_CONFIG cluster: the workers read their "
+                     "own streams but share one global step. Drop --exact_resume for cluster runs.")
+  if estimator.latest_checkpoint() is None:
+    return 0
+  step = int(estimator.get_variable_value("global_step"))
+  logger.info("Exact resume: the training stream continues at batch %d.", step)
+  return step
+
+
+def finish_interrupted_evaluation(estimator, eval_spec) -> None:
+  """Evaluates and exports the latest checkpoint if the run that wrote it was killed first.
+
+  train_and_evaluate evaluates each checkpoint right after saving it, and a resumed run never
+  goes back: a run killed in between (evaluation and exports take most of an epoch's end) would
+  leave that epoch without validation figures in results.json, and maybe its best export missing.
+  """
+  from estimator_ft import export as export_lib  # pylint: disable=g-import-not-at-top
+  latest = estimator.latest_checkpoint()
+  if latest is None:
+    return
+  step = int(tf.train.load_checkpoint(latest).get_tensor(tf.compat.v1.GraphKeys.GLOBAL_STEP))
+  # Step 0 is the checkpoint of the starting point, which train_and_evaluate never evaluates.
+  if step == 0 or step in read_eval_events(os.path.join(estimator.model_dir, "eval")):
+    return
+  logger.info("Evaluating %s, which the run that wrote it did not get to evaluate.", latest)
+  metrics = estimator.evaluate(eval_spec.input_fn, steps=eval_spec.steps, checkpoint_path=latest)
+  for exporter in eval_spec.exporters:
+    exporter.export(estimator, os.path.join(estimator.model_dir, export_lib.EXPORT_DIR, exporter.name),
+                    latest, metrics, is_the_final_export=False)
 
 
 def write_config_summary(config: Config, class_names) -> None:

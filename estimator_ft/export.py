@@ -1,9 +1,482 @@
-"""SavedModel export for serving (placeholder until the export issue lands)."""
+"""SavedModel export for serving: one signature contract for both training paths, TF Serving layout.
+
+Signatures - the same names, inputs and outputs whichever path trained the model (C classes):
+
+  serving_default  predict   image_bytes: string [b], encoded JPEG, PNG, GIF or BMP images
+                             -> probabilities: float32 [b, C], class_index: int32 [b],
+                                class_name: string [b], all_class_names: string [b, C]
+  predict_images   predict   images: float32 [b, h, w, 3], decoded RGB in 0..255, any h and w
+                             -> the same outputs
+  classification   classify  inputs: string [b], serialized tf.Example protos whose bytes feature
+                             `image_bytes` holds the encoded image (what TF Serving's Classify API
+                             feeds) -> classes: string [b, C], scores: float32 [b, C]
+
+With TF Serving's REST API: POST {"instances": [{"image_bytes": {"b64": "..."}}]} to
+`:predict`, or {"examples": [{"image_bytes": {"b64": "..."}}]} to `:classify`.
+
+Decoding, resizing and preprocessing run inside the graph through the evaluation pipeline's own
+functions (data.decode_and_preprocess; data.resize_image + data.preprocess_for_model for decoded
+images), so the served model sees exactly what validation saw.
+
+Layout: `<export_base>/<version>/`, the version an integer (the Unix time of the export, kept
+increasing), which is what TF Serving watches; it serves the highest version. A version is written
+into a hidden staging folder beside it and renamed into place once complete, so a version folder
+is never half-written; staging folders left by killed exports are removed by the next export.
+Each version records `assets.extra/export_info.json` (global step, checkpoint, validation metrics).
+
+Estimator exporters (in train_and_evaluate): `export/latest` after every evaluation; `export/best`
+when the validation metric `--export_best_metric` beats every version already in `export/best`.
+The comparison uses the metrics recorded in those versions, so a resumed run never publishes a
+worse model as the newest (= served) "best". Each keeps `--exports_to_keep` versions.
+"""
+
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+# The fingerprint writer that tf.saved_model.save uses (TF 2.15 has no public one); called directly
+# because its Python wrapper logs an INFO line through absl on every export.
+from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting as fingerprinting_pywrap  # pylint: disable=g-direct-tensorflow-import
+
+from estimator_ft import config as config_lib
+from estimator_ft import data as data_lib
+from estimator_ft import model as model_lib
+from estimator_ft import model_fn as model_fn_lib
+from estimator_ft import serving
+from estimator_ft import training
+from estimator_ft.config import Config
+
+logger = logging.getLogger("estimator_ft")
+
+EXPORT_DIR = "export"
+LATEST_EXPORTER = "latest"
+BEST_EXPORTER = "best"
+MANUAL_EXPORT = "manual"  # `estimator-ft export` without --export_dir
+EXPORT_INFO_FILE = os.path.join("assets.extra", "export_info.json")
+FINGERPRINT_FILE = "fingerprint.pb"
+
+EXAMPLES_INPUT = "examples"
+_IMAGES_RECEIVER = "images"
+_EXAMPLES_RECEIVER = "examples"
+# Estimator names the signature of an alternative receiver "<receiver>:<export output>". These
+# become the contract's names; the others are dropped (among them a classify signature on raw
+# bytes, which TF Serving's Classify API - it feeds serialized tf.Examples - could never call).
+_ESTIMATOR_SIGNATURES = {
+    serving.SERVING_SIGNATURE: serving.SERVING_SIGNATURE,
+    serving.IMAGES_SIGNATURE: f"{_IMAGES_RECEIVER}:{serving.SERVING_SIGNATURE}",
+    serving.CLASSIFY_SIGNATURE: f"{_EXAMPLES_RECEIVER}:{serving.CLASSIFY_SIGNATURE}",
+}
+
+# export_best_metric -> (eval metric key, True if lower is better).
+_BEST_METRICS = {
+    "loss": (model_fn_lib.EXAMPLE_LOSS, True),
+    "accuracy": ("accuracy", False),
+    "auc": ("auc", False),
+}
+
+_STAGING_PREFIX = ".tmp-"
+# Another exporter may publish the version we picked between our choice and the rename.
+_PUBLISH_ATTEMPTS = 5
 
 
-def make_exporters(config, class_names):
-  return []
+# ---------------------------------------------------------------- input pipelines of the signatures
+
+def preprocess_image_bytes(image_bytes, image_size: int) -> tf.Tensor:
+  """string [b] of encoded images -> float32 [b, size, size, 3]: the evaluation pipeline's path."""
+  return tf.map_fn(lambda encoded: data_lib.decode_and_preprocess(encoded, image_size), image_bytes,
+                   fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
 
 
-def latest_export_path(model_dir):
+def preprocess_images(images, image_size: int) -> tf.Tensor:
+  """float [b, h, w, 3] RGB 0..255 -> float32 [b, size, size, 3]: the pipeline's resize + preprocess."""
+  return tf.map_fn(
+      lambda image: data_lib.preprocess_for_model(data_lib.resize_image(image, image_size)),
+      tf.cast(images, tf.float32),
+      fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+
+
+def image_bytes_from_examples(serialized_examples) -> tf.Tensor:
+  """string [b] serialized tf.Example -> string [b], their encoded images."""
+  features = {serving.EXAMPLE_IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)}
+  return tf.io.parse_example(serialized_examples, features)[serving.EXAMPLE_IMAGE_FEATURE]
+
+
+def serving_input_receiver_fn(image_size: int):
+  """The Estimator's receiver: encoded bytes by default; decoded images and tf.Examples besides."""
+
+  def receiver_fn():
+    # Each signature feeds exactly one of these inputs; the others keep their default, an empty
+    # batch, so `features` is the fed batch passed through that input's own pipeline. (The
+    # examples feed image_bytes through its default, so classify decodes like predict.)
+    examples = tf.compat.v1.placeholder_with_default(
+        tf.zeros([0], tf.string), [None], name=EXAMPLES_INPUT)
+    image_bytes = tf.compat.v1.placeholder_with_default(
+        image_bytes_from_examples(examples), [None], name=serving.IMAGE_BYTES_INPUT)
+    images = tf.compat.v1.placeholder_with_default(
+        tf.zeros([0, image_size, image_size, 3]), [None, None, None, 3], name=serving.IMAGES_INPUT)
+    features = tf.concat([preprocess_image_bytes(image_bytes, image_size),
+                          preprocess_images(images, image_size)], axis=0)
+    return tf.estimator.export.ServingInputReceiver(
+        features={model_lib.FEATURE_KEY: features},
+        receiver_tensors={serving.IMAGE_BYTES_INPUT: image_bytes},
+        receiver_tensors_alternatives={
+            _IMAGES_RECEIVER: {serving.IMAGES_INPUT: images},
+            _EXAMPLES_RECEIVER: {EXAMPLES_INPUT: examples},
+        })
+
+  return receiver_fn
+
+
+# ---------------------------------------------------------------- publishing versions
+
+def _staging_owner(name: str):
+  """(host, pid) encoded in a staging folder name, or None for anything else."""
+  if not name.startswith(_STAGING_PREFIX):
+    return None
+  parts = name[len(_STAGING_PREFIX):].rsplit("-", 2)
+  if len(parts) != 3 or not parts[1].isdigit():
+    return None
+  return parts[0], int(parts[1])
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # someone else's live process
+  return True
+
+
+def remove_stale_staging(export_base: str) -> list:
+  """Deletes staging folders whose exporting process (on this host) is gone; returns them.
+
+  Staging folders of other hosts (a shared file system) are left alone: their owner cannot be
+  checked from here, and TF Serving ignores them anyway.
+  """
+  removed = []
+  if not os.path.isdir(export_base):
+    return removed
+  host = socket.gethostname()
+  for name in os.listdir(export_base):
+    owner = _staging_owner(name)
+    if owner and owner[0] == host and not _process_alive(owner[1]):
+      path = os.path.join(export_base, name)
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  if removed:
+    logger.info("Removed %d staging folder(s) of killed exports in %s", len(removed), export_base)
+  return removed
+
+
+def remove_old_versions(export_base: str, keep: int) -> list:
+  """Deletes all but the newest `keep` versions; returns the deleted paths."""
+  versions = serving.version_dirs(export_base)
+  doomed = [path for _, path in versions[:max(len(versions) - keep, 0)]]
+  for path in doomed:
+    shutil.rmtree(path, ignore_errors=True)
+  return doomed
+
+
+def _rewrite_signatures(saved_model_dir: str, edit) -> None:
+  """Applies `edit(signature_def_map)` to a SavedModel's signatures, in place."""
+  path = os.path.join(saved_model_dir, serving.SAVED_MODEL_FILE)
+  saved_model = saved_model_pb2.SavedModel()
+  with open(path, "rb") as f:
+    saved_model.ParseFromString(f.read())
+  for meta_graph in saved_model.meta_graphs:
+    edit(meta_graph.signature_def)
+  with open(path, "wb") as f:
+    f.write(saved_model.SerializeToString(deterministic=True))
+  # The fingerprint hashes saved_model.pb, so it is written after the edit; the Estimator's TF1
+  # builder writes none at all, and loaders log its absence.
+  with open(os.path.join(saved_model_dir, FINGERPRINT_FILE), "wb") as f:
+    f.write(fingerprinting_pywrap.CreateFingerprintDef(saved_model_dir))
+
+
+def _select_estimator_signatures(signature_map) -> None:
+  selected = {name: signature_map[source] for name, source in _ESTIMATOR_SIGNATURES.items()}
+  for name in list(signature_map):
+    del signature_map[name]
+  for name, signature in selected.items():
+    signature_map[name].CopyFrom(signature)
+
+
+def _mark_classify_method(signature_map) -> None:
+  # tf.saved_model.save labels every signature "predict"; TF Serving's Classify API only calls a
+  # signature labelled "classify".
+  signature_map[serving.CLASSIFY_SIGNATURE].method_name = tf.saved_model.CLASSIFY_METHOD_NAME
+
+
+def next_version(export_base: str) -> int:
+  """The Unix time, or one more than the newest version if that is not older (clock skew, or
+  two exports within a second): TF Serving serves the highest number, so it must be the newest."""
+  versions = serving.version_dirs(export_base)
+  newest = versions[-1][0] if versions else 0
+  return max(int(time.time()), newest + 1)
+
+
+def _publish(export_base: str, write_saved_model, finish_signatures, info: dict) -> str:
+  """Writes one version through a staging folder; returns the published version folder.
+
+  `write_saved_model(staging_dir)` writes a SavedModel somewhere inside staging_dir and returns
+  its path; `finish_signatures` edits its signature map before it is published.
+  """
+  os.makedirs(export_base, exist_ok=True)
+  remove_stale_staging(export_base)
+  staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-",
+                             dir=export_base)
+  try:
+    saved_model_dir = write_saved_model(staging)
+    _rewrite_signatures(saved_model_dir, finish_signatures)
+    info_path = os.path.join(saved_model_dir, EXPORT_INFO_FILE)
+    os.makedirs(os.path.dirname(info_path), exist_ok=True)
+    with open(info_path, "w") as f:
+      json.dump(info, f, indent=2, sort_keys=True)
+    for attempt in range(_PUBLISH_ATTEMPTS):
+      target = os.path.join(export_base, str(next_version(export_base)))
+      try:
+        # One rename: the version folder appears complete or not at all.
+        os.replace(saved_model_dir, target)
+        break
+      except OSError:
+        if attempt == _PUBLISH_ATTEMPTS - 1 or not os.path.exists(target):
+          raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return target
+
+
+def read_export_info(version_dir: str) -> dict:
+  path = os.path.join(version_dir, EXPORT_INFO_FILE)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _export_info(config: Config, class_names, global_step, checkpoint_path, metrics) -> dict:
+  return {
+      "path": config.path,
+      "class_names": list(class_names),
+      "image_size": config.image_size,
+      "global_step": global_step,
+      "checkpoint": checkpoint_path,
+      "metrics": metrics,
+      "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+
+# ---------------------------------------------------------------- Estimator path
+
+def export_estimator(estimator, config: Config, class_names, export_base: str,
+                     checkpoint_path=None, metrics=None) -> str:
+  """Exports `checkpoint_path` (default: the latest) as a new version under export_base."""
+  checkpoint_path = checkpoint_path or estimator.latest_checkpoint()
+  if checkpoint_path is None:
+    raise ValueError(f"{estimator.model_dir} holds no checkpoint to export: train first.")
+
+  def write(staging):
+    written = estimator.export_saved_model(
+        staging, serving_input_receiver_fn(config.image_size), checkpoint_path=checkpoint_path)
+    return written.decode() if isinstance(written, bytes) else written
+
+  info = _export_info(config, class_names, _checkpoint_step(checkpoint_path), checkpoint_path,
+                      metrics)
+  return _publish(export_base, write, _select_estimator_signatures, info)
+
+
+def _checkpoint_step(checkpoint_path: str):
+  """The step in a checkpoint name (model.ckpt-120, ckpt-120): both paths number them by step."""
+  suffix = checkpoint_path.rsplit("-", 1)[-1]
+  return int(suffix) if suffix.isdigit() else None
+
+
+def best_metric(config: Config):
+  """(eval metric key, lower_is_better) of --export_best_metric."""
+  return _BEST_METRICS[config.export_best_metric]
+
+
+def improves_on_best(export_base: str, metric_key: str, lower_is_better: bool, value) -> bool:
+  """True if `value` beats the metric recorded by every version under export_base."""
+  if value is None or not math.isfinite(float(value)):
+    return False
+  recorded = []
+  for _, path in serving.version_dirs(export_base):
+    metrics = read_export_info(path).get("metrics") or {}
+    if metrics.get(metric_key) is not None:
+      recorded.append(float(metrics[metric_key]))
+  if not recorded:
+    return True
+  best = min(recorded) if lower_is_better else max(recorded)
+  return value < best if lower_is_better else value > best
+
+
+class _VersionExporter(tf.estimator.Exporter):
+  """Exports after an evaluation into model_dir/export/<name>/<version>, keeping the newest N."""
+
+  def __init__(self, name: str, config: Config, class_names):
+    self._name = name
+    self._config = config
+    self._class_names = tuple(class_names)
+
+  @property
+  def name(self):
+    return self._name
+
+  def wanted(self, export_path: str, metrics: dict) -> bool:
+    raise NotImplementedError
+
+  def export(self, estimator, export_path, checkpoint_path, eval_result, is_the_final_export):
+    metrics = {key: float(value) for key, value in eval_result.items() if key != "global_step"}
+    if not self.wanted(export_path, metrics):
+      return None
+    path = export_estimator(estimator, self._config, self._class_names, export_path,
+                            checkpoint_path, metrics)
+    remove_old_versions(export_path, self._config.exports_to_keep)
+    logger.info("Exported %s model: %s", self._name, path)
+    return path
+
+
+class LatestExporter(_VersionExporter):
+  """Every evaluated checkpoint."""
+
+  def wanted(self, export_path, metrics):
+    return True
+
+
+class BestExporter(_VersionExporter):
+  """Checkpoints whose validation metric beats every version already exported here."""
+
+  def wanted(self, export_path, metrics):
+    key, lower_is_better = best_metric(self._config)
+    return improves_on_best(export_path, key, lower_is_better, metrics.get(key))
+
+
+def make_exporters(config: Config, class_names) -> list:
+  """The exporters train_and_evaluate runs after each evaluation: latest and best."""
+  if config.export_best_metric == "auc" and len(class_names) != 2:
+    raise ValueError(f"--export_best_metric=auc needs two classes (there are {len(class_names)}); "
+                     "use loss or accuracy.")
+  return [LatestExporter(LATEST_EXPORTER, config, class_names),
+          BestExporter(BEST_EXPORTER, config, class_names)]
+
+
+def latest_export_path(model_dir: str):
+  """The final export of a training run: the newest version of export/latest (else of best).
+
+  `latest` is the model of the final checkpoint, the one results.json's final evaluation
+  measured. The best model by validation is always the newest version of model_dir/export/best.
+  """
+  for name in (LATEST_EXPORTER, BEST_EXPORTER):
+    newest = serving.newest_version(os.path.join(model_dir, EXPORT_DIR, name))
+    if newest:
+      return newest
   return None
+
+
+# ---------------------------------------------------------------- Keras path
+
+def export_keras_model(model: tf.keras.Model, config: Config, class_names, export_base: str,
+                       global_step=None, metrics=None) -> str:
+  """Exports a Keras model with the Estimator export's signatures; returns the version folder."""
+  class_names = tuple(class_names)
+  size = config.image_size
+
+  def predictions(preprocessed):
+    return model_fn_lib.prediction_outputs(model(preprocessed, training=False), class_names)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=serving.IMAGE_BYTES_INPUT)])
+  def predict_image_bytes(image_bytes):
+    return predictions(preprocess_image_bytes(image_bytes, size))
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None, None, 3], tf.float32, name=serving.IMAGES_INPUT)])
+  def predict_images(images):
+    return predictions(preprocess_images(images, size))
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None], tf.string, name=tf.saved_model.CLASSIFY_INPUTS)])
+  def classify(inputs):
+    outputs = predictions(preprocess_image_bytes(image_bytes_from_examples(inputs), size))
+    return {tf.saved_model.CLASSIFY_OUTPUT_CLASSES: outputs[model_fn_lib.ALL_CLASS_NAMES],
+            tf.saved_model.CLASSIFY_OUTPUT_SCORES: outputs[model_fn_lib.PROBABILITIES]}
+
+  # A plain module holding the weights: saving the Keras model object itself would also trace
+  # and serialise every layer's call for Keras reloading, which serving never uses.
+  module = tf.Module(name="serving")
+  module.weights = list(model.weights)
+  signatures = {serving.SERVING_SIGNATURE: predict_image_bytes,
+                serving.IMAGES_SIGNATURE: predict_images,
+                serving.CLASSIFY_SIGNATURE: classify}
+
+  def write(staging):
+    saved_model_dir = os.path.join(staging, "saved_model")
+    tf.saved_model.save(module, saved_model_dir, signatures=signatures)
+    return saved_model_dir
+
+  info = _export_info(config, class_names, global_step, None, metrics)
+  return _publish(export_base, write, _mark_classify_method, info)
+
+
+# ---------------------------------------------------------------- from a model_dir
+
+def export_from_checkpoint(model_dir: str, export_dir=None) -> str:
+  """Exports the latest checkpoint of a training model_dir (either path); returns the version.
+
+  export_dir is the export base (default MODEL_DIR/export/manual); the version goes below it.
+  """
+  record = config_lib.read_run_config(model_dir)
+  if record is None:
+    raise ValueError(f"--model_dir={model_dir} has no {config_lib.CONFIG_FILE}: it is not a "
+                     "model_dir written by `estimator-ft train`.")
+  class_names = tuple(record["class_names"])
+  # The model_dir may have moved since training; a distribution strategy plays no part in export.
+  config = Config.from_dict(record["config"]).replace(model_dir=model_dir, distribution="none")
+  export_base = export_dir or os.path.join(model_dir, EXPORT_DIR, MANUAL_EXPORT)
+  # Before the model is built: an unwritable destination fails at once, saying what to do.
+  training.ensure_writable_dir(export_base, "--export_dir" if export_dir else "--model_dir")
+  if config.path == "keras":
+    path = _export_keras_checkpoint(config, class_names, export_base)
+  else:
+    path = _export_estimator_checkpoint(config, class_names, export_base)
+  logger.info("Exported %s", path)
+  return path
+
+
+def _no_checkpoint_error(model_dir: str) -> ValueError:
+  return ValueError(f"--model_dir={model_dir} holds no checkpoint yet: train (or let the running "
+                    "training reach its first checkpoint) before exporting.")
+
+
+def _export_estimator_checkpoint(config: Config, class_names, export_base: str) -> str:
+  from estimator_ft import estimator as estimator_lib  # pylint: disable=g-import-not-at-top
+  checkpoint_path = tf.train.latest_checkpoint(config.model_dir)
+  if checkpoint_path is None:
+    raise _no_checkpoint_error(config.model_dir)
+  # steps_per_epoch only shapes the training schedule, which a PREDICT graph does not contain.
+  estimator = estimator_lib.make_estimator(config, class_names, steps_per_epoch=1)
+  return export_estimator(estimator, config, class_names, export_base, checkpoint_path)
+
+
+def _export_keras_checkpoint(config: Config, class_names, export_base: str) -> str:
+  from estimator_ft import keras_path  # pylint: disable=g-import-not-at-top
+  checkpoint_path = keras_path.latest_checkpoint(config.model_dir)
+  if checkpoint_path is None:
+    raise _no_checkpoint_error(config.model_dir)
+  model = model_lib.build_model(config, len(class_names))
+  model.set_weights(keras_path.checkpoint_weights(config, len(class_names), checkpoint_path))
+  return export_keras_model(model, config, class_names, export_base,
+                            global_step=_checkpoint_step(checkpoint_path))

@@ -25,9 +25,15 @@ ModeKeys = tf.estimator.ModeKeys
 PROBABILITIES = "probabilities"
 CLASS_INDEX = "class_index"
 CLASS_NAME = "class_name"
+# Every class name, per example ([batch, num_classes], aligned with PROBABILITIES): lets a serving
+# client label the probabilities from the model alone, and is the classify signature's `classes`.
+ALL_CLASS_NAMES = "all_class_names"
 # Eval metric holding the per-example mean loss. Estimator's own "loss" is a mean of per-batch
 # means, which over-weights a short last batch; this one matches Keras' validation loss exactly.
 EXAMPLE_LOSS = "example_loss"
+# Message of the check that stops an evaluation of non-finite model outputs (weights gone NaN),
+# which estimator.py turns into the same clear error as a NaN training loss.
+NON_FINITE_OUTPUTS = "estimator_ft: the model's outputs are not finite"
 
 # Names of tensors the training hooks fetch (see estimator.py).
 BATCH_LOSS_TENSOR = "train_batch/loss_sum"
@@ -93,13 +99,11 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
     if initial_weights:
       model_lib.init_from_initial_weights(model, initial_weights)
     probabilities = model(images, training=training)
+    if mode == ModeKeys.PREDICT:
+      return _predict_spec(prediction_outputs(probabilities, class_names))
 
     all_probabilities = class_probabilities(probabilities, num_classes)
     classes = predicted_class(probabilities, num_classes)
-    names = tf.gather(tf.constant(class_names), classes)
-    if mode == ModeKeys.PREDICT:
-      return _predict_spec(all_probabilities, classes, names, class_names)
-
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     example_losses = per_example_loss(labels, probabilities, num_classes)
     regularization = tf.add_n(model.losses) if model.losses else tf.constant(0.0)
@@ -107,6 +111,9 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
     correct = tf.cast(tf.equal(classes, labels), tf.float32)
 
     if mode == ModeKeys.EVAL:
+      # A checkpoint saved right after the step that blew the weights up holds NaNs; without this
+      # check the AUC metric would fail with an obscure assertion instead.
+      probabilities = tf.debugging.check_numerics(probabilities, NON_FINITE_OUTPUTS)
       return tf.estimator.EstimatorSpec(
           mode, loss=loss, predictions={PROBABILITIES: all_probabilities},
           eval_metric_ops=_eval_metrics(labels, probabilities, all_probabilities, classes,
@@ -172,14 +179,23 @@ def _eval_metrics(labels, probabilities, all_probabilities, classes, example_los
   return metrics
 
 
-def _predict_spec(all_probabilities, classes, names, class_names):
-  predictions = {PROBABILITIES: all_probabilities, CLASS_INDEX: classes, CLASS_NAME: names}
+def prediction_outputs(probabilities, class_names) -> dict:
+  """The PREDICT outputs from the model's output; the serving signatures of both paths use them."""
+  class_names = tuple(class_names)
+  num_classes = len(class_names)
+  all_probabilities = class_probabilities(probabilities, num_classes)
+  classes = predicted_class(probabilities, num_classes)
+  names = tf.constant(class_names)
   batch = tf.shape(all_probabilities)[0]
-  classify_classes = tf.tile(tf.constant(class_names)[tf.newaxis, :], [batch, 1])
+  return {PROBABILITIES: all_probabilities, CLASS_INDEX: classes, CLASS_NAME: tf.gather(names, classes),
+          ALL_CLASS_NAMES: tf.tile(names[tf.newaxis, :], [batch, 1])}
+
+
+def _predict_spec(predictions):
   export_outputs = {
       tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY: tf.estimator.export.PredictOutput(predictions),
       "classification": tf.estimator.export.ClassificationOutput(
-          scores=all_probabilities, classes=classify_classes),
+          scores=predictions[PROBABILITIES], classes=predictions[ALL_CLASS_NAMES]),
   }
   return tf.estimator.EstimatorSpec(ModeKeys.PREDICT, predictions=predictions,
                                     export_outputs=export_outputs)

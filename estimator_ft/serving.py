@@ -1,0 +1,220 @@
+"""The serving contract of an exported SavedModel, and `estimator-ft predict` on image files.
+
+This module imports TensorFlow, numpy and the standard library only - nothing of the training
+code - so `estimator-ft predict` shows that an export stands on its own: the class names, the
+decoder and the preprocessing all come from the SavedModel. export.py writes the contract named
+here; tests/test_export.py checks that both agree with model_fn's output keys.
+"""
+
+import json
+import os
+import re
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+# Signatures and their inputs (see export.py for the full table).
+SERVING_SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY  # "serving_default"
+IMAGES_SIGNATURE = "predict_images"
+CLASSIFY_SIGNATURE = "classification"
+# The `_bytes` suffix makes TF Serving's REST API accept {"image_bytes": {"b64": "..."}}.
+IMAGE_BYTES_INPUT = "image_bytes"
+IMAGES_INPUT = "images"
+# The bytes feature that the classify signature reads from each tf.Example.
+EXAMPLE_IMAGE_FEATURE = IMAGE_BYTES_INPUT
+
+# Outputs of the two predict signatures: model_fn's PREDICT keys.
+PROBABILITIES = "probabilities"
+CLASS_INDEX = "class_index"
+CLASS_NAME = "class_name"
+ALL_CLASS_NAMES = "all_class_names"
+
+# What a folder argument of `predict` is searched for (the training pipeline's formats).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+SAVED_MODEL_FILE = "saved_model.pb"
+
+EXIT_OK = 0
+EXIT_SOME_FILES_FAILED = 1
+
+
+# ---------------------------------------------------------------- versions (TF Serving layout)
+
+def is_saved_model_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, SAVED_MODEL_FILE))
+
+
+def version_dirs(export_base: str) -> List[Tuple[int, str]]:
+  """[(version, path)] of the complete versions under `export_base`, oldest first.
+
+  A version is what TF Serving would load: a folder named by an integer, holding a SavedModel.
+  Hidden staging folders of an export in progress (or of one that was killed) are not versions.
+  """
+  if not os.path.isdir(export_base):
+    return []
+  versions = []
+  for name in os.listdir(export_base):
+    path = os.path.join(export_base, name)
+    if name.isdigit() and is_saved_model_dir(path):
+      versions.append((int(name), path))
+  return sorted(versions)
+
+
+def newest_version(export_base: str) -> Optional[str]:
+  versions = version_dirs(export_base)
+  return versions[-1][1] if versions else None
+
+
+def resolve_saved_model(path: str) -> str:
+  """A SavedModel folder, or the newest version of an export base (as TF Serving would pick)."""
+  if is_saved_model_dir(path):
+    return path
+  newest = newest_version(path)
+  if newest is None:
+    raise ValueError(
+        f"--saved_model={path} is not a SavedModel (no {SAVED_MODEL_FILE}) nor a folder of "
+        "exported versions. Give MODEL_DIR/export/latest (its newest version is used) or one "
+        "version folder such as MODEL_DIR/export/latest/1712345678; `estimator-ft export "
+        "--model_dir=MODEL_DIR` writes one from the latest checkpoint.")
+  return newest
+
+
+# ---------------------------------------------------------------- predicting files
+
+def _short_error(error: Exception) -> str:
+  """TF's op error text without the node names and op suffix nobody can act on."""
+  message = getattr(error, "message", None) or str(error)
+  message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
+  message = re.sub(r"\s*\[Op:\w+\]\s*$", "", message)
+  lines = message.strip().splitlines()
+  return lines[0] if lines else type(error).__name__
+
+
+def _undecodable_reason(image_bytes: bytes) -> Optional[str]:
+  """Why the signature's decoder would reject these bytes, or None.
+
+  The same op the SavedModel decodes with, run eagerly per file, so one bad file is reported on
+  its own line instead of failing the whole batch it would have been part of.
+  """
+  if not image_bytes:
+    return "empty file (0 bytes)"
+  try:
+    tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError,
+          tf.errors.ResourceExhaustedError) as e:
+    return f"not a decodable image ({_short_error(e)})"
+  return None
+
+
+def _read_image_bytes(path: str) -> Tuple[Optional[bytes], Optional[str]]:
+  """(bytes, None) for a usable file, (None, reason) otherwise."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    return None, f"cannot be read ({e.strerror or e})"
+  reason = _undecodable_reason(data)
+  return (None, reason) if reason else (data, None)
+
+
+def expand_paths(paths: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
+  """[(file, None)] for the files to predict, in order; [(path, reason)] for arguments that yield none.
+
+  A folder is searched recursively for image files (hidden entries skipped, sorted); a file
+  argument is always tried, whatever its extension.
+  """
+  expanded = []
+  for path in paths:
+    if not os.path.isdir(path):
+      expanded.append((path, None))
+      continue
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+      found.extend(os.path.join(dirpath, name) for name in sorted(filenames)
+                   if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS))
+    if found:
+      expanded.extend((p, None) for p in found)
+    else:
+      expanded.append((path, f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+  return expanded
+
+
+class Predictor:
+  """Classifies encoded images through a SavedModel's `serving_default` signature."""
+
+  def __init__(self, saved_model: str):
+    self.path = resolve_saved_model(saved_model)
+    # Kept: the signature functions need the loaded object (and its variables) alive.
+    self._loaded = tf.saved_model.load(self.path)
+    signature = self._loaded.signatures.get(SERVING_SIGNATURE)
+    inputs = signature.structured_input_signature[1] if signature is not None else {}
+    if IMAGE_BYTES_INPUT not in inputs:
+      raise ValueError(f"{self.path} has no {SERVING_SIGNATURE!r} signature taking "
+                       f"{IMAGE_BYTES_INPUT!r}: it was not exported by estimator_ft. Export one "
+                       "with `estimator-ft export --model_dir=MODEL_DIR`.")
+    self._signature = signature
+
+  def predict_bytes(self, encoded_images: Sequence[bytes]) -> dict:
+    """{output: numpy array} for a batch of encoded images."""
+    outputs = self._signature(**{IMAGE_BYTES_INPUT: tf.constant(list(encoded_images), tf.string)})
+    return {key: value.numpy() for key, value in outputs.items()}
+
+  def predict_files(self, paths: Sequence[str]) -> List[dict]:
+    """One record per path, in order: a prediction, or {"path", "error"}."""
+    records = [None] * len(paths)
+    good = []
+    for position, path in enumerate(paths):
+      data, reason = _read_image_bytes(path)
+      if reason:
+        records[position] = {"path": path, "error": reason}
+      else:
+        good.append((position, path, data))
+    if good:
+      try:
+        outputs = self.predict_bytes([data for _, _, data in good])
+        for row, (position, path, _) in enumerate(good):
+          records[position] = _prediction_record(path, outputs, row)
+      except tf.errors.OpError:
+        # Something the eager check let through still broke the batch: find it file by file.
+        for position, path, data in good:
+          records[position] = self._predict_one(path, data)
+    return records
+
+  def _predict_one(self, path: str, data: bytes) -> dict:
+    try:
+      return _prediction_record(path, self.predict_bytes([data]), 0)
+    except tf.errors.OpError as e:
+      return {"path": path, "error": f"the model could not process it ({_short_error(e)})"}
+
+
+def _prediction_record(path: str, outputs: dict, row: int) -> dict:
+  names = [name.decode("utf-8") for name in outputs[ALL_CLASS_NAMES][row]]
+  probabilities = np.asarray(outputs[PROBABILITIES][row], np.float64)
+  return {"path": path, "class": outputs[CLASS_NAME][row].decode("utf-8"),
+          "probabilities": dict(zip(names, probabilities.tolist()))}
+
+
+def predict_cli(saved_model: str, paths: Sequence[str], batch_size: int) -> int:
+  """`estimator-ft predict`: one JSON line per image on stdout; 1 if any file failed, else 0."""
+  if batch_size < 1:
+    raise ValueError(f"--predict_batch_size={batch_size} must be at least 1.")
+  if not paths:
+    raise ValueError("Give one or more image files or folders to classify.")
+  predictor = Predictor(saved_model)
+  print(f"Predicting with {predictor.path}", file=sys.stderr)
+  files = expand_paths(paths)
+  failures = 0
+  for start in range(0, len(files), batch_size):
+    chunk = files[start:start + batch_size]
+    to_predict = [path for path, reason in chunk if reason is None]
+    predicted = iter(predictor.predict_files(to_predict))
+    for path, reason in chunk:
+      record = {"path": path, "error": reason} if reason else next(predicted)
+      failures += "error" in record
+      print(json.dumps(record), flush=True)
+  if failures:
+    print(f"{failures} of {len(files)} input(s) could not be classified (see their \"error\").",
+          file=sys.stderr)
+  return EXIT_SOME_FILES_FAILED if failures else EXIT_OK

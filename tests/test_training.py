@@ -1,0 +1,157 @@
+"""The Estimator train job end to end: results/config contract, resume, refusals, NaN, CLI errors."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from estimator_ft import config as config_lib
+from estimator_ft import estimator as estimator_lib
+from estimator_ft import training
+from estimator_ft.config import Config
+
+HISTORY_KEYS = {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
+
+
+def tiny_config(dataset, model_dir, **changes):
+  return Config(train_dir=str(dataset / "train"), validation_dir=str(dataset / "validation"),
+                model_dir=str(model_dir), image_size=32, batch_size=8, epochs=1, weights="none",
+                log_every_n_steps=1, save_summary_steps=1).replace(**changes).validate()
+
+
+def event_tags(directory):
+  tags = set()
+  for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny_dataset, tmp_path_factory):
+  """One epoch, then the same command asking for two: the second run resumes."""
+  model_dir = tmp_path_factory.mktemp("estimator_run")
+  first = training.run(tiny_config(tiny_dataset, model_dir, epochs=1))
+  second = training.run(tiny_config(tiny_dataset, model_dir, epochs=2))
+  return model_dir, first, second
+
+
+@pytest.mark.slow
+def test_results_json_contract(resumed_run):
+  model_dir, first, _ = resumed_run
+  results = json.loads((model_dir / "results.json").read_text())
+  assert results["path"] == "estimator"
+  assert results["class_names"] == ["horizontal", "vertical"]
+  assert results["train_examples"] == 24 and results["validation_examples"] == 8
+  assert results["steps_per_epoch"] == 3  # ceil(24 / 8)
+  assert results["skipped_images"] == []
+  assert results["wall_time_s"] > 0
+  for entry in results["history"]:
+    assert HISTORY_KEYS <= set(entry)
+    assert 0.0 <= entry["accuracy"] <= 1.0 and 0.0 <= entry["val_accuracy"] <= 1.0
+    assert np.isfinite(entry["loss"]) and np.isfinite(entry["val_loss"])
+  assert set(results["final_evaluation"]) >= {"accuracy", "example_loss", "auc", "precision", "recall"}
+  # Validation accuracy is per example over the 8 images: a multiple of 1/8.
+  assert (results["final_evaluation"]["accuracy"] * 8) == pytest.approx(
+      round(results["final_evaluation"]["accuracy"] * 8), abs=1e-5)
+  recorded = json.loads((model_dir / "config.json").read_text())
+  assert recorded["class_names"] == ["horizontal", "vertical"]
+  assert recorded["config"]["image_size"] == 32
+  assert first["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_resume_continues_the_global_step_and_keeps_history(resumed_run):
+  model_dir, first, second = resumed_run
+  assert second["global_step"] == 6
+  assert [h["epoch"] for h in second["history"]] == [1, 2]
+  # Epoch 1 was not retrained: its record is the one the first run wrote.
+  assert second["history"][0]["loss"] == pytest.approx(first["history"][0]["loss"], rel=1e-9)
+  assert tf.train.latest_checkpoint(str(model_dir)).endswith("model.ckpt-6")
+
+
+@pytest.mark.slow
+def test_tensorboard_layout(resumed_run):
+  model_dir, _, _ = resumed_run
+  train_tags = event_tags(str(model_dir))
+  assert {"loss", "accuracy", "learning_rate"} <= train_tags
+  assert any(tag.startswith("input_images") for tag in train_tags)
+  eval_tags = event_tags(str(model_dir / "eval"))
+  assert {"accuracy", "example_loss", "loss", "auc"} <= eval_tags
+  assert "run_config" in event_tags(str(model_dir / "config"))
+
+
+def test_a_model_dir_of_another_configuration_is_refused(tmp_path):
+  config = Config(train_dir="t", validation_dir="v", model_dir=str(tmp_path), image_size=64).validate()
+  config_lib.write_run_config(config, ("a", "b"))
+  assert config_lib.check_resumable(config, ("a", "b"), str(tmp_path)) is True
+  with pytest.raises(ValueError, match=r"image_size: 64 -> 96.*new --model_dir"):
+    config_lib.check_resumable(config.replace(image_size=96), ("a", "b"), str(tmp_path))
+  with pytest.raises(ValueError, match=r"class_names"):
+    config_lib.check_resumable(config, ("a", "b", "c"), str(tmp_path))
+  with pytest.raises(ValueError, match=r"path: 'estimator' -> 'keras'"):
+    config_lib.check_resumable(config.replace(path="keras"), ("a", "b"), str(tmp_path))
+  # Settings that do not change what a checkpoint means may differ on resume.
+  assert config_lib.check_resumable(config.replace(epochs=9, learning_rate=1e-3), ("a", "b"), str(tmp_path))
+
+
+def test_checkpoints_without_config_json_are_refused(tmp_path):
+  (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-1"\n')
+  config = Config(train_dir="t", validation_dir="v", model_dir=str(tmp_path)).validate()
+  with pytest.raises(ValueError, match="not written by estimator_ft"):
+    training.prepare_model_dir(config, ("a", "b"))
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tiny_dataset, tmp_path):
+  config = tiny_config(tiny_dataset, tmp_path, learning_rate=1e30, epochs=3, save_checkpoints_steps=1)
+  with pytest.raises(estimator_lib.NaNLossError, match="loss became NaN.*Lower --learning_rate") as error:
+    training.run(config)
+  # The run stopped before finishing; the step-0 checkpoint of the initial weights is finite and
+  # the message names it as the one to resume from.
+  latest = tf.train.latest_checkpoint(str(tmp_path))
+  assert latest is not None and int(latest.rsplit("-", 1)[1]) < 9
+  good = estimator_lib.last_finite_checkpoint(str(tmp_path))
+  assert good is not None and os.path.basename(good) in str(error.value)
+  reader = tf.train.load_checkpoint(good)
+  assert np.isfinite(reader.get_tensor("head_logits/kernel")).all()
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "estimator_ft", *args], capture_output=True, text=True,
+                        timeout=120)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image_size=16"], "too small: ResNet50 needs at least 32"),
+    (["--batch_size=0"], "--batch_size=0 must be at least 1"),
+    (["--learning_rate=-1"], "must be a positive number"),
+    (["--dropout=1.5"], "--dropout=1.5 must be in [0, 1)"),
+    (["--weights=/no/such/file.h5"], "no such file"),
+])
+def test_bad_flags_fail_with_a_message(tiny_dataset, tmp_path, flags, message):
+  result = run_cli("train", f"--train_dir={tiny_dataset}/train",
+                   f"--validation_dir={tiny_dataset}/validation", f"--model_dir={tmp_path}/m",
+                   "--batch_size=8", *flags)
+  assert result.returncode == 2, result.stderr
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "m").exists(), "a rejected setting must not leave a model_dir behind"
+
+
+def test_cli_usage_errors(tmp_path):
+  result = run_cli("train", f"--model_dir={tmp_path}")
+  assert result.returncode == 2 and "No data given" in result.stderr
+  result = run_cli("train", "--optimizer=rmsprop")
+  assert result.returncode != 0 and "rmsprop" in result.stderr and "momentum" in result.stderr
+  result = run_cli("frobnicate")
+  assert result.returncode == 2 and "unknown subcommand" in result.stderr
+  result = run_cli("train", f"--train_dir={tmp_path}/missing", f"--validation_dir={tmp_path}/missing",
+                   f"--model_dir={tmp_path}/m")
+  assert result.returncode == 2 and str(tmp_path / "missing") in result.stderr
+  assert not (tmp_path / "m").exists(), "a failed data check must not create the model_dir"
