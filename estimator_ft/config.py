@@ -25,9 +25,12 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 EXPORT_METRICS = ("loss", "accuracy", "auc")
 
 # Fields that change what a checkpoint in model_dir means. Resuming with any of them changed
-# would silently mix two different runs, so it is refused (see `check_resumable`).
+# would silently mix two different runs, so it is refused (see `check_resumable`). The optimizer's
+# hyperparameters are among them because both paths checkpoint them as variables: a resumed run
+# would silently keep the old learning rate and momentum.
 CHECKPOINT_DEFINING_FIELDS = (
     "path", "image_size", "fine_tune_from", "optimizer", "precision", "dropout", "lr_schedule",
+    "learning_rate", "momentum",
 )
 
 
@@ -80,6 +83,7 @@ class Config:
   distribution: str = "none"
   exact_resume: bool = False
   deterministic: bool = False  # tf.config.experimental.enable_op_determinism for the whole run
+  export_during_training: bool = True  # latest/best SavedModels after each evaluation
   export_best_metric: str = "loss"
   exports_to_keep: int = 3
 

@@ -460,15 +460,24 @@ def _options() -> tf.data.Options:
   return options
 
 
-def make_dataset(split: Split, config, mode: str) -> tf.data.Dataset:
+def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.data.Dataset:
   """Batches of `({"image": float32 [b, size, size, 3]}, int32 [b])`; predict: features only.
 
   train: shuffled, infinite (the trainers count steps_per_epoch), augmented when config.augment.
   eval/predict: one pass in order, every example exactly once, last batch partial.
+
+  start_batch (train only): start the stream at that batch. The stream is a pure function of the
+  seed (seeded shuffle, augmentation seeded by stream position), so a run resumed after N steps
+  that starts at batch N sees exactly the batches an uninterrupted run would (--exact_resume).
+  Skipping costs only file-name shuffling: the skipped images are never read.
   """
   _check_mode(mode)
+  if start_batch < 0 or (start_batch and mode != "train"):
+    raise ValueError(f"start_batch={start_batch}: only a train stream can start later, at a "
+                     "batch >= 0.")
   size = config.image_size
   training = mode == "train"
+  skipped_examples = start_batch * config.batch_size
   source, load = _source(split, size)
   shuffle_buffer = max(1, min(config.shuffle_buffer, split.num_examples))
   seed = config.seed
@@ -496,7 +505,8 @@ def make_dataset(split: Split, config, mode: str) -> tf.data.Dataset:
     if training:
       # Same buffer size and seed as the uncached branch, so both yield the same order.
       dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-      dataset = dataset.repeat().enumerate()
+      # Every batch is full (drop_remainder), so batch N starts at example N x batch size.
+      dataset = dataset.repeat().enumerate().skip(skipped_examples)
     else:
       dataset = dataset.enumerate()
     dataset = dataset.map(
@@ -512,6 +522,10 @@ def make_dataset(split: Split, config, mode: str) -> tf.data.Dataset:
     # Number elements before anything can be dropped, so a skipped file does not shift the
     # augmentation seeds of the elements after it.
     dataset = dataset.enumerate()
+    if training:
+      # Before the map, so skipped images are not read. A file that fails to decode later (after
+      # the scan) would shift this by one example; the scan makes that rare.
+      dataset = dataset.skip(skipped_examples)
     # Read, decode and augment per image before batching: images differ in size until resized,
     # and each one gets its own crop and flip.
     dataset = dataset.map(
@@ -530,12 +544,12 @@ def make_dataset(split: Split, config, mode: str) -> tf.data.Dataset:
   return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
-def make_input_fn(split: Split, config, mode: str):
+def make_input_fn(split: Split, config, mode: str, start_batch: int = 0):
   """A zero-argument tf.estimator input_fn; the dataset is built inside the Estimator's graph."""
   _check_mode(mode)
 
   def input_fn():
-    return make_dataset(split, config, mode)
+    return make_dataset(split, config, mode, start_batch)
 
   return input_fn
 

@@ -138,11 +138,12 @@ class ProgressHook(tf.estimator.SessionRunHook):
       return
     elapsed = now - self._last_time
     steps_per_s = (step - self._last_step) / elapsed if elapsed > 0 else float("nan")
-    eta = (self._max_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
+    # An asynchronous cluster's shared step can end past max_steps.
+    eta = max(self._max_steps - step, 0) / steps_per_s if steps_per_s > 0 else float("nan")
     epoch = min(math.ceil(step / self._steps_per_epoch), math.ceil(self._max_steps / self._steps_per_epoch))
     logger.info("epoch %d  step %d/%d  %.2f steps/s  %.1f img/s  loss %.4f  ETA %s",
                 epoch, step, self._max_steps, steps_per_s, steps_per_s * self._batch_size,
-                loss_sum / max(size, 1), _format_seconds(eta))
+                loss_sum / max(size, 1), format_seconds(eta))
     self._last_time, self._last_step = now, step
 
 
@@ -270,7 +271,7 @@ def _eval_step_of_epoch(evals, epoch, steps_per_epoch, last):
   return min(after) if after else None
 
 
-def _format_seconds(seconds):
+def format_seconds(seconds):
   if not math.isfinite(seconds):
     return "?"
   seconds = int(seconds)
@@ -292,8 +293,13 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   if is_chief:
     # One writer of train_history.json: in a cluster, the workers' averages would overwrite it.
     hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch))
+  # Each trainer of a cluster (chief 0, workers 1..) shuffles and augments with its own seed:
+  # with the same one, every worker would train on the very batches the chief trains on. (The
+  # evaluator has no id and does not train.)
+  trainer_id = estimator.config.global_id_in_cluster or 0
+  train_config = config.replace(seed=config.seed + trainer_id)
   train_spec = tf.estimator.TrainSpec(
-      input_fn=data_lib.make_input_fn(splits.train, config, "train",
+      input_fn=data_lib.make_input_fn(splits.train, train_config, "train",
                                       start_batch=exact_resume_batch(config, estimator)),
       max_steps=max_steps, hooks=hooks)
   eval_spec = tf.estimator.EvalSpec(
@@ -348,7 +354,8 @@ def _nan_error(config: Config, what: str) -> NaNLossError:
             "No checkpoint with finite weights was written; start again in a new --model_dir.")
   return NaNLossError(
       f"Training stopped: {what} (loss became NaN). Nothing already written was removed. Lower "
-      f"--learning_rate (now {config.learning_rate}), check the input images, or use "
+      f"--learning_rate (now {config.learning_rate}; a new rate needs a new --model_dir, since "
+      f"checkpoints hold the optimizer's settings), check the input images, or use "
       f"--precision=float32. {resume}")
 
 
@@ -382,10 +389,9 @@ def exact_resume_batch(config: Config, estimator) -> int:
   if estimator.config.num_worker_replicas > 1:
     raise ValueError("--exact_resume does not work in a TF_CONFIG cluster: the workers read their "
                      "own streams but share one global step. Drop --exact_resume for cluster runs.")
-  if estimator.latest_checkpoint() is None:
-    return 0
-  step = int(estimator.get_variable_value("global_step"))
-  logger.info("Exact resume: the training stream continues at batch %d.", step)
+  step = _latest_checkpoint_step(estimator.model_dir)
+  if step:
+    logger.info("Exact resume: the training stream continues at batch %d.", step)
   return step
 
 
@@ -397,18 +403,17 @@ def finish_interrupted_evaluation(estimator, eval_spec) -> None:
   leave that epoch without validation figures in results.json, and maybe its best export missing.
   """
   from estimator_ft import export as export_lib  # pylint: disable=g-import-not-at-top
-  latest = estimator.latest_checkpoint()
-  if latest is None:
-    return
-  step = int(tf.train.load_checkpoint(latest).get_tensor(tf.compat.v1.GraphKeys.GLOBAL_STEP))
+  step = _latest_checkpoint_step(estimator.model_dir)
   # Step 0 is the checkpoint of the starting point, which train_and_evaluate never evaluates.
   if step == 0 or step in read_eval_events(os.path.join(estimator.model_dir, "eval")):
     return
+  latest = estimator.latest_checkpoint()
   logger.info("Evaluating %s, which the run that wrote it did not get to evaluate.", latest)
   metrics = estimator.evaluate(eval_spec.input_fn, steps=eval_spec.steps, checkpoint_path=latest)
+  export_root = os.path.join(estimator.model_dir, export_lib.EXPORT_DIR)
   for exporter in eval_spec.exporters:
-    exporter.export(estimator, os.path.join(estimator.model_dir, export_lib.EXPORT_DIR, exporter.name),
-                    latest, metrics, is_the_final_export=False)
+    exporter.export(estimator, os.path.join(export_root, exporter.name), latest, metrics,
+                    is_the_final_export=False)
 
 
 def write_config_summary(config: Config, class_names) -> None:

@@ -367,6 +367,8 @@ class BestExporter(_VersionExporter):
 
 def make_exporters(config: Config, class_names) -> list:
   """The exporters train_and_evaluate runs after each evaluation: latest and best."""
+  if not config.export_during_training:
+    return []
   if config.export_best_metric == "auc" and len(class_names) != 2:
     raise ValueError(f"--export_best_metric=auc needs two classes (there are {len(class_names)}); "
                      "use loss or accuracy.")

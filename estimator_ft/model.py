@@ -148,7 +148,9 @@ def _write_weight_checkpoint(prefix: str, values: Sequence[np.ndarray]) -> None:
   names = [_INITIAL_WEIGHT_KEY.format(i) for i in range(len(values))]
   tf.raw_ops.SaveV2(prefix=tmp_prefix, tensor_names=names, shape_and_slices=[""] * len(values),
                     tensors=[tf.constant(v) for v in values])
-  for suffix in (".index", ".data-00000-of-00001"):
+  # The index last: its presence is what initial_weights_exist trusts, so a kill between the two
+  # renames must not leave an index without its data.
+  for suffix in (".data-00000-of-00001", ".index"):
     os.replace(tmp_prefix + suffix, prefix + suffix)
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 
+from estimator_ft import cluster as cluster_lib
 from estimator_ft import config as config_lib
 from estimator_ft.config import Config
 
@@ -19,6 +20,11 @@ logger = logging.getLogger("estimator_ft")
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".estimator_ft.lock"
 INITIAL_WEIGHTS_PREFIX = os.path.join("initial_weights", "weights")
+ESTIMATOR_CHECKPOINT_NAME = "model.ckpt"  # tf.estimator's own name
+# How long a worker or evaluator waits for the chief to write config.json and the initial weights:
+# the chief builds the model eagerly first, which takes minutes with ImageNet weights at 224 px.
+CHIEF_WAIT_TIMEOUT_S = 600
+CHIEF_WAIT_POLL_S = 1.0
 
 
 class RunLockedError(ValueError):
@@ -34,9 +40,14 @@ def ensure_writable_dir(path: str, flag: str = "--model_dir") -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+      reason = "the disk is full"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+      reason = "a part of that path is a file, not a folder"
+    else:
+      reason = e.strerror or str(e)
     raise ValueError(f"{flag}={path} is not writable ({reason}). Choose a folder you can write to, "
-                     "or fix its permissions / free disk space; nothing was trained.") from e
+                     "or fix its permissions / free disk space; nothing was written.") from e
 
 
 @contextlib.contextmanager
@@ -101,23 +112,67 @@ def write_results(config: Config, results: dict) -> str:
   return path
 
 
+def checkpoint_name(config: Config) -> str:
+  """The name of the path's checkpoints in model_dir (`<name>-<global step>`)."""
+  if config.path == "estimator":
+    return ESTIMATOR_CHECKPOINT_NAME
+  from estimator_ft import keras_path  # pylint: disable=g-import-not-at-top
+  return keras_path.CHECKPOINT_NAME
+
+
+def apply_determinism(config: Config) -> None:
+  """--deterministic: TensorFlow ops give bit-identical results run after run (process-wide)."""
+  if config.deterministic:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.experimental.enable_op_determinism()
+
+
+def _warn_about_inexact_resume(config: Config) -> None:
+  if config.exact_resume and config.dropout > 0:
+    logger.warning("--exact_resume replays the input stream exactly, but dropout masks come from a "
+                   "random stream that restarts with each process: a resumed run matches an "
+                   "uninterrupted one exactly only with --dropout=0.")
+
+
+def _path_module(config: Config):
+  if config.path == "estimator":
+    from estimator_ft import estimator as path_lib
+  else:
+    from estimator_ft import keras_path as path_lib
+  return path_lib
+
+
 def run(config: Config, initial_weights: str = "") -> dict:
-  """The train job for either path; returns the results dict also written to results.json."""
+  """The train job for either path; returns the results dict also written to results.json.
+
+  In a TF_CONFIG cluster only the chief does this; the other roles run `run_cluster_member`.
+  """
   from estimator_ft import data as data_lib
+  from estimator_ft import faults
+  apply_determinism(config)
+  task = cluster_lib.current_task()
+  if task is not None:
+    cluster_lib.check_cluster_settings(config.path, config.distribution, task)
+    if config.distribution == "multi_worker_mirrored":
+      # First, in every task: TensorFlow sets up collective ops only before a process runs its
+      # first op, and the chief and workers wait here until all of them have joined.
+      from estimator_ft import estimator as estimator_lib
+      estimator_lib.distribution_strategy(config)
+    if not task.is_chief:
+      return run_cluster_member(config, task, initial_weights)
   started = time.time()
   splits = data_lib.load_splits(config)
   class_names = tuple(splits.class_names)
   ensure_writable_dir(config.model_dir)
-  with run_lock(config.model_dir):
+  with run_lock(config.model_dir), faults.explained_write_failures(config.model_dir):
     resuming = prepare_model_dir(config, class_names)
+    resume_from = (faults.recover_checkpoint_state(config.model_dir, checkpoint_name(config))
+                   if resuming else None)
     logger.info("%s run in %s (%s)", config.path, config.model_dir,
-                "resuming from its latest checkpoint" if resuming else "new run")
+                f"resuming from {resume_from}" if resume_from else "starting from the initial weights")
+    _warn_about_inexact_resume(config)
     prefix = initial_weights or initial_weights_prefix(config, len(class_names))
-    if config.path == "estimator":
-      from estimator_ft import estimator as path_lib
-    else:
-      from estimator_ft import keras_path as path_lib
-    outcome = path_lib.train(config, splits, prefix)
+    outcome = _path_module(config).train(config, splits, prefix)
     results = {
         "path": config.path,
         "class_names": list(class_names),
@@ -133,3 +188,49 @@ def run(config: Config, initial_weights: str = "") -> dict:
     }
     write_results(config, results)
   return results
+
+
+def run_cluster_member(config: Config, task: "cluster_lib.Task", initial_weights: str = "") -> dict:
+  """A worker, parameter server or evaluator of a TF_CONFIG cluster; returns what it did.
+
+  The chief alone owns model_dir (run lock, config.json, initial weights, results.json): the other
+  roles would be refused by its lock or race on those files. They wait for the chief's files
+  instead and refuse to start with settings that differ from the chief's. A parameter server only
+  holds variables, so it starts at once (the chief's session waits for it).
+  """
+  from estimator_ft import data as data_lib
+  splits = data_lib.load_splits(config)
+  prefix = initial_weights or os.path.join(config.model_dir, INITIAL_WEIGHTS_PREFIX)
+  if task.type != cluster_lib.PS:
+    wait_for_chief(config.model_dir, prefix, task.name)
+    config_lib.check_resumable(config, tuple(splits.class_names), config.model_dir)
+  logger.info("%s of a TF_CONFIG cluster, %s path, model_dir %s", task.name, config.path,
+              config.model_dir)
+  outcome = _path_module(config).train(config, splits, prefix)
+  return {"path": config.path, "role": task.name, "model_dir": config.model_dir, **outcome}
+
+
+def wait_for_chief(model_dir: str, prefix: str, role: str, timeout_s: float = CHIEF_WAIT_TIMEOUT_S,
+                   poll_s: float = CHIEF_WAIT_POLL_S) -> None:
+  """Blocks until the chief's config.json and complete initial-weights checkpoint exist."""
+  config_path = os.path.join(model_dir, config_lib.CONFIG_FILE)
+  deadline = time.monotonic() + timeout_s
+  logged = False
+  while not (os.path.exists(config_path) and _checkpoint_complete(prefix)):
+    if time.monotonic() > deadline:
+      raise ValueError(
+          f"{role} waited {timeout_s:g} s for the chief to write {config_path} and the initial "
+          f"weights {prefix}, in vain. Check that the chief is running with the same --model_dir, "
+          "and that model_dir is a folder every task of the cluster can read (a shared file system).")
+    if not logged:
+      logger.info("%s waits for the chief to prepare %s", role, model_dir)
+      logged = True
+    time.sleep(poll_s)
+
+
+def _checkpoint_complete(prefix: str) -> bool:
+  # The index and data files are renamed into place one after the other: wait for both.
+  directory = os.path.dirname(prefix) or "."
+  data_prefix = os.path.basename(prefix) + ".data-"
+  has_data = os.path.isdir(directory) and any(n.startswith(data_prefix) for n in os.listdir(directory))
+  return os.path.exists(prefix + ".index") and has_data

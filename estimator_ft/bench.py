@@ -1,0 +1,830 @@
+"""`estimator-ft bench`: training and input throughput, measured side by side in one process.
+
+What it measures, with the same model, batch, optimizer and precision for every training path,
+warm-up steps excluded, each figure repeated (min / median / max reported):
+
+  estimator_img_per_s      the Estimator path (its model_fn, RunConfig and hooks), timed by a
+                           SessionRunHook, on in-memory synthetic batches
+  estimator_folder_img_per_s  the same graph on the image-folder pipeline (see below)
+  keras_img_per_s          Keras `fit` on the same synthetic batches
+  feed_dict_img_per_s      the original approach: a tf.compat.v1 Session fed numpy batches through
+                           feed_dict by a Python generator that decodes the image folder with PIL
+                           (what Keras' ImageDataGenerator did for the original question's loop)
+  pipeline_img_per_s       the tf.data folder pipeline alone (data.make_dataset, train mode)
+  python_loader_img_per_s  the same decode/resize/augment/batch in single-threaded Python + PIL
+  matmul_gflops            this machine's float32 matmul rate (2048^2 and 4096^2, median)
+  train_gflops             img/s x training FLOPs per image (3 x the TF profiler's forward FLOPs)
+  estimator_epoch_overhead_s  per-epoch wall time of a real short train_and_evaluate that is not
+                           training steps (checkpoint, evaluation with its graph rebuilt, exports)
+
+The synthetic and folder phases of the Estimator run share one graph and one session: the input_fn
+concatenates them, so the step-rate ratio compares input pipelines and nothing else.
+"""
+
+import contextlib
+import dataclasses
+import glob
+import importlib.util
+import logging
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from estimator_ft import config as config_lib
+from estimator_ft import data as data_lib
+from estimator_ft import estimator as estimator_lib
+from estimator_ft import model as model_lib
+from estimator_ft import model_fn as model_fn_lib
+from estimator_ft.config import Config
+
+logger = logging.getLogger("estimator_ft")
+
+MATMUL_SIZES = (2048, 4096)
+# Backward costs about twice the forward pass (gradients for activations and for weights).
+TRAINING_FLOPS_PER_FORWARD_FLOP = 3
+# ResNet50's caffe preprocessing, as keras.applications.resnet50.preprocess_input applies it.
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
+# Keeps the Estimator's checkpoint saver out of the timed steps: it saves at the start and at the
+# end of the run only.
+_NO_CHECKPOINT_DURING_TIMING = 10**9
+_NO_PROGRESS_LOG = 10**9
+_SAMPLE_DATA_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "data" / "make_sample_data.py"
+# Generated when --data_dir is missing: enough images for several batches of any quick setting.
+_GENERATED_TRAIN_PER_CLASS = 160
+_GENERATED_VALIDATION_PER_CLASS = 40
+
+TARGETS = {
+    # name: (minimum, why it matters)
+    "estimator_over_keras": (1.0, "the Estimator path costs nothing against Keras fit"),
+    "synthetic_vs_folder_step_ratio": (0.95, "the input pipeline is not the bottleneck"),
+    "pipeline_over_python_loader": (2.0, "tf.data feeds faster than the original Python loader"),
+    "estimator_fraction_of_peak": (0.70, "training runs near this CPU's matmul peak (224 px)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPlan:
+  """How much of everything to run. `make_plan` fills it from the command-line settings."""
+  image_size: int
+  batch_size: int
+  steps: int  # timed training steps per repeat
+  repeats: int
+  warmup_steps: int
+  loader_batches: int  # timed batches per repeat for the two input loaders
+  overhead_epochs: int
+  overhead_steps_per_epoch: int
+  matmul_repeats: int
+  precision: str
+  jit: bool
+  accuracy_steps: int
+
+
+# The short accuracy run trains from random weights: at the demo's 0.01 a 100-step float32 run at
+# 64 px, batch 16, diverged (training loss 0.98 -> 3.8); 1e-3 keeps it stable. BN momentum 0.9 lets
+# the moving statistics settle within the run (see config.batchnorm_momentum).
+ACCURACY_LEARNING_RATE = 1e-3
+ACCURACY_BATCHNORM_MOMENTUM = 0.9
+
+# The full run's amounts beyond --steps and --repeats. Warm-up covers graph optimisation, tracing
+# and the input pipeline filling its buffers.
+WARMUP_STEPS = 3
+MIN_LOADER_BATCHES = 10
+OVERHEAD_EPOCHS = 3
+MIN_OVERHEAD_STEPS_PER_EPOCH = 3
+MATMUL_REPEATS = 5
+QUICK_LIMITS = dict(steps=5, repeats=2, warmup_steps=3, loader_batches=8, overhead_epochs=2,
+                    overhead_steps_per_epoch=3, matmul_repeats=3)
+
+
+def make_plan(image_size: int = 64, batch_size: int = 32, steps: int = 20, repeats: int = 3,
+              quick: bool = False, precision: str = "float32", jit: bool = False,
+              accuracy_steps: int = 0) -> BenchPlan:
+  if image_size < config_lib.RESNET50_MIN_IMAGE_SIZE:
+    raise ValueError(f"--image_size={image_size} is too small: ResNet50 needs at least "
+                     f"{config_lib.RESNET50_MIN_IMAGE_SIZE} pixels.")
+  for name, value in (("batch_size", batch_size), ("steps", steps), ("repeats", repeats)):
+    if value < 1:
+      raise ValueError(f"--{name}={value} must be at least 1.")
+  if accuracy_steps < 0:
+    raise ValueError(f"--accuracy_steps={accuracy_steps} must be >= 0 (0 skips the accuracy run).")
+  if precision not in config_lib.PRECISIONS:
+    raise ValueError(f"--precision={precision!r} is not valid: use one of "
+                     f"{', '.join(config_lib.PRECISIONS)}.")
+  plan = BenchPlan(image_size=image_size, batch_size=batch_size, steps=steps, repeats=repeats,
+                   warmup_steps=WARMUP_STEPS, loader_batches=max(steps, MIN_LOADER_BATCHES),
+                   overhead_epochs=OVERHEAD_EPOCHS,
+                   overhead_steps_per_epoch=max(steps // 2, MIN_OVERHEAD_STEPS_PER_EPOCH),
+                   matmul_repeats=MATMUL_REPEATS, precision=precision, jit=jit,
+                   accuracy_steps=accuracy_steps)
+  if quick:
+    plan = dataclasses.replace(plan, **{name: min(getattr(plan, name), limit)
+                                        for name, limit in QUICK_LIMITS.items()})
+  return plan
+
+
+# ---------------------------------------------------------------- statistics and timing
+
+def spread(values: Sequence[float]) -> dict:
+  values = [float(v) for v in values]
+  return {"min": min(values), "median": statistics.median(values), "max": max(values),
+          "runs": values}
+
+
+def window_rates(timestamps: Sequence[float], warmup: int, steps: int, repeats: int,
+                 items_per_step: int) -> list:
+  """Items/s of `repeats` consecutive windows of `steps` steps after `warmup` steps.
+
+  timestamps[i] is when step i finished; a window's time runs from the end of the step before it.
+  """
+  if warmup < 1:
+    raise ValueError("window_rates needs at least one warm-up step: it starts the first window's "
+                     "clock when the step before it finished.")
+  needed = warmup + steps * repeats
+  if len(timestamps) < needed:
+    raise RuntimeError(f"only {len(timestamps)} steps were timed, {needed} needed")
+  rates = []
+  for repeat in range(repeats):
+    first = warmup + repeat * steps
+    elapsed = timestamps[first + steps - 1] - timestamps[first - 1]
+    rates.append(steps * items_per_step / elapsed)
+  return rates
+
+
+class StepTimer(tf.estimator.SessionRunHook):
+  """Records when each Estimator training step finished."""
+
+  def __init__(self):
+    self.timestamps = []
+
+  def after_run(self, run_context, run_values):
+    self.timestamps.append(time.perf_counter())
+
+
+class BatchTimer(tf.keras.callbacks.Callback):
+  """Records when each Keras training batch finished."""
+
+  def __init__(self):
+    super().__init__()
+    self.timestamps = []
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.timestamps.append(time.perf_counter())
+
+
+def time_iterations(next_item: Callable[[], object], count: int) -> list:
+  """Calls next_item `count` times; returns the finish time of each call."""
+  timestamps = []
+  for _ in range(count):
+    next_item()
+    timestamps.append(time.perf_counter())
+  return timestamps
+
+
+# ---------------------------------------------------------------- machine
+
+def _cpuinfo_field(name: str) -> str:
+  """The first `name` line of /proc/cpuinfo (Linux), or "" elsewhere."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.split(":", 1)[0].strip() == name:
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
+
+
+def onednn_enabled() -> bool:
+  """Whether TensorFlow's oneDNN kernels are on in this process (TF_ENABLE_ONEDNN_OPTS aware)."""
+  from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+  return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def environment(config: Config) -> dict:
+  session_config = estimator_lib.make_run_config(config, 1).session_config
+  flags = set(_cpuinfo_field("flags").split())
+  gpus = tf.config.list_physical_devices("GPU")
+  cpu = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+  return {
+      "device": ", ".join(d.name for d in gpus) if gpus else f"CPU: {cpu}",
+      "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+      "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"}),
+      "tensorflow": tf.__version__,
+      "onednn": onednn_enabled(),
+      "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (on by default)"),
+      "threads": {
+          "estimator_intra_op": session_config.intra_op_parallelism_threads,
+          "estimator_inter_op": session_config.inter_op_parallelism_threads,
+          "eager_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+          "eager_inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+          "note": "0 = TensorFlow picks (one per core)",
+      },
+      "xla_cpu_global_jit": estimator_lib.CPU_GLOBAL_JIT_FLAG in os.environ.get("TF_XLA_FLAGS", ""),
+      "load_average_1min": os.getloadavg()[0],
+      "python": platform.python_version(),
+  }
+
+
+def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES, repeats: int = 5) -> dict:
+  """float32 matmul rate per size (2 n^3 FLOPs each), the first call excluded as warm-up."""
+  results = {}
+  for n in sizes:
+    a = tf.random.uniform([n, n], dtype=tf.float32)
+    b = tf.random.uniform([n, n], dtype=tf.float32)
+    tf.matmul(a, b).numpy()
+    rates = []
+    for _ in range(repeats):
+      started = time.perf_counter()
+      tf.matmul(a, b).numpy()
+      rates.append(2 * n**3 / (time.perf_counter() - started) / 1e9)
+    results[str(n)] = spread(rates)
+  return results
+
+
+def forward_flops_per_image(config: Config, num_classes: int) -> int:
+  """FLOPs of one inference-mode forward pass at batch 1, counted by the TF profiler.
+
+  Counted on the float32 model: mixed precision changes the speed of a FLOP, not their number.
+  The model is built eagerly and traced at batch 1, so the graph holds only fully shaped ops.
+  """
+  model = model_lib.build_model(config.replace(precision="float32"), num_classes)
+  forward = tf.function(lambda images: model(images, training=False))
+  concrete = forward.get_concrete_function(
+      tf.TensorSpec([1, config.image_size, config.image_size, 3], tf.float32))
+  options = tf.compat.v1.profiler.ProfileOptionBuilder(
+      tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()).with_empty_output().build()
+  profile = tf.compat.v1.profiler.profile(graph=concrete.graph, cmd="op", options=options)
+  tf.keras.backend.clear_session()
+  return int(profile.total_float_ops)
+
+
+# ---------------------------------------------------------------- data
+
+def _load_generator_module():
+  spec = importlib.util.spec_from_file_location("make_sample_data", _SAMPLE_DATA_SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def resolve_data_dir(data_dir: str, scratch_dir: str) -> str:
+  """`data_dir` if it holds train/ and validation/; if it does not exist, generated sample data."""
+  if data_dir and os.path.isdir(data_dir):
+    for split in ("train", "validation"):
+      if not os.path.isdir(os.path.join(data_dir, split)):
+        raise ValueError(f"--data_dir={data_dir} has no {split}/ folder: give a folder with "
+                         "train/<class>/ and validation/<class>/ image folders.")
+    return data_dir
+  generated = os.path.join(scratch_dir, "sample")
+  logger.info("--data_dir=%s does not exist: generating sample images in %s", data_dir, generated)
+  _load_generator_module().generate(generated, seed=0, train_per_class=_GENERATED_TRAIN_PER_CLASS,
+                                    validation_per_class=_GENERATED_VALIDATION_PER_CLASS)
+  return generated
+
+
+def _pil_load(path: str, image_size: int, rng: np.random.Generator, augment: bool) -> np.ndarray:
+  """Decode -> resize -> (flip, random resized crop) with PIL, as data.make_dataset does with TF."""
+  with Image.open(path) as image:
+    image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+  if augment:
+    if rng.random() < 0.5:
+      image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    area = rng.uniform(*data_lib.CROP_AREA_RANGE) * image_size * image_size
+    aspect = rng.uniform(*data_lib.CROP_ASPECT_RATIO_RANGE)
+    width = min(image_size, max(1, int(round((area * aspect) ** 0.5))))
+    height = min(image_size, max(1, int(round((area / aspect) ** 0.5))))
+    left = int(rng.integers(0, image_size - width + 1))
+    top = int(rng.integers(0, image_size - height + 1))
+    image = image.resize((image_size, image_size), Image.BILINEAR,
+                         box=(left, top, left + width, top + height))
+  return np.asarray(image, np.float32)
+
+
+def python_batches(split: data_lib.Split, image_size: int, batch_size: int, augment: bool = True,
+                   seed: int = 0) -> Iterator:
+  """Endless (float32 images [b, s, s, 3] preprocessed for ResNet50, int32 labels [b]) batches.
+
+  One thread, one image at a time: the ImageDataGenerator-style loader of the original question.
+  """
+  rng = np.random.default_rng(seed)
+  labels = np.asarray(split.labels, np.int32)
+  while True:
+    order = rng.permutation(split.num_examples)
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+      chosen = order[start:start + batch_size]
+      images = np.stack([_pil_load(split.paths[i], image_size, rng, augment) for i in chosen])
+      yield images[..., ::-1] - CAFFE_MEAN_BGR, labels[chosen]
+
+
+def _subset(split: data_lib.Split, count: int) -> data_lib.Split:
+  """The first `count` examples of a folder split, classes interleaved so every class stays in."""
+  by_class = {}
+  for path, label in zip(split.paths, split.labels):
+    by_class.setdefault(label, []).append(path)
+  interleaved = [(path, label) for group in zip(*by_class.values())
+                 for path, label in zip(group, by_class.keys())]
+  chosen = interleaved[:count]
+  return dataclasses.replace(split, paths=tuple(p for p, _ in chosen),
+                             labels=tuple(l for _, l in chosen), num_examples=len(chosen))
+
+
+def input_loader_rates(split: data_lib.Split, config: Config, plan: BenchPlan) -> dict:
+  """img/s of the tf.data pipeline and of the Python/PIL loader, same work, same batch size."""
+  count = plan.warmup_steps + plan.loader_batches * plan.repeats
+  dataset_iterator = iter(data_lib.make_dataset(split, config, "train"))
+  pipeline = time_iterations(lambda: next(dataset_iterator), count)
+  python_iterator = python_batches(split, config.image_size, config.batch_size, config.augment,
+                                   config.seed)
+  python_loader = time_iterations(lambda: next(python_iterator), count)
+  rate = lambda timestamps: window_rates(timestamps, plan.warmup_steps, plan.loader_batches,
+                                         plan.repeats, config.batch_size)
+  return {"pipeline": rate(pipeline), "python_loader": rate(python_loader)}
+
+
+# ---------------------------------------------------------------- training paths
+
+def estimator_rates(config: Config, splits: data_lib.Splits, plan: BenchPlan) -> dict:
+  """Estimator img/s on synthetic batches, then on the folder pipeline, in one graph and session."""
+  class_names = tuple(splits.class_names)
+  steps_per_phase = plan.warmup_steps + plan.steps * plan.repeats
+  steps_per_epoch = data_lib.steps_per_epoch(splits.train, config.batch_size)
+
+  def input_fn():
+    synthetic = data_lib.synthetic_dataset(config, len(class_names), "train")
+    folder = data_lib.make_dataset(splits.train, config, "train")
+    return synthetic.take(steps_per_phase).concatenate(folder)
+
+  estimator = estimator_lib.make_estimator(config, class_names, steps_per_epoch)
+  timer = StepTimer()
+  # The path's own hooks ride along: their per-step fetches are part of what it costs.
+  hooks = [estimator_lib.ProgressHook(steps_per_epoch, 2 * steps_per_phase, config.batch_size,
+                                      config.log_every_n_steps),
+           estimator_lib.EpochMetricsHook(config.model_dir, steps_per_epoch), timer]
+  estimator.train(input_fn, max_steps=2 * steps_per_phase, hooks=hooks)
+  rate = lambda timestamps: window_rates(timestamps, plan.warmup_steps, plan.steps, plan.repeats,
+                                         config.batch_size)
+  return {"synthetic": rate(timer.timestamps[:steps_per_phase]),
+          "folder": rate(timer.timestamps[steps_per_phase:])}
+
+
+def _keras_compiled_model(config: Config, num_classes: int, total_steps: int,
+                          initial_weights: str = ""):
+  """(compiled model, where it came from): the Keras path's own builder when it exists."""
+  if importlib.util.find_spec("estimator_ft.keras_path") is not None:
+    from estimator_ft import keras_path  # pylint: disable=g-import-not-at-top
+    if hasattr(keras_path, "build_compiled_model"):
+      model = keras_path.build_compiled_model(config, num_classes, initial_weights=initial_weights,
+                                              steps_total=total_steps)
+      return model, "keras_path.build_compiled_model"
+  model = model_lib.build_model(config, num_classes)
+  if initial_weights:
+    model_lib.load_initial_weights(model, initial_weights)
+  if model_lib.num_outputs(num_classes) == 1:
+    loss = tf.keras.losses.BinaryCrossentropy()
+  else:
+    loss = tf.keras.losses.SparseCategoricalCrossentropy()
+  model.compile(optimizer=model_fn_lib.make_optimizer(config, total_steps), loss=loss,
+                metrics=["accuracy"], jit_compile=config.jit)
+  return model, "bench fallback: model.build_model + model_fn.make_optimizer + Keras loss"
+
+
+def keras_rates(config: Config, num_classes: int, plan: BenchPlan) -> dict:
+  total_steps = plan.warmup_steps + plan.steps * plan.repeats
+  tf.keras.backend.clear_session()
+  tf.keras.utils.set_random_seed(config.seed)
+  model, source = _keras_compiled_model(config, num_classes, total_steps)
+  timer = BatchTimer()
+  model.fit(data_lib.synthetic_dataset(config, num_classes, "train"), epochs=1,
+            steps_per_epoch=total_steps, callbacks=[timer], verbose=0)
+  rates = window_rates(timer.timestamps, plan.warmup_steps, plan.steps, plan.repeats,
+                       config.batch_size)
+  tf.keras.backend.clear_session()
+  return {"rates": rates, "model_source": source}
+
+
+def feed_dict_rates(config: Config, split: data_lib.Split, num_classes: int,
+                    plan: BenchPlan) -> list:
+  """The original loop: numpy batches from the Python/PIL loader fed through feed_dict.
+
+  Same model, loss, optimizer and BN update ops as the model_fn; only the feeding differs.
+  Each timed step includes loading its batch, because the original loop did exactly that.
+  """
+  total_steps = plan.warmup_steps + plan.steps * plan.repeats
+  size = config.image_size
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.compat.v1.set_random_seed(config.seed)
+    images = tf.compat.v1.placeholder(tf.float32, [None, size, size, 3], name="images")
+    labels = tf.compat.v1.placeholder(tf.int32, [None], name="labels")
+    model = model_lib.build_model(config, num_classes)
+    probabilities = model(images, training=True)
+    loss = tf.reduce_mean(model_fn_lib.per_example_loss(labels, probabilities, num_classes))
+    if model.losses:
+      loss += tf.add_n(model.losses)
+    optimizer = model_fn_lib.make_optimizer(config, total_steps)
+    with tf.control_dependencies(model_fn_lib.batchnorm_updates(model, images)):
+      train_op = optimizer.get_updates(loss, model.trainable_weights)[0]
+    initialize = tf.compat.v1.global_variables_initializer()
+  graph.finalize()
+  batches = python_batches(split, size, config.batch_size, config.augment, config.seed)
+  session_config = estimator_lib.make_run_config(config, 1).session_config
+  with tf.compat.v1.Session(graph=graph, config=session_config) as session:
+    session.run(initialize)
+
+    def step():
+      batch_images, batch_labels = next(batches)
+      session.run(train_op, feed_dict={images: batch_images, labels: batch_labels})
+
+    timestamps = time_iterations(step, total_steps)
+  return window_rates(timestamps, plan.warmup_steps, plan.steps, plan.repeats, config.batch_size)
+
+
+def _checkpoint_times(model_dir: str) -> dict:
+  """{global step: wall time} of every checkpoint the training session logged in its events."""
+  times = {}
+  for path in glob.glob(os.path.join(model_dir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      if (event.HasField("session_log")
+          and event.session_log.status == tf.compat.v1.SessionLog.CHECKPOINT):
+        times[int(event.step)] = event.wall_time
+  return times
+
+
+def _evaluation_times(eval_dir: str) -> dict:
+  """{global step: wall time} at which each evaluation's results were written."""
+  times = {}
+  for path in glob.glob(os.path.join(eval_dir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      if event.HasField("summary"):
+        times[int(event.step)] = max(times.get(int(event.step), 0.0), event.wall_time)
+  return times
+
+
+def _export_times(export_root: str) -> list:
+  """When each exported version was complete (its newest file), sorted.
+
+  Not the version folder's own mtime: renaming it into place does not change that.
+  """
+  times = []
+  for version in glob.glob(os.path.join(export_root, "*", "*")):
+    if os.path.basename(version).isdigit():
+      times.append(max(os.path.getmtime(os.path.join(folder, name))
+                       for folder, _, names in os.walk(version) for name in names))
+  return sorted(times)
+
+
+def estimator_epoch_overhead(config: Config, splits: data_lib.Splits, plan: BenchPlan,
+                             seconds_per_step: float) -> dict:
+  """A real short train_and_evaluate (estimator.train); where its wall time goes besides steps.
+
+  startup_s: from the call to the step-0 checkpoint (graph build, session, initial checkpoint).
+  epoch_overhead_s: per epoch, the time after that which is not training steps (seconds_per_step
+  from the folder-pipeline measurement). Of it, evaluation_s runs from an epoch's checkpoint to
+  its evaluation results (evaluation graph rebuilt, checkpoint restored, one validation pass) and
+  export_s from there to the last SavedModel export of that epoch; the rest is checkpoint saving.
+  The timeline comes from the run's own event files and export folders.
+  """
+  train = _subset(splits.train, plan.overhead_steps_per_epoch * config.batch_size)
+  short = dataclasses.replace(splits, train=train)
+  steps_per_epoch = data_lib.steps_per_epoch(train, config.batch_size)
+  run_config = config.replace(epochs=plan.overhead_epochs, save_checkpoints_steps=0)
+  started = time.time()
+  estimator_lib.train(run_config, short, initial_weights="")
+  finished = time.time()
+  checkpoints = _checkpoint_times(config.model_dir)
+  evaluations = _evaluation_times(os.path.join(config.model_dir, "eval"))
+  exports = _export_times(os.path.join(config.model_dir, "export"))
+  first_checkpoint = checkpoints[0]
+  evaluation_s, export_s = [], []
+  for epoch in range(1, plan.overhead_epochs + 1):
+    step = epoch * steps_per_epoch
+    if step not in checkpoints or step not in evaluations:
+      continue
+    evaluation_s.append(evaluations[step] - checkpoints[step])
+    next_checkpoint = checkpoints.get(step + steps_per_epoch, finished)
+    this_epoch = [t for t in exports if evaluations[step] <= t <= next_checkpoint]
+    export_s.append(max(this_epoch) - evaluations[step] if this_epoch else 0.0)
+  steps = plan.overhead_epochs * steps_per_epoch
+  return {
+      "wall_s": finished - started,
+      "startup_s": first_checkpoint - started,
+      "epoch_overhead_s": (finished - first_checkpoint - steps * seconds_per_step)
+                          / plan.overhead_epochs,
+      "evaluation_s": statistics.mean(evaluation_s) if evaluation_s else None,
+      "export_s": statistics.mean(export_s) if export_s else None,
+      "timeline_s": {
+          "checkpoints": {step: t - started for step, t in sorted(checkpoints.items())},
+          "evaluations": {step: t - started for step, t in sorted(evaluations.items())},
+          "exports": [t - started for t in exports],
+          "finished": finished - started},
+      "exports": len(exports),
+      "epochs": plan.overhead_epochs,
+      "steps_per_epoch": steps_per_epoch,
+      "validation_examples": splits.validation.num_examples,
+  }
+
+
+class BatchLossRecorder(tf.estimator.SessionRunHook):
+  """Per-example mean training loss of every Estimator step (model_fn's train_batch tensors)."""
+
+  def __init__(self):
+    self.losses = []
+
+  def begin(self):
+    graph = tf.compat.v1.get_default_graph()
+    self._fetches = [graph.get_tensor_by_name(name + ":0")
+                     for name in (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_SIZE_TENSOR)]
+
+  def before_run(self, run_context):
+    return tf.estimator.SessionRunArgs(self._fetches)
+
+  def after_run(self, run_context, run_values):
+    loss_sum, size = run_values.results
+    self.losses.append(float(loss_sum) / max(int(size), 1))
+
+
+class KerasBatchLossRecorder(tf.keras.callbacks.Callback):
+  """Per-batch training loss, recovered from the running mean that `fit` reports.
+
+  Batches have one size (the training stream drops the remainder), so batch k's loss is
+  k * mean_k - (k - 1) * mean_(k-1).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.losses = []
+    self._previous_mean = 0.0
+
+  def on_train_batch_end(self, batch, logs=None):
+    mean = float(logs["loss"])
+    self.losses.append((batch + 1) * mean - batch * self._previous_mean)
+    self._previous_mean = mean
+
+
+def _loss_summary(losses: Sequence[float]) -> dict:
+  """Training losses at the start and, averaged, over the last quarter of the run."""
+  last_quarter = losses[-max(1, len(losses) // 4):]
+  return {"first_step_loss": losses[0], "last_quarter_train_loss": statistics.mean(last_quarter)}
+
+
+def short_run_accuracy(config: Config, splits: data_lib.Splits, steps: int, scratch: str) -> dict:
+  """Losses and validation accuracy of both paths after `steps` steps from the same weights.
+
+  Trains from scratch with ACCURACY_LEARNING_RATE and ACCURACY_BATCHNORM_MOMENTUM; compare a
+  float32 run's figures with a mixed-precision one's. Both paths read the same batches in the same
+  order, so their figures should agree to rounding.
+  """
+  config = config.replace(learning_rate=ACCURACY_LEARNING_RATE,
+                          batchnorm_momentum=ACCURACY_BATCHNORM_MOMENTUM)
+  class_names = tuple(splits.class_names)
+  num_classes = len(class_names)
+  initial = model_lib.save_initial_weights(config, num_classes,
+                                           os.path.join(scratch, "initial_weights", "weights"))
+  estimator = estimator_lib.make_estimator(
+      config.replace(model_dir=os.path.join(scratch, "accuracy_estimator")), class_names,
+      data_lib.steps_per_epoch(splits.train, config.batch_size), initial_weights=initial)
+  estimator_losses = BatchLossRecorder()
+  estimator.train(data_lib.make_input_fn(splits.train, config, "train"), max_steps=steps,
+                  hooks=[estimator_losses])
+  estimator_metrics = estimator.evaluate(data_lib.make_input_fn(splits.validation, config, "eval"))
+  tf.keras.backend.clear_session()
+  model, _ = _keras_compiled_model(config, num_classes, steps, initial)
+  # The Estimator graph gets this global seed from RunConfig; Keras needs it for the same order.
+  tf.random.set_seed(config.seed)
+  keras_losses = KerasBatchLossRecorder()
+  model.fit(data_lib.make_dataset(splits.train, config, "train"), epochs=1, steps_per_epoch=steps,
+            callbacks=[keras_losses], verbose=0)
+  keras_metrics = model.evaluate(data_lib.make_dataset(splits.validation, config, "eval"),
+                                 return_dict=True, verbose=0)
+  tf.keras.backend.clear_session()
+  return {
+      "steps": steps,
+      "estimator": {**_loss_summary(estimator_losses.losses),
+                    "val_loss": float(estimator_metrics[model_fn_lib.EXAMPLE_LOSS]),
+                    "val_accuracy": float(estimator_metrics["accuracy"])},
+      "keras": {**_loss_summary(keras_losses.losses),
+                "val_loss": float(keras_metrics["loss"]),
+                "val_accuracy": float(keras_metrics["accuracy"])},
+  }
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def bench_config(plan: BenchPlan, data_dir: str, model_dir: str) -> Config:
+  return Config(
+      train_dir=os.path.join(data_dir, "train"), validation_dir=os.path.join(data_dir, "validation"),
+      model_dir=model_dir, image_size=plan.image_size, batch_size=plan.batch_size, weights="none",
+      precision=plan.precision, jit=plan.jit, epochs=1,
+      save_checkpoints_steps=_NO_CHECKPOINT_DURING_TIMING,
+      log_every_n_steps=_NO_PROGRESS_LOG).validate()
+
+
+def _ratio(numerator: float, denominator: float) -> Optional[float]:
+  return numerator / denominator if denominator else None
+
+
+class PhaseClock:
+  """Wall time and this process's share of the CPUs, per phase of the benchmark.
+
+  A share well below 1 while training means other processes took the cores: the figures of that
+  phase then measure the machine's load as much as the code.
+  """
+
+  def __init__(self, cores: int):
+    self._cores = cores
+    self.phases = {}
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    logger.info("bench: %s", name)
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    self.phases[name] = {"wall_s": wall, "cpu_share": cpu / (wall * self._cores) if wall else None}
+
+
+def run_bench(image_size: int = 64, batch_size: int = 32, steps: int = 20, repeats: int = 3,
+              quick: bool = False, precision: str = "float32", jit: bool = False,
+              data_dir: str = "data/sample", output: str = "", accuracy_steps: int = 0) -> dict:
+  """`estimator-ft bench`: every measurement; prints a table, writes `output` (JSON) if given."""
+  plan = make_plan(image_size, batch_size, steps, repeats, quick, precision, jit, accuracy_steps)
+  return run_plan(plan, data_dir, output, quick=quick)
+
+
+def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = False) -> dict:
+  """Runs `plan`; returns the results dict that run_bench prints and writes."""
+  started = time.time()
+  with tempfile.TemporaryDirectory(prefix="estimator_ft_bench_") as scratch:
+    data_dir = resolve_data_dir(data_dir, scratch)
+    config = bench_config(plan, data_dir, os.path.join(scratch, "estimator"))
+    splits = data_lib.load_splits(config)
+    num_classes = len(splits.class_names)
+    env = environment(config)
+    clock = PhaseClock(env["cpu_cores"])
+    with clock.phase("matmul peak"):
+      matmul = matmul_gflops(repeats=plan.matmul_repeats)
+    with clock.phase("forward FLOPs"):
+      forward_flops = forward_flops_per_image(config, num_classes)
+    with clock.phase("tf.data pipeline vs Python loader"):
+      loaders = input_loader_rates(splits.train, config, plan)
+    with clock.phase("Estimator, synthetic then folder input"):
+      estimator = estimator_rates(config, splits, plan)
+    with clock.phase("Keras fit"):
+      keras = keras_rates(config, num_classes, plan)
+    with clock.phase("feed_dict loop"):
+      feed_dict = feed_dict_rates(config, splits.train, num_classes, plan)
+    with clock.phase("Estimator train_and_evaluate epoch overhead"):
+      folder_step_s = config.batch_size / statistics.median(estimator["folder"])
+      overhead = estimator_epoch_overhead(
+          config.replace(model_dir=os.path.join(scratch, "overhead")), splits, plan, folder_step_s)
+    accuracy = None
+    if plan.accuracy_steps:
+      with clock.phase("short-run accuracy"):
+        accuracy = short_run_accuracy(config, splits, plan.accuracy_steps, scratch)
+  results = {"settings": {**dataclasses.asdict(plan), "quick": quick, "data_dir": data_dir,
+                          "train_images": splits.train.num_examples,
+                          "validation_images": splits.validation.num_examples},
+             "environment": env}
+  results.update(summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict,
+                           overhead))
+  if accuracy:
+    results["accuracy"] = accuracy
+  env["load_average_1min_after"] = os.getloadavg()[0]
+  results["phases"] = clock.phases
+  results["wall_time_s"] = time.time() - started
+  print(format_table(results))
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    config_lib.write_json_atomic(output, results)
+    print(f"\nResults written to {output}")
+  return results
+
+
+def summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict, overhead) -> dict:
+  """The result figures (medians at the top level, spreads under `spread`), ratios and targets."""
+  runs = {
+      "estimator_img_per_s": spread(estimator["synthetic"]),
+      "estimator_folder_img_per_s": spread(estimator["folder"]),
+      "keras_img_per_s": spread(keras["rates"]),
+      "feed_dict_img_per_s": spread(feed_dict),
+      "pipeline_img_per_s": spread(loaders["pipeline"]),
+      "python_loader_img_per_s": spread(loaders["python_loader"]),
+  }
+  figures = {name: values["median"] for name, values in runs.items()}
+  peak = max(values["median"] for values in matmul.values())
+  train_flops = TRAINING_FLOPS_PER_FORWARD_FLOP * forward_flops
+  gflops = {path: figures[f"{path}_img_per_s"] * train_flops / 1e9
+            for path in ("estimator", "keras", "feed_dict")}
+  ratios = {
+      "estimator_over_keras": _ratio(figures["estimator_img_per_s"], figures["keras_img_per_s"]),
+      "synthetic_vs_folder_step_ratio": _ratio(figures["estimator_folder_img_per_s"],
+                                               figures["estimator_img_per_s"]),
+      "pipeline_over_python_loader": _ratio(figures["pipeline_img_per_s"],
+                                            figures["python_loader_img_per_s"]),
+      "estimator_over_feed_dict": _ratio(figures["estimator_img_per_s"],
+                                         figures["feed_dict_img_per_s"]),
+      "estimator_fraction_of_peak": _ratio(gflops["estimator"], peak),
+      "keras_fraction_of_peak": _ratio(gflops["keras"], peak),
+  }
+  targets = {}
+  for name, (minimum, meaning) in TARGETS.items():
+    value = ratios[name]
+    targets[name] = {"value": value, "minimum": minimum, "met": value is not None and value >= minimum,
+                     "meaning": meaning}
+  if plan.image_size != config_lib.RESNET50_NATIVE_IMAGE_SIZE:
+    targets["estimator_fraction_of_peak"]["note"] = (
+        f"the target is set at {config_lib.RESNET50_NATIVE_IMAGE_SIZE} px; at {plan.image_size} px "
+        "the small feature maps use the cores less well")
+  notes = []
+  if plan.precision != "float32":
+    notes.append(f"{plan.precision}: fraction_of_peak is against the float32 matmul peak, so it "
+                 "can pass 1.0 where reduced precision runs faster than float32")
+  if plan.precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+    notes.append("mixed_float16 on a CPU: float16 convolutions have no fast CPU kernels; it is "
+                 "meant for GPUs")
+  if plan.jit and not tf.config.list_physical_devices("GPU") and (
+      estimator_lib.CPU_GLOBAL_JIT_FLAG not in os.environ.get("TF_XLA_FLAGS", "")):
+    notes.append(f"--jit on a CPU: Keras compiles with XLA, but the Estimator's session compiles "
+                 f"only with TF_XLA_FLAGS={estimator_lib.CPU_GLOBAL_JIT_FLAG}")
+  return {
+      **figures,
+      "synthetic_vs_folder_step_ratio": ratios["synthetic_vs_folder_step_ratio"],
+      "matmul_gflops": {**matmul, "peak_median": peak},
+      "forward_gflops_per_image": forward_flops / 1e9,
+      "train_gflops_per_image": train_flops / 1e9,
+      "train_gflops": gflops,
+      "fraction_of_peak": ratios["estimator_fraction_of_peak"],
+      "estimator_epoch_overhead_s": overhead["epoch_overhead_s"],
+      "estimator_startup_s": overhead["startup_s"],
+      "epoch_overhead_run": overhead,
+      "keras_model_source": keras["model_source"],
+      "ratios": ratios,
+      "targets": targets,
+      "spread": runs,
+      "notes": notes,
+  }
+
+
+def _fmt(value, digits=1) -> str:
+  return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(results: dict) -> str:
+  settings, env = results["settings"], results["environment"]
+  lines = [
+      f"estimator-ft bench: {settings['image_size']} px, batch {settings['batch_size']}, "
+      f"{settings['precision']}{', XLA' if settings['jit'] else ''}, {settings['steps']} steps x "
+      f"{settings['repeats']} repeats after {settings['warmup_steps']} warm-up steps",
+      f"{env['device']}, {env['cpu_cores']} cores, TF {env['tensorflow']}, oneDNN "
+      f"{'on' if env['onednn'] else 'off'}, load average {env['load_average_1min']:.2f} before, "
+      f"{env['load_average_1min_after']:.2f} after",
+      "",
+      f"{'images/s':34s} {'median':>9s} {'min':>9s} {'max':>9s}",
+  ]
+  for name, values in results["spread"].items():
+    lines.append(f"{name:34s} {values['median']:9.1f} {values['min']:9.1f} {values['max']:9.1f}")
+  for size in MATMUL_SIZES:
+    values = results["matmul_gflops"][str(size)]
+    lines.append(f"{f'matmul GFLOP/s {size}^2':34s} {values['median']:9.1f} {values['min']:9.1f} "
+                 f"{values['max']:9.1f}")
+  overhead = results["epoch_overhead_run"]
+  lines += [
+      "",
+      f"training GFLOP per image {results['train_gflops_per_image']:.3f} (3 x forward "
+      f"{results['forward_gflops_per_image']:.3f}); train GFLOP/s: "
+      + ", ".join(f"{path} {value:.1f}" for path, value in results["train_gflops"].items()),
+      f"Estimator train_and_evaluate: startup {overhead['startup_s']:.1f} s, overhead "
+      f"{overhead['epoch_overhead_s']:.1f} s per epoch (evaluation {_fmt(overhead['evaluation_s'])} s, "
+      f"export {_fmt(overhead['export_s'])} s, {overhead['exports']} exports in "
+      f"{overhead['epochs']} epochs)",
+      "",
+      f"{'ratio':34s} {'value':>9s}",
+  ]
+  for name, value in results["ratios"].items():
+    target = results["targets"].get(name)
+    verdict = ""
+    if target:
+      verdict = f"   target >= {target['minimum']}: {'met' if target['met'] else 'NOT met'}"
+    lines.append(f"{name:34s} {_fmt(value, 2):>9s}{verdict}")
+  if "accuracy" in results:
+    accuracy = results["accuracy"]
+    lines.append(f"\nafter {accuracy['steps']} steps from the same weights:")
+    lines += [f"  {path}: train loss {accuracy[path]['first_step_loss']:.4f} at step 1, "
+              f"{accuracy[path]['last_quarter_train_loss']:.4f} over the last quarter; val_loss "
+              f"{accuracy[path]['val_loss']:.4f}, val_accuracy {accuracy[path]['val_accuracy']:.4f}"
+              for path in ("estimator", "keras")]
+  lines += [f"note: {note}" for note in results["notes"]]
+  lines.append("\nphase (wall s, share of the CPUs this process got):")
+  lines.append("  " + "; ".join(f"{name} {phase['wall_s']:.0f} s {_fmt(phase['cpu_share'], 2)}"
+                                for name, phase in results["phases"].items()))
+  lines.append(f"wall time {results['wall_time_s']:.0f} s; Keras model from "
+               f"{results['keras_model_source']}")
+  return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""`estimator-ft bench`: its arithmetic, its Python loader, and one smoke run at tiny settings.
+
+No test here times anything against a target: speed targets live in the benchmark's own output.
+"""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from estimator_ft import bench
+from estimator_ft import data as data_lib
+from estimator_ft.config import Config
+try:
+  from tests import images  # repo root on sys.path: `python -m pytest`, or tests/ is a package
+except ImportError:
+  import images  # bare `pytest`: it puts tests/ itself on sys.path
+
+SIZE = 32
+# Keras' caffe preprocessing of a pure red pixel: BGR order, ImageNet mean removed.
+RED_PREPROCESSED = [0 - 103.939, 0 - 116.779, 255 - 123.68]
+
+
+def test_window_rates_time_each_window_from_the_end_of_the_step_before():
+  # Steps finished at these seconds; the first is warm-up (it would include tracing).
+  timestamps = [10.0, 11.0, 12.0, 14.0, 18.0]
+  rates = bench.window_rates(timestamps, warmup=1, steps=2, repeats=2, items_per_step=8)
+  # Window 1 = steps 2 and 3 (10 s -> 12 s), window 2 = steps 4 and 5 (12 s -> 18 s).
+  assert rates == [2 * 8 / 2.0, 2 * 8 / 6.0]
+
+
+def test_window_rates_refuse_a_run_with_too_few_steps():
+  with pytest.raises(RuntimeError, match="only 3 steps"):
+    bench.window_rates([1.0, 2.0, 3.0], warmup=1, steps=2, repeats=2, items_per_step=1)
+
+
+def test_spread_reports_min_median_max_of_the_runs():
+  assert bench.spread([3, 1, 2]) == {"min": 1.0, "median": 2.0, "max": 3.0, "runs": [3.0, 1.0, 2.0]}
+
+
+def test_quick_plan_caps_the_work_and_keeps_the_settings():
+  plan = bench.make_plan(image_size=224, batch_size=16, steps=50, repeats=7, quick=True,
+                         precision="mixed_bfloat16")
+  assert (plan.steps, plan.repeats) == (bench.QUICK_LIMITS["steps"], bench.QUICK_LIMITS["repeats"])
+  assert (plan.image_size, plan.batch_size, plan.precision) == (224, 16, "mixed_bfloat16")
+  assert bench.make_plan(steps=2, repeats=1, quick=True).steps == 2  # already under the cap
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(image_size=16), "too small"),
+    (dict(steps=0), "--steps=0"),
+    (dict(precision="float8"), "--precision"),
+    (dict(accuracy_steps=-1), "--accuracy_steps"),
+])
+def test_bad_settings_are_refused_with_what_to_do(settings, message):
+  with pytest.raises(ValueError, match=message):
+    bench.make_plan(**settings)
+
+
+def _solid_colour_folder(root, count=4):
+  for index in range(count):
+    images.write_png(root / "train" / "red" / f"{index}.png", size=48, solid=images.RED)
+    images.write_png(root / "train" / "also_red" / f"{index}.png", size=48, solid=images.RED)
+  return data_lib.scan_image_folder(str(root / "train"), "train")
+
+
+def test_python_loader_preprocesses_exactly_like_the_pipeline(tmp_path):
+  split = _solid_colour_folder(tmp_path)
+  python_images, python_labels = next(bench.python_batches(split, SIZE, batch_size=4, augment=False))
+  config = Config(image_size=SIZE, batch_size=8, augment=False)
+  pipeline_images = next(iter(data_lib.make_dataset(split, config, "eval")))[0]["image"].numpy()
+  assert python_images.shape == (4, SIZE, SIZE, 3) and python_images.dtype == np.float32
+  np.testing.assert_allclose(python_images[0, 5, 5], RED_PREPROCESSED, atol=1e-3)
+  # Both resizes of a flat colour stay flat up to float rounding; a swapped channel order or a
+  # missing mean would be off by tens.
+  np.testing.assert_allclose(python_images.mean(axis=(0, 1, 2)), pipeline_images.mean(axis=(0, 1, 2)),
+                             atol=0.05)
+  assert set(python_labels.tolist()) <= {0, 1} and python_labels.dtype == np.int32
+
+
+def test_python_loader_augments_every_image_differently(tmp_path):
+  for index in range(4):
+    images.write_png(tmp_path / "a" / f"{index}.png", size=48, seed=0)
+    images.write_png(tmp_path / "b" / f"{index}.png", size=48, seed=0)
+  split = data_lib.scan_image_folder(str(tmp_path), "train")
+  batch, _ = next(bench.python_batches(split, SIZE, batch_size=8, augment=True, seed=3))
+  # The same source image eight times: random flips and crops make the copies differ.
+  assert len({copy.tobytes() for copy in batch}) > 1
+  assert np.isfinite(batch).all()
+
+
+def test_subset_keeps_every_class(tiny_dataset):
+  split = data_lib.scan_image_folder(str(tiny_dataset / "train"), "train")
+  subset = bench._subset(split, 6)  # pylint: disable=protected-access
+  assert subset.num_examples == len(subset.paths) == 6
+  assert sorted(subset.labels) == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_data_dir_without_validation_is_refused(tmp_path):
+  (tmp_path / "train").mkdir()
+  with pytest.raises(ValueError, match="no validation/ folder"):
+    bench.resolve_data_dir(str(tmp_path), str(tmp_path / "scratch"))
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
+  output = tmp_path / "bench.json"
+  # Smaller than --quick: one short epoch for the overhead run, one matmul per size.
+  plan = dataclasses.replace(
+      bench.make_plan(image_size=SIZE, batch_size=4, steps=1, repeats=1, quick=True),
+      warmup_steps=1, loader_batches=2, overhead_epochs=1, overhead_steps_per_epoch=1,
+      matmul_repeats=1)
+  returned = bench.run_plan(plan, str(tiny_dataset), str(output), quick=True)
+  results = json.loads(output.read_text())
+  assert results["estimator_img_per_s"] == pytest.approx(returned["estimator_img_per_s"])
+
+  figures = ("estimator_img_per_s", "estimator_folder_img_per_s", "keras_img_per_s",
+             "feed_dict_img_per_s", "pipeline_img_per_s", "python_loader_img_per_s")
+  for name in figures:
+    runs = results["spread"][name]
+    assert len(runs["runs"]) == 1
+    assert runs["min"] <= results[name] == runs["median"] <= runs["max"]
+    assert 0 < results[name] < 1e5, name
+  for size in ("2048", "4096"):
+    assert 1 < results["matmul_gflops"][size]["median"] < 1e5
+
+  # ResNet50's forward pass is 7.7 GFLOP at 224 px and scales with the pixel count (roughly).
+  assert 0.1 < results["forward_gflops_per_image"] < 0.25
+  assert results["train_gflops_per_image"] == pytest.approx(3 * results["forward_gflops_per_image"])
+  expected_gflops = results["estimator_img_per_s"] * results["train_gflops_per_image"]
+  assert results["train_gflops"]["estimator"] == pytest.approx(expected_gflops)
+  assert results["fraction_of_peak"] == pytest.approx(
+      expected_gflops / results["matmul_gflops"]["peak_median"])
+  ratios = results["ratios"]
+  assert ratios["estimator_over_keras"] == pytest.approx(
+      results["estimator_img_per_s"] / results["keras_img_per_s"])
+  assert results["synthetic_vs_folder_step_ratio"] == pytest.approx(
+      results["estimator_folder_img_per_s"] / results["estimator_img_per_s"])
+  for name, target in results["targets"].items():
+    assert target["met"] == (target["value"] >= target["minimum"]), name
+
+  overhead = results["epoch_overhead_run"]
+  assert 0 < overhead["startup_s"] < overhead["wall_s"]
+  assert results["estimator_epoch_overhead_s"] == overhead["epoch_overhead_s"]
+  assert overhead["evaluation_s"] > 0 and overhead["exports"] >= overhead["epochs"]
+  assert math.isfinite(overhead["epoch_overhead_s"])
+
+  env = results["environment"]
+  assert env["tensorflow"].startswith("2.15") and env["cpu_cores"] >= 1
+  assert isinstance(env["onednn"], bool)
+  assert set(results["phases"]) >= {"Keras fit", "feed_dict loop"}
+  table = capsys.readouterr().out
+  for name in figures + ("estimator_over_keras", "pipeline_over_python_loader"):
+    assert name in table

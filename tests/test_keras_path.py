@@ -1,0 +1,165 @@
+"""The Keras reference path: results.json contract, resume, NaN stop, the Estimator's batches."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from estimator_ft import data as data_lib
+from estimator_ft import estimator as estimator_lib
+from estimator_ft import keras_path
+from estimator_ft import training
+from estimator_ft.config import Config
+
+SIZE = 32
+# tiny_dataset: 24 train images -> 4 steps per epoch; 8 validation images -> batches of 6 and 2.
+BATCH = 6
+STEPS_PER_EPOCH = 4
+VALIDATION_EXAMPLES = 8
+CONTRACT_KEYS = {"path", "class_names", "global_step", "steps_per_epoch", "history",
+                 "final_evaluation", "export_path", "skipped_images", "wall_time_s", "model_dir"}
+# Overflows the weights in the first step, so the second step's loss is NaN (measured).
+EXPLODING_LEARNING_RATE = 1e30
+
+
+def make_config(tiny_dataset, model_dir, **changes) -> Config:
+  config = Config(train_dir=str(tiny_dataset / "train"),
+                  validation_dir=str(tiny_dataset / "validation"), model_dir=str(model_dir),
+                  path="keras", image_size=SIZE, batch_size=BATCH, epochs=1, weights="none",
+                  dropout=0.0, augment=False, keep_checkpoint_max=2, seed=11)
+  return config.replace(**changes).validate()
+
+
+def read_results(model_dir):
+  with open(os.path.join(model_dir, training.RESULTS_FILE)) as f:
+    return json.load(f)
+
+
+def event_files(folder):
+  return [n for n in os.listdir(folder) if n.startswith("events.out.tfevents")]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny_dataset, tmp_path_factory):
+  """One keras model_dir trained to 1 epoch, then the same command re-run with --epochs=2."""
+  model_dir = tmp_path_factory.mktemp("keras_run") / "model"
+  config = make_config(tiny_dataset, model_dir)
+  training.run(config)
+  first = read_results(model_dir)
+  training.run(config.replace(epochs=2))
+  second = read_results(model_dir)
+  return config, first, second
+
+
+@pytest.mark.slow
+def test_results_json_follows_the_training_contract(resumed_run):
+  config, first, _ = resumed_run
+  assert CONTRACT_KEYS <= set(first)
+  assert first["path"] == "keras"
+  assert first["class_names"] == sorted(os.listdir(config.train_dir))
+  assert first["steps_per_epoch"] == STEPS_PER_EPOCH
+  assert first["global_step"] == STEPS_PER_EPOCH
+  [epoch] = first["history"]
+  assert epoch["epoch"] == 1
+  assert np.isfinite([epoch["loss"], epoch["accuracy"], epoch["val_loss"]]).all()
+  # Per-example accuracy over 8 validation images: a multiple of 1/8, whatever the batch split.
+  assert epoch["val_accuracy"] * VALIDATION_EXAMPLES == pytest.approx(
+      round(epoch["val_accuracy"] * VALIDATION_EXAMPLES), abs=1e-5)
+  assert {"val_auc", "val_precision", "val_recall"} <= set(epoch)
+  final = first["final_evaluation"]
+  assert final["loss"] == final["example_loss"] == epoch["val_loss"]
+  assert final["global_step"] == STEPS_PER_EPOCH
+  assert os.path.isfile(os.path.join(first["export_path"], "saved_model.pb"))
+  model_dir = config.model_dir
+  assert event_files(os.path.join(model_dir, "train"))
+  assert event_files(os.path.join(model_dir, "validation"))
+
+
+@pytest.mark.slow
+def test_rerun_with_more_epochs_resumes_and_keeps_the_earlier_history(resumed_run):
+  config, first, second = resumed_run
+  # The optimizer's step counter came back from the checkpoint: a restart would end at 4 steps.
+  assert second["global_step"] == 2 * STEPS_PER_EPOCH
+  assert [h["epoch"] for h in second["history"]] == [1, 2]
+  assert second["history"][0] == first["history"][0]
+  assert second["history"][1]["val_loss"] != first["history"][0]["val_loss"]
+  checkpoint = keras_path.latest_checkpoint(config.model_dir)
+  assert checkpoint.endswith(f"ckpt-{2 * STEPS_PER_EPOCH}")
+  assert second["export_path"] != first["export_path"]
+
+
+@pytest.mark.slow
+def test_finished_run_restores_the_weights_that_gave_the_last_validation(resumed_run):
+  config, _, second = resumed_run
+  again = training.run(config.replace(epochs=2))
+  assert again["global_step"] == second["global_step"]
+  assert again["history"] == second["history"]
+  # A fresh evaluation of the restored checkpoint reproduces the recorded last epoch: the
+  # checkpoint holds the trained weights *and* the BN moving statistics.
+  assert again["final_evaluation"]["loss"] == pytest.approx(second["history"][-1]["val_loss"],
+                                                            rel=1e-6)
+  assert again["export_path"] == second["export_path"], "nothing trained: the export is reused"
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_a_clear_error_before_anything_is_saved(tiny_dataset, tmp_path):
+  # A fresh run: resuming would restore the optimizer's learning rate from the checkpoint
+  # (the Estimator path does the same), so a new --learning_rate would not apply.
+  config = make_config(tiny_dataset, tmp_path / "model", learning_rate=EXPLODING_LEARNING_RATE)
+  with pytest.raises(estimator_lib.NaNLossError, match=r"loss became nan at step 2\b") as error:
+    training.run(config)
+  assert "--learning_rate" in str(error.value) and "resume" in str(error.value)
+  assert keras_path.latest_checkpoint(config.model_dir) is None
+  assert keras_path.read_history(config.model_dir) == []
+  assert not os.path.exists(os.path.join(config.model_dir, training.RESULTS_FILE))
+
+
+def _estimator_batches(config, splits, steps, model_dir):
+  """(labels, images) of the first `steps` batches a real Estimator feeds its model_fn."""
+  seen = []
+
+  def model_fn(features, labels, mode):
+    del mode
+    tf.identity(labels, name="seen_labels")
+    tf.identity(features[data_lib.FEATURE_KEY], name="seen_images")
+    step = tf.compat.v1.train.get_or_create_global_step()
+    return tf.estimator.EstimatorSpec("train", loss=tf.constant(0.0), train_op=step.assign_add(1))
+
+  class Record(tf.estimator.SessionRunHook):
+    def before_run(self, run_context):
+      return tf.estimator.SessionRunArgs(["seen_labels:0", "seen_images:0"])
+
+    def after_run(self, run_context, run_values):
+      seen.append(run_values.results)
+
+  run_config = estimator_lib.make_run_config(config.replace(model_dir=str(model_dir)),
+                                             STEPS_PER_EPOCH)
+  estimator = tf.estimator.Estimator(model_fn, config=run_config)
+  estimator.train(data_lib.make_input_fn(splits.train, config, "train"), max_steps=steps,
+                  hooks=[Record()])
+  return seen
+
+
+def _keras_batches(config, splits, steps):
+  return [(labels.numpy(), features[data_lib.FEATURE_KEY].numpy()) for features, labels in
+          keras_path.training_dataset(splits.train, config).take(steps)]
+
+
+def test_keras_reads_the_batches_the_estimator_reads(tiny_dataset, tmp_path):
+  config = make_config(tiny_dataset, tmp_path / "unused")
+  splits = data_lib.load_splits(config)
+  steps = 2 * STEPS_PER_EPOCH  # two epochs: the reshuffle between them must match too
+  estimator_batches = _estimator_batches(config, splits, steps, tmp_path / "estimator")
+  # Forget any global seed an earlier test left behind: training_dataset must set it itself.
+  tf.random.set_seed(None)
+  keras_batches = _keras_batches(config, splits, steps)
+  assert len(estimator_batches) == len(keras_batches) == steps
+  for (estimator_labels, estimator_images), (keras_labels, keras_images) in zip(
+      estimator_batches, keras_batches):
+    np.testing.assert_array_equal(keras_labels, estimator_labels)
+    np.testing.assert_array_equal(keras_images, estimator_images)
+  # The comparison can fail: another seed gives another order.
+  other_order = _keras_batches(config.replace(seed=config.seed + 1), splits, steps)
+  assert any(not np.array_equal(a[1], b[1]) for a, b in zip(keras_batches, other_order))
