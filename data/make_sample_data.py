@@ -7,7 +7,7 @@ writes <output_dir>/{train,validation}/{horizontal,vertical}/*.{png,jpg} and, la
 <output_dir>/.complete.
 
 The task is learnable but not trivial: stripe colours, contrast, period, phase, the patch they
-cover, an orientation jitter of up to +-30 degrees, background noise and clutter shapes are all
+cover, an orientation jitter of up to +-20 degrees, background noise and clutter shapes are all
 random and shared by both classes, so only the dominant orientation tells them apart. A texture
 cue was chosen over object shape on purpose: ResNet50 trained from random init (the offline demo,
 --weights=none) generalises on it within a few hundred steps, where circle-vs-square on 320 images
@@ -48,7 +48,7 @@ def _background(rng, size: int) -> Image.Image:
 
 
 # Orientation jitter around each class's axis; below 45 degrees so the classes never overlap.
-MAX_ORIENTATION_JITTER_DEG = 30.0
+MAX_ORIENTATION_JITTER_DEG = 20.0
 
 
 def _draw_clutter(draw, rng, size: int) -> None:
@@ -80,11 +80,11 @@ def _stripes(rng, image: Image.Image, class_name: str) -> Image.Image:
     wave = (wave > 0.5).astype(float)  # hard-edged bars as well as smooth gratings
   low, high = np.array(_random_colour(rng), float), np.array(_random_colour(rng), float)
   grating = low + (high - low) * wave[..., None]
-  # The patch: a random rectangle covering 35-100% of each side.
-  w, h = (rng.uniform(0.35, 1.0, 2) * size).astype(int)
+  # The patch: a random rectangle covering 50-100% of each side.
+  w, h = (rng.uniform(0.5, 1.0, 2) * size).astype(int)
   left, top = rng.integers(0, size - w + 1), rng.integers(0, size - h + 1)
   mask = np.zeros((size, size, 1))
-  mask[top:top + h, left:left + w] = rng.uniform(0.45, 1.0)  # contrast against the background
+  mask[top:top + h, left:left + w] = rng.uniform(0.6, 1.0)  # contrast against the background
   blended = np.asarray(image, float) * (1 - mask) + grating * mask
   return Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8), "RGB")
 

@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from estimator_ft import image_formats
+
 # Signatures and their inputs (see export.py for the full table).
 SERVING_SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY  # "serving_default"
 IMAGES_SIGNATURE = "predict_images"
@@ -104,7 +106,7 @@ def _undecodable_reason(image_bytes: bytes) -> Optional[str]:
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError,
           tf.errors.ResourceExhaustedError) as e:
     return f"not a decodable image ({_short_error(e)})"
-  return None
+  return image_formats.bmp_palette_problem(image_bytes)
 
 
 def _read_image_bytes(path: str) -> Tuple[Optional[bytes], Optional[str]]:

@@ -93,20 +93,23 @@ def test_bad_files_get_an_error_line_in_place_and_the_rest_are_still_predicted(
       images.write_empty(tmp_path / "5_empty.gif"),
       tmp_path / "6_missing.png",
       images.write_gif(tmp_path / "7_green.gif", solid=COLOURS["green"]),
+      # Decodes without error into wrong colours in TF: refused like in training, not mis-classified.
+      images.write_bmp(tmp_path / "8_palette.bmp", size=16, mode="P"),
   ]
   # Batches of 2 mix good and bad files in every batch.
   code, records, err = run_predict(capsys, saved_model, paths, batch_size=2)
 
   assert code == serving.EXIT_SOME_FILES_FAILED
   assert [r["path"] for r in records] == [str(p) for p in paths]
-  assert [r.get("class") for r in records] == ["cat", None, None, "ant", None, None, "bee"]
+  assert [r.get("class") for r in records] == ["cat", None, None, "ant", None, None, "bee", None]
   errors = {os.path.basename(r["path"]): r["error"] for r in records if "error" in r}
-  assert set(errors) == {"2_text.jpg", "3_cut.png", "5_empty.gif", "6_missing.png"}
+  assert set(errors) == {"2_text.jpg", "3_cut.png", "5_empty.gif", "6_missing.png", "8_palette.bmp"}
+  assert "palette BMP" in errors["8_palette.bmp"]
   assert "not a decodable image" in errors["2_text.jpg"]
   assert "not a decodable image" in errors["3_cut.png"]
   assert errors["5_empty.gif"] == "empty file (0 bytes)"
   assert "No such file" in errors["6_missing.png"]
-  assert "4 of 7 input(s) could not be classified" in err
+  assert "5 of 8 input(s) could not be classified" in err
   # A prediction does not depend on which batch the image shared.
   _, alone, _ = run_predict(capsys, saved_model, [paths[3]], batch_size=1)
   assert alone[0] == records[3]

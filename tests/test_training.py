@@ -155,3 +155,18 @@ def test_cli_usage_errors(tmp_path):
                    f"--model_dir={tmp_path}/m")
   assert result.returncode == 2 and str(tmp_path / "missing") in result.stderr
   assert not (tmp_path / "m").exists(), "a failed data check must not create the model_dir"
+
+
+@pytest.mark.slow
+def test_training_on_the_sample_data_lowers_the_loss(sample_dataset, tmp_path):
+  """From random init, a few epochs of the demo's optimizer settings on the sample task."""
+  config = Config(train_dir=str(sample_dataset / "train"), validation_dir=str(sample_dataset / "validation"),
+                  model_dir=str(tmp_path), image_size=32, batch_size=16, epochs=4, weights="none",
+                  optimizer="adam", learning_rate=1e-3, dropout=0.0, batchnorm_momentum=0.9,
+                  export_during_training=False).validate()
+  history = training.run(config)["history"]
+  assert len(history) == 4
+  first, last = history[0], history[-1]
+  # Measured 3.60 -> 1.38. Validation is not asserted: 32 steps from random init is too few for it
+  # to be stable (the demo's 160 steps at 64 px reach 0.66-0.70 validation accuracy).
+  assert last["loss"] < 0.8 * first["loss"], history
