@@ -97,15 +97,16 @@ def build_compiled_model(config: Config, num_classes: int, initial_weights: str 
   return model
 
 
-def training_dataset(split, config: Config) -> tf.data.Dataset:
+def training_dataset(split, config: Config, start_batch: int = 0) -> tf.data.Dataset:
   """The shared infinite training stream, in the order the Estimator path reads it.
 
   Sets TensorFlow's global seed first, as RunConfig(tf_random_seed=seed) sets the Estimator graph's:
   tf.data derives the shuffle seeds from (global seed, op seed), so without it Keras would get a
   different (default) global seed and a different order of batches.
+  `start_batch` (--exact_resume) continues the seeded stream where a resumed run left it.
   """
   tf.random.set_seed(config.seed)
-  return data_lib.make_dataset(split, config, "train")
+  return data_lib.make_dataset(split, config, "train", start_batch=start_batch)
 
 
 # ---------------------------------------------------------------- checkpoints and history
@@ -280,9 +281,6 @@ def _warn_about_estimator_only_settings(config: Config) -> None:
   if config.save_checkpoints_steps:
     logger.warning("--save_checkpoints_steps=%d applies to the Estimator path; the Keras path "
                    "checkpoints and validates at every epoch end.", config.save_checkpoints_steps)
-  if config.exact_resume:
-    logger.warning("--exact_resume applies to the Estimator path: Keras `fit` owns its input "
-                   "iterator, so a resumed Keras run restarts the training stream.")
 
 
 def train(config: Config, splits, initial_weights: str) -> dict:
@@ -310,7 +308,8 @@ def train(config: Config, splits, initial_weights: str) -> dict:
             log_dir=config.model_dir, update_freq=config.save_summary_steps, profile_batch=0,
             # The ResNet50 graph adds megabytes per run and nothing to a comparison of curves.
             write_graph=False))
-      model.fit(training_dataset(splits.train, config), epochs=config.epochs,
+      start_batch = epochs_done * steps_per_epoch if config.exact_resume else 0
+      model.fit(training_dataset(splits.train, config, start_batch), epochs=config.epochs,
                 initial_epoch=epochs_done, steps_per_epoch=steps_per_epoch,
                 validation_data=validation, callbacks=callbacks, verbose=0)
   finally:

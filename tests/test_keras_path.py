@@ -163,3 +163,29 @@ def test_keras_reads_the_batches_the_estimator_reads(tiny_dataset, tmp_path):
   # The comparison can fail: another seed gives another order.
   other_order = _keras_batches(config.replace(seed=config.seed + 1), splits, steps)
   assert any(not np.array_equal(a[1], b[1]) for a, b in zip(keras_batches, other_order))
+
+
+@pytest.mark.slow
+def test_exact_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_dataset, tmp_path):
+  """Stopped after epoch 1 and resumed: with --exact_resume the stream continues at batch 3."""
+  settings = dict(epochs=2, exact_resume=True, deterministic=True, augment=True,
+                  export_during_training=False)
+  whole = make_config(tiny_dataset, tmp_path / "whole", **settings)
+  training.run(whole)
+  resumed = make_config(tiny_dataset, tmp_path / "resumed", **settings)
+  training.run(resumed.replace(epochs=1))
+  training.run(resumed)
+  num_classes = 2
+  expected = keras_path.checkpoint_weights(whole, num_classes, keras_path.latest_checkpoint(whole.model_dir))
+  actual = keras_path.checkpoint_weights(resumed, num_classes,
+                                         keras_path.latest_checkpoint(resumed.model_dir))
+  assert len(actual) == len(expected) == 320
+  worst = max(float(np.max(np.abs(a - e))) for a, e in zip(actual, expected))
+  assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
+  # Without exact resume the resumed run re-reads epoch 1's batches, which changes the weights.
+  replayed = make_config(tiny_dataset, tmp_path / "replayed", **{**settings, "exact_resume": False})
+  training.run(replayed.replace(epochs=1))
+  training.run(replayed)
+  different = keras_path.checkpoint_weights(replayed, num_classes,
+                                            keras_path.latest_checkpoint(replayed.model_dir))
+  assert max(float(np.max(np.abs(a - e))) for a, e in zip(different, expected)) > 1e-4

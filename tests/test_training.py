@@ -97,7 +97,9 @@ def test_a_model_dir_of_another_configuration_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"path: 'estimator' -> 'keras'"):
     config_lib.check_resumable(config.replace(path="keras"), ("a", "b"), str(tmp_path))
   # Settings that do not change what a checkpoint means may differ on resume.
-  assert config_lib.check_resumable(config.replace(epochs=9, learning_rate=1e-3), ("a", "b"), str(tmp_path))
+  assert config_lib.check_resumable(config.replace(epochs=9, batch_size=8), ("a", "b"), str(tmp_path))
+  with pytest.raises(ValueError, match=r"learning_rate: 0.0001 -> 0.001"):
+    config_lib.check_resumable(config.replace(learning_rate=1e-3), ("a", "b"), str(tmp_path))
 
 
 def test_checkpoints_without_config_json_are_refused(tmp_path):
