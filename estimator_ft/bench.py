@@ -12,7 +12,8 @@ warm-up steps excluded, each figure repeated (min / median / max reported):
                            (what Keras' ImageDataGenerator did for the original question's loop)
   pipeline_img_per_s       the tf.data folder pipeline alone (data.make_dataset, train mode)
   python_loader_img_per_s  the same decode/resize/augment/batch in single-threaded Python + PIL
-  matmul_gflops            this machine's float32 matmul rate (2048^2 and 4096^2, median)
+  matmul_gflops            this machine's float32 matmul rate (2048^2 and 4096^2, median); with
+                           mixed precision also the rate in its compute dtype (bfloat16/float16)
   train_gflops             img/s x training FLOPs per image (3 x the TF profiler's forward FLOPs)
   estimator_epoch_overhead_s  per-epoch wall time of a real short train_and_evaluate that is not
                            training steps (checkpoint, evaluation with its graph rebuilt, exports)
@@ -233,12 +234,13 @@ def environment(config: Config) -> dict:
   }
 
 
-def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES, repeats: int = 5) -> dict:
-  """float32 matmul rate per size (2 n^3 FLOPs each), the first call excluded as warm-up."""
+def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES, repeats: int = 5,
+                  dtype: str = "float32") -> dict:
+  """Matmul rate per size (2 n^3 FLOPs each) and the best median, first call excluded (warm-up)."""
   results = {}
   for n in sizes:
-    a = tf.random.uniform([n, n], dtype=tf.float32)
-    b = tf.random.uniform([n, n], dtype=tf.float32)
+    a = tf.cast(tf.random.uniform([n, n]), dtype)
+    b = tf.cast(tf.random.uniform([n, n]), dtype)
     tf.matmul(a, b).numpy()
     rates = []
     for _ in range(repeats):
@@ -246,7 +248,13 @@ def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES, repeats: int = 5) -> dict
       tf.matmul(a, b).numpy()
       rates.append(2 * n**3 / (time.perf_counter() - started) / 1e9)
     results[str(n)] = spread(rates)
+  results["peak_median"] = max(results[str(n)]["median"] for n in sizes)
   return results
+
+
+def compute_dtype(precision: str) -> str:
+  """The dtype the convolutions and matmuls run in under a Keras precision policy."""
+  return tf.keras.mixed_precision.Policy(precision).compute_dtype
 
 
 def forward_flops_per_image(config: Config, num_classes: int) -> int:
@@ -669,7 +677,10 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
     env = environment(config)
     clock = PhaseClock(env["cpu_cores"])
     with clock.phase("matmul peak"):
-      matmul = matmul_gflops(repeats=plan.matmul_repeats)
+      matmul = {"float32": matmul_gflops(repeats=plan.matmul_repeats)}
+      dtype = compute_dtype(plan.precision)
+      if dtype != "float32":
+        matmul[dtype] = matmul_gflops(repeats=plan.matmul_repeats, dtype=dtype)
     with clock.phase("forward FLOPs"):
       forward_flops = forward_flops_per_image(config, num_classes)
     with clock.phase("tf.data pipeline vs Python loader"):
@@ -718,7 +729,9 @@ def summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict,
       "python_loader_img_per_s": spread(loaders["python_loader"]),
   }
   figures = {name: values["median"] for name, values in runs.items()}
-  peak = max(values["median"] for values in matmul.values())
+  # The hardware limit of the dtype the model computes in: float32, or the mixed policy's.
+  peak_dtype = compute_dtype(plan.precision)
+  peak = matmul[peak_dtype]["peak_median"]
   train_flops = TRAINING_FLOPS_PER_FORWARD_FLOP * forward_flops
   gflops = {path: figures[f"{path}_img_per_s"] * train_flops / 1e9
             for path in ("estimator", "keras", "feed_dict")}
@@ -743,9 +756,9 @@ def summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict,
         f"the target is set at {config_lib.RESNET50_NATIVE_IMAGE_SIZE} px; at {plan.image_size} px "
         "the small feature maps use the cores less well")
   notes = []
-  if plan.precision != "float32":
-    notes.append(f"{plan.precision}: fraction_of_peak is against the float32 matmul peak, so it "
-                 "can pass 1.0 where reduced precision runs faster than float32")
+  if peak_dtype != "float32":
+    notes.append(f"{plan.precision}: fraction_of_peak is against the {peak_dtype} matmul peak "
+                 f"({peak:.0f} GFLOP/s; float32: {matmul['float32']['peak_median']:.0f})")
   if plan.precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
     notes.append("mixed_float16 on a CPU: float16 convolutions have no fast CPU kernels; it is "
                  "meant for GPUs")
@@ -756,7 +769,10 @@ def summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict,
   return {
       **figures,
       "synthetic_vs_folder_step_ratio": ratios["synthetic_vs_folder_step_ratio"],
-      "matmul_gflops": {**matmul, "peak_median": peak},
+      "matmul_gflops": matmul["float32"],
+      **{f"matmul_gflops_{dtype}": values for dtype, values in matmul.items() if dtype != "float32"},
+      "peak_dtype": peak_dtype,
+      "peak_gflops": peak,
       "forward_gflops_per_image": forward_flops / 1e9,
       "train_gflops_per_image": train_flops / 1e9,
       "train_gflops": gflops,
@@ -790,10 +806,13 @@ def format_table(results: dict) -> str:
   ]
   for name, values in results["spread"].items():
     lines.append(f"{name:34s} {values['median']:9.1f} {values['min']:9.1f} {values['max']:9.1f}")
-  for size in MATMUL_SIZES:
-    values = results["matmul_gflops"][str(size)]
-    lines.append(f"{f'matmul GFLOP/s {size}^2':34s} {values['median']:9.1f} {values['min']:9.1f} "
-                 f"{values['max']:9.1f}")
+  lines.append("")
+  for dtype in ("float32", "bfloat16", "float16"):
+    key = "matmul_gflops" if dtype == "float32" else f"matmul_gflops_{dtype}"
+    for size in MATMUL_SIZES if key in results else ():
+      values = results[key][str(size)]
+      lines.append(f"{f'matmul GFLOP/s {dtype} {size}^2':34s} {values['median']:9.1f} "
+                   f"{values['min']:9.1f} {values['max']:9.1f}")
   overhead = results["epoch_overhead_run"]
   lines += [
       "",

@@ -120,11 +120,26 @@ def checkpoint_name(config: Config) -> str:
   return keras_path.CHECKPOINT_NAME
 
 
-def apply_determinism(config: Config) -> None:
-  """--deterministic: TensorFlow ops give bit-identical results run after run (process-wide)."""
-  if config.deterministic:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.experimental.enable_op_determinism()
+@contextlib.contextmanager
+def op_determinism(enabled: bool):
+  """--deterministic: TensorFlow ops give bit-identical results run after run, for this run only.
+
+  The switch is process-wide, so it is turned off again afterwards: a later run in the same process
+  (tests, compare) must not inherit it (it makes unseeded random ops raise).
+  """
+  if not enabled:
+    yield
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # TF 2.15 exports only the enabling call; the query and the reset live next to it.
+  from tensorflow.python.framework import config as tf_framework_config  # pylint: disable=g-direct-tensorflow-import
+  was_enabled = tf_framework_config.is_op_determinism_enabled()
+  tf.config.experimental.enable_op_determinism()
+  try:
+    yield
+  finally:
+    if not was_enabled:
+      tf_framework_config.disable_op_determinism()
 
 
 def _warn_about_inexact_resume(config: Config) -> None:
@@ -147,9 +162,13 @@ def run(config: Config, initial_weights: str = "") -> dict:
 
   In a TF_CONFIG cluster only the chief does this; the other roles run `run_cluster_member`.
   """
+  with op_determinism(config.deterministic):
+    return _run(config, initial_weights)
+
+
+def _run(config: Config, initial_weights: str) -> dict:
   from estimator_ft import data as data_lib
   from estimator_ft import faults
-  apply_determinism(config)
   task = cluster_lib.current_task()
   if task is not None:
     cluster_lib.check_cluster_settings(config.path, config.distribution, task)

@@ -59,6 +59,14 @@ def test_bad_settings_are_refused_with_what_to_do(settings, message):
     bench.make_plan(**settings)
 
 
+@pytest.mark.parametrize("precision, dtype", [
+    ("float32", "float32"), ("mixed_bfloat16", "bfloat16"), ("mixed_float16", "float16")])
+def test_the_peak_is_measured_in_the_dtype_the_model_computes_in(precision, dtype):
+  assert bench.compute_dtype(precision) == dtype
+  rates = bench.matmul_gflops(sizes=(64, 128), repeats=1, dtype=dtype)
+  assert rates["peak_median"] == max(rates["64"]["median"], rates["128"]["median"]) > 0
+
+
 def _solid_colour_folder(root, count=4):
   for index in range(count):
     images.write_png(root / "train" / "red" / f"{index}.png", size=48, solid=images.RED)
@@ -131,6 +139,7 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   assert results["train_gflops_per_image"] == pytest.approx(3 * results["forward_gflops_per_image"])
   expected_gflops = results["estimator_img_per_s"] * results["train_gflops_per_image"]
   assert results["train_gflops"]["estimator"] == pytest.approx(expected_gflops)
+  assert results["peak_dtype"] == "float32"
   assert results["fraction_of_peak"] == pytest.approx(
       expected_gflops / results["matmul_gflops"]["peak_median"])
   ratios = results["ratios"]
