@@ -19,6 +19,7 @@ setup(
         "protobuf>=3.20.3,<5",
         "pyarrow<18",  # recent pyarrow (imported by tensorflow-datasets) needs numpy 2
         "importlib_resources",  # tensorflow-datasets 4.9.6 imports it without declaring it
+        "tensorboard>=2.15,<2.16",  # its event writer records the run config (estimator.py)
         "absl-py>=1.0",
         "pillow>=9",
         "matplotlib>=3.5",

@@ -42,6 +42,7 @@ from PIL import Image
 from estimator_ft import config as config_lib
 from estimator_ft import data as data_lib
 from estimator_ft import estimator as estimator_lib
+from estimator_ft import keras_path
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft.config import Config
@@ -209,8 +210,8 @@ def onednn_enabled() -> bool:
   return bool(_pywrap_util_port.IsMklEnabled())
 
 
-def environment(config: Config) -> dict:
-  session_config = estimator_lib.make_run_config(config, 1).session_config
+def environment(session_config) -> dict:
+  """The machine and the TensorFlow settings the figures depend on."""
   flags = set(_cpuinfo_field("flags").split())
   gpus = tf.config.list_physical_devices("GPU")
   cpu = _cpuinfo_field("model name") or platform.processor() or platform.machine()
@@ -234,7 +235,7 @@ def environment(config: Config) -> dict:
   }
 
 
-def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES, repeats: int = 5,
+def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES, repeats: int = MATMUL_REPEATS,
                   dtype: str = "float32") -> dict:
   """Matmul rate per size (2 n^3 FLOPs each) and the best median, first call excluded (warm-up)."""
   results = {}
@@ -322,6 +323,9 @@ def python_batches(split: data_lib.Split, image_size: int, batch_size: int, augm
 
   One thread, one image at a time: the ImageDataGenerator-style loader of the original question.
   """
+  if batch_size > split.num_examples:
+    raise ValueError(f"--batch_size={batch_size} is larger than the {split.num_examples} images of "
+                     f"the {split.name} split; lower --batch_size or use a larger --data_dir.")
   rng = np.random.default_rng(seed)
   labels = np.asarray(split.labels, np.int32)
   while True:
@@ -383,46 +387,27 @@ def estimator_rates(config: Config, splits: data_lib.Splits, plan: BenchPlan) ->
           "folder": rate(timer.timestamps[steps_per_phase:])}
 
 
-def _keras_compiled_model(config: Config, num_classes: int, total_steps: int,
-                          initial_weights: str = ""):
-  """(compiled model, where it came from): the Keras path's own builder when it exists."""
-  if importlib.util.find_spec("estimator_ft.keras_path") is not None:
-    from estimator_ft import keras_path  # pylint: disable=g-import-not-at-top
-    if hasattr(keras_path, "build_compiled_model"):
-      model = keras_path.build_compiled_model(config, num_classes, initial_weights=initial_weights,
-                                              steps_total=total_steps)
-      return model, "keras_path.build_compiled_model"
-  model = model_lib.build_model(config, num_classes)
-  if initial_weights:
-    model_lib.load_initial_weights(model, initial_weights)
-  if model_lib.num_outputs(num_classes) == 1:
-    loss = tf.keras.losses.BinaryCrossentropy()
-  else:
-    loss = tf.keras.losses.SparseCategoricalCrossentropy()
-  model.compile(optimizer=model_fn_lib.make_optimizer(config, total_steps), loss=loss,
-                metrics=["accuracy"], jit_compile=config.jit)
-  return model, "bench fallback: model.build_model + model_fn.make_optimizer + Keras loss"
-
-
-def keras_rates(config: Config, num_classes: int, plan: BenchPlan) -> dict:
+def keras_rates(config: Config, num_classes: int, plan: BenchPlan) -> list:
+  """Keras `fit` img/s on the synthetic batches, with the Keras path's compiled model."""
   total_steps = plan.warmup_steps + plan.steps * plan.repeats
   tf.keras.backend.clear_session()
   tf.keras.utils.set_random_seed(config.seed)
-  model, source = _keras_compiled_model(config, num_classes, total_steps)
+  model = keras_path.build_compiled_model(config, num_classes, steps_total=total_steps)
   timer = BatchTimer()
   model.fit(data_lib.synthetic_dataset(config, num_classes, "train"), epochs=1,
             steps_per_epoch=total_steps, callbacks=[timer], verbose=0)
   rates = window_rates(timer.timestamps, plan.warmup_steps, plan.steps, plan.repeats,
                        config.batch_size)
   tf.keras.backend.clear_session()
-  return {"rates": rates, "model_source": source}
+  return rates
 
 
-def feed_dict_rates(config: Config, split: data_lib.Split, num_classes: int,
-                    plan: BenchPlan) -> list:
+def feed_dict_rates(config: Config, split: data_lib.Split, num_classes: int, plan: BenchPlan,
+                    session_config) -> list:
   """The original loop: numpy batches from the Python/PIL loader fed through feed_dict.
 
-  Same model, loss, optimizer and BN update ops as the model_fn; only the feeding differs.
+  Same model, loss, optimizer, BN update ops and session config as the Estimator path; only the
+  feeding differs.
   Each timed step includes loading its batch, because the original loop did exactly that.
   """
   total_steps = plan.warmup_steps + plan.steps * plan.repeats
@@ -443,7 +428,6 @@ def feed_dict_rates(config: Config, split: data_lib.Split, num_classes: int,
     initialize = tf.compat.v1.global_variables_initializer()
   graph.finalize()
   batches = python_batches(split, size, config.batch_size, config.augment, config.seed)
-  session_config = estimator_lib.make_run_config(config, 1).session_config
   with tf.compat.v1.Session(graph=graph, config=session_config) as session:
     session.run(initialize)
 
@@ -603,7 +587,7 @@ def short_run_accuracy(config: Config, splits: data_lib.Splits, steps: int, scra
                   hooks=[estimator_losses])
   estimator_metrics = estimator.evaluate(data_lib.make_input_fn(splits.validation, config, "eval"))
   tf.keras.backend.clear_session()
-  model, _ = _keras_compiled_model(config, num_classes, steps, initial)
+  model = keras_path.build_compiled_model(config, num_classes, initial, steps_total=steps)
   # The Estimator graph gets this global seed from RunConfig; Keras needs it for the same order.
   tf.random.set_seed(config.seed)
   keras_losses = KerasBatchLossRecorder()
@@ -674,7 +658,9 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
     config = bench_config(plan, data_dir, os.path.join(scratch, "estimator"))
     splits = data_lib.load_splits(config)
     num_classes = len(splits.class_names)
-    env = environment(config)
+    # The Estimator path's own session settings, used by the feed_dict loop too.
+    session_config = estimator_lib.make_run_config(config, 1).session_config
+    env = environment(session_config)
     clock = PhaseClock(env["cpu_cores"])
     with clock.phase("matmul peak"):
       matmul = {"float32": matmul_gflops(repeats=plan.matmul_repeats)}
@@ -690,7 +676,7 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
     with clock.phase("Keras fit"):
       keras = keras_rates(config, num_classes, plan)
     with clock.phase("feed_dict loop"):
-      feed_dict = feed_dict_rates(config, splits.train, num_classes, plan)
+      feed_dict = feed_dict_rates(config, splits.train, num_classes, plan, session_config)
     with clock.phase("Estimator train_and_evaluate epoch overhead"):
       folder_step_s = config.batch_size / statistics.median(estimator["folder"])
       overhead = estimator_epoch_overhead(
@@ -723,7 +709,7 @@ def summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict,
   runs = {
       "estimator_img_per_s": spread(estimator["synthetic"]),
       "estimator_folder_img_per_s": spread(estimator["folder"]),
-      "keras_img_per_s": spread(keras["rates"]),
+      "keras_img_per_s": spread(keras),
       "feed_dict_img_per_s": spread(feed_dict),
       "pipeline_img_per_s": spread(loaders["pipeline"]),
       "python_loader_img_per_s": spread(loaders["python_loader"]),
@@ -780,7 +766,6 @@ def summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict,
       "estimator_epoch_overhead_s": overhead["epoch_overhead_s"],
       "estimator_startup_s": overhead["startup_s"],
       "epoch_overhead_run": overhead,
-      "keras_model_source": keras["model_source"],
       "ratios": ratios,
       "targets": targets,
       "spread": runs,
@@ -843,6 +828,5 @@ def format_table(results: dict) -> str:
   lines.append("\nphase (wall s, share of the CPUs this process got):")
   lines.append("  " + "; ".join(f"{name} {phase['wall_s']:.0f} s {_fmt(phase['cpu_share'], 2)}"
                                 for name, phase in results["phases"].items()))
-  lines.append(f"wall time {results['wall_time_s']:.0f} s; Keras model from "
-               f"{results['keras_model_source']}")
+  lines.append(f"wall time {results['wall_time_s']:.0f} s")
   return "\n".join(lines)

@@ -106,6 +106,12 @@ def test_subset_keeps_every_class(tiny_dataset):
   assert sorted(subset.labels) == [0, 0, 0, 1, 1, 1]
 
 
+def test_python_loader_refuses_a_batch_larger_than_the_split(tiny_dataset):
+  split = data_lib.scan_image_folder(str(tiny_dataset / "train"), "train")
+  with pytest.raises(ValueError, match="lower --batch_size"):
+    next(bench.python_batches(split, SIZE, batch_size=split.num_examples + 1))
+
+
 def test_a_data_dir_without_validation_is_refused(tmp_path):
   (tmp_path / "train").mkdir()
   with pytest.raises(ValueError, match="no validation/ folder"):
