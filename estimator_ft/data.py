@@ -14,13 +14,13 @@ import dataclasses
 import logging
 import math
 import os
-import re
 from typing import Callable, Optional, Tuple
 
 import tensorflow as tf
 
 from estimator_ft import config as config_lib
 from estimator_ft import image_formats
+from estimator_ft import messages
 
 FEATURE_KEY = "image"
 MODES = ("train", "eval", "predict")
@@ -137,14 +137,6 @@ def decode_and_preprocess(image_bytes, image_size: int) -> tf.Tensor:
 # ------------------------------------------------------------------ folder scan
 
 
-def _clean_tf_error(error: Exception) -> str:
-  """TF's op error text without the function-node prefix and op suffix nobody can act on."""
-  message = getattr(error, "message", None) or str(error)
-  message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
-  message = re.sub(r"\s*\[Op:\w+\]\s*$", "", message)
-  return message.strip().splitlines()[0] if message.strip() else type(error).__name__
-
-
 def check_image_file(path: str) -> Optional[str]:
   """Why the pipeline could not use this file, or None if it decodes.
 
@@ -166,7 +158,7 @@ def check_image_file(path: str) -> Optional[str]:
     tf.io.decode_image(data, channels=3, expand_animations=False)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError,
           tf.errors.DataLossError, tf.errors.ResourceExhaustedError) as e:
-    return f"cannot be decoded ({_clean_tf_error(e)})"
+    return f"cannot be decoded ({messages.short_tf_error(e)})"
   return image_formats.bmp_palette_problem(data)
 
 

@@ -24,6 +24,8 @@ from typing import List, Optional, Tuple
 
 import tensorflow as tf
 
+from estimator_ft import messages
+
 logger = logging.getLogger("estimator_ft")
 
 CHECKPOINT_STATE_FILE = "checkpoint"
@@ -37,14 +39,6 @@ WRITE_FAILURE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, er
 
 
 # ---------------------------------------------------------------- checkpoint integrity
-
-def _short_error(error: Exception) -> str:
-  message = getattr(error, "message", None) or str(error)
-  message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
-  message = re.sub(r"\s*\[Op:\w+\]\s*$", "", message)
-  lines = message.strip().splitlines()
-  return lines[0] if lines else type(error).__name__
-
 
 def checkpoint_problem(prefix: str) -> Optional[str]:
   """Why the checkpoint at `prefix` cannot be restored, or None if every tensor reads back intact.
@@ -60,7 +54,7 @@ def checkpoint_problem(prefix: str) -> Optional[str]:
       reader.get_tensor(name)
   # The reader raises IndexError for a data file shorter than the index says.
   except (tf.errors.OpError, IndexError, ValueError) as e:
-    return f"it cannot be read back ({_short_error(e)})"
+    return f"it cannot be read back ({messages.short_tf_error(e)})"
   return None
 
 
@@ -208,7 +202,7 @@ def _failed_file(error: BaseException, number: int) -> Optional[str]:
     return error.filename
   # TensorFlow: "<path>; <strerror>", on some line of a possibly multi-line graph error.
   for line in (getattr(error, "message", "") or str(error)).splitlines():
-    line = _short_error(Exception(line))
+    line = messages.short_tf_error(Exception(line))
     if line.endswith(f"; {os.strerror(number)}"):
       return line[:-len(f"; {os.strerror(number)}")].strip() or None
   return None

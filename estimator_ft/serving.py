@@ -8,7 +8,6 @@ here; tests/test_export.py checks that both agree with model_fn's output keys.
 
 import json
 import os
-import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -16,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from estimator_ft import image_formats
+from estimator_ft import messages
 
 # Signatures and their inputs (see export.py for the full table).
 SERVING_SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY  # "serving_default"
@@ -84,15 +84,6 @@ def resolve_saved_model(path: str) -> str:
 
 # ---------------------------------------------------------------- predicting files
 
-def _short_error(error: Exception) -> str:
-  """TF's op error text without the node names and op suffix nobody can act on."""
-  message = getattr(error, "message", None) or str(error)
-  message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
-  message = re.sub(r"\s*\[Op:\w+\]\s*$", "", message)
-  lines = message.strip().splitlines()
-  return lines[0] if lines else type(error).__name__
-
-
 def _undecodable_reason(image_bytes: bytes) -> Optional[str]:
   """Why the signature's decoder would reject these bytes, or None.
 
@@ -105,7 +96,7 @@ def _undecodable_reason(image_bytes: bytes) -> Optional[str]:
     tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError,
           tf.errors.ResourceExhaustedError) as e:
-    return f"not a decodable image ({_short_error(e)})"
+    return f"not a decodable image ({messages.short_tf_error(e)})"
   return image_formats.bmp_palette_problem(image_bytes)
 
 
@@ -188,7 +179,7 @@ class Predictor:
     try:
       return _prediction_record(path, self.predict_bytes([data]), 0)
     except tf.errors.OpError as e:
-      return {"path": path, "error": f"the model could not process it ({_short_error(e)})"}
+      return {"path": path, "error": f"the model could not process it ({messages.short_tf_error(e)})"}
 
 
 def _prediction_record(path: str, outputs: dict, row: int) -> dict:

@@ -71,7 +71,7 @@ from estimator_ft import cli
 cli.run_main(["estimator-ft", "predict"] + sys.argv[1:])
 """
 PREDICT_MODULES = {"estimator_ft", "estimator_ft.cli", "estimator_ft.config", "estimator_ft.serving",
-                   "estimator_ft.image_formats"}
+                   "estimator_ft.image_formats", "estimator_ft.messages"}
 
 
 # ---------------------------------------------------------------- fixtures
