@@ -176,9 +176,3 @@ def load_initial_weights(model: tf.keras.Model, prefix: str) -> None:
     raise WeightsError(f"{prefix} holds {stored} tensors but the model has {count}: it was written "
                        "for another configuration. Delete it, or use a new --model_dir.")
   model.set_weights([reader.get_tensor(_INITIAL_WEIGHT_KEY.format(i)) for i in range(count)])
-
-
-def batchnorm_moving_statistics(model: tf.keras.Model) -> dict:
-  """{variable name: numpy value} of every BN moving mean/variance (for tests and compare)."""
-  return {w.name: np.asarray(w.numpy() if tf.executing_eagerly() else w)
-          for w in model.weights if "moving_" in w.name}
