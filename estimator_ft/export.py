@@ -48,6 +48,7 @@ from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting as f
 
 from estimator_ft import config as config_lib
 from estimator_ft import data as data_lib
+from estimator_ft import faults
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import serving
@@ -450,10 +451,11 @@ def export_from_checkpoint(model_dir: str, export_dir=None) -> str:
   export_base = export_dir or os.path.join(model_dir, EXPORT_DIR, MANUAL_EXPORT)
   # Before the model is built: an unwritable destination fails at once, saying what to do.
   training.ensure_writable_dir(export_base, "--export_dir" if export_dir else "--model_dir")
-  if config.path == "keras":
-    path = _export_keras_checkpoint(config, class_names, export_base)
-  else:
-    path = _export_estimator_checkpoint(config, class_names, export_base)
+  with faults.explained_write_failures(export_base, job="export"):
+    if config.path == "keras":
+      path = _export_keras_checkpoint(config, class_names, export_base)
+    else:
+      path = _export_estimator_checkpoint(config, class_names, export_base)
   logger.info("Exported %s", path)
   return path
 

@@ -178,8 +178,12 @@ def write_failure_errno(error: BaseException) -> Optional[int]:
   return None
 
 
-def explain_write_failure(error: BaseException, model_dir: str) -> Optional[ValueError]:
-  """A what-to-do ValueError for a write that failed mid-run, or None if `error` is not one."""
+def explain_write_failure(error: BaseException, model_dir: str,
+                          job: str = "train") -> Optional[ValueError]:
+  """A what-to-do ValueError for a write that failed mid-run, or None if `error` is not one.
+
+  `job` is "train" (model_dir is --model_dir) or "export" (model_dir is the export base).
+  """
   number = write_failure_errno(error)
   if number is None:
     return None
@@ -190,10 +194,16 @@ def explain_write_failure(error: BaseException, model_dir: str) -> Optional[Valu
     remedy = "free disk space (or raise the quota / file size limit)"
   else:
     remedy = "make it writable again"
+  failure = f"({os.strerror(number)}{f', writing {written}' if written else ''})"
+  if job == "export":
+    return ValueError(
+        f"Export failed: a write under {model_dir} failed {failure}. No partial version was "
+        f"published (versions are written to a staging folder first): {remedy}, then re-run "
+        "`estimator-ft export`.")
   return ValueError(
-      f"Training stopped: a write under --model_dir={model_dir} failed ({os.strerror(number)}"
-      f"{f', writing {written}' if written else ''}). The checkpoints written before it are intact: "
-      f"{remedy}, then re-run the same command to resume from the latest one.")
+      f"Training stopped: a write under --model_dir={model_dir} failed {failure}. The checkpoints "
+      f"written before it are intact: {remedy}, then re-run the same command to resume from the "
+      "latest one.")
 
 
 def _failed_file(error: BaseException, number: int) -> Optional[str]:
@@ -214,12 +224,12 @@ def _is_inside(path: str, folder: str) -> bool:
 
 
 @contextlib.contextmanager
-def explained_write_failures(model_dir: str):
+def explained_write_failures(model_dir: str, job: str = "train"):
   """Re-raises a failed write inside the block as explain_write_failure's ValueError."""
   try:
     yield
   except (OSError, tf.errors.OpError) as e:
-    explained = explain_write_failure(e, model_dir)
+    explained = explain_write_failure(e, model_dir, job)
     if explained is None:
       raise
     raise explained from e

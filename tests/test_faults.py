@@ -440,6 +440,11 @@ def test_write_failures_mid_run_are_explained(tmp_path):
   with pytest.raises(ValueError, match="No space left on device"):
     with faults.explained_write_failures(str(tmp_path)):
       raise tf_error.value
+  # The same failure while `estimator-ft export` writes its version.
+  with pytest.raises(ValueError, match=r"Export failed: .*No space left on device.*No partial version"
+                                       r".*re-run `estimator-ft export`"):
+    with faults.explained_write_failures(str(tmp_path), job="export"):
+      raise tf_error.value
 
 
 # ---------------------------------------------------------------- damaged or deleted checkpoints
