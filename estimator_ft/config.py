@@ -217,6 +217,14 @@ def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str
   return True
 
 
+def read_json(path: str, default):
+  """The JSON value in `path`, or `default` when the file does not exist (yet)."""
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
 def write_json_atomic(path: str, value) -> None:
   """Writes JSON so that a reader (or a crash) never sees a half-written file."""
   tmp = f"{path}.tmp-{os.getpid()}"

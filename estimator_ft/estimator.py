@@ -234,11 +234,7 @@ def _latest_checkpoint_step(model_dir):
 
 
 def read_train_history(model_dir):
-  path = os.path.join(model_dir, TRAIN_HISTORY_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return json.load(f)
+  return config_lib.read_json(os.path.join(model_dir, TRAIN_HISTORY_FILE), [])
 
 
 def read_eval_events(eval_dir):

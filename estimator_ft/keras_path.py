@@ -16,7 +16,6 @@ Checkpoints are per epoch: a resumed run restarts the interrupted epoch from the
 """
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -124,11 +123,7 @@ def checkpoint_weights(config: Config, num_classes: int, checkpoint_path: str) -
 
 
 def read_history(model_dir: str) -> list:
-  path = os.path.join(model_dir, HISTORY_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return json.load(f)
+  return config_lib.read_json(os.path.join(model_dir, HISTORY_FILE), [])
 
 
 def _writes_outputs(model) -> bool:
