@@ -52,8 +52,8 @@ logger = logging.getLogger("estimator_ft")
 MATMUL_SIZES = (2048, 4096)
 # Backward costs about twice the forward pass (gradients for activations and for weights).
 TRAINING_FLOPS_PER_FORWARD_FLOP = 3
-# ResNet50's caffe preprocessing, as keras.applications.resnet50.preprocess_input applies it.
-CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
+# ResNet50's caffe preprocessing, as data.preprocess_for_model applies it.
+CAFFE_MEAN_BGR = np.array(data_lib.IMAGENET_MEAN_BGR, np.float32)
 # Keeps the Estimator's checkpoint saver out of the timed steps: it saves at the start and at the
 # end of the run only.
 _NO_CHECKPOINT_DURING_TIMING = 10**9
@@ -300,20 +300,23 @@ def resolve_data_dir(data_dir: str, scratch_dir: str) -> str:
 
 
 def _pil_load(path: str, image_size: int, rng: np.random.Generator, augment: bool) -> np.ndarray:
-  """Decode -> resize -> (flip, random resized crop) with PIL, as data.make_dataset does with TF."""
+  """What data.make_dataset does with TF, with PIL: decode, then resize the whole image, or
+  (augment) resize a random crop of the decoded image in one step and maybe flip it."""
   with Image.open(path) as image:
-    image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-  if augment:
-    if rng.random() < 0.5:
-      image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    area = rng.uniform(*data_lib.CROP_AREA_RANGE) * image_size * image_size
+    image = image.convert("RGB")
+    if not augment:
+      return np.asarray(image.resize((image_size, image_size), Image.BILINEAR), np.float32)
+    full_width, full_height = image.size
+    area = rng.uniform(*data_lib.CROP_AREA_RANGE) * full_width * full_height
     aspect = rng.uniform(*data_lib.CROP_ASPECT_RATIO_RANGE)
-    width = min(image_size, max(1, int(round((area * aspect) ** 0.5))))
-    height = min(image_size, max(1, int(round((area / aspect) ** 0.5))))
-    left = int(rng.integers(0, image_size - width + 1))
-    top = int(rng.integers(0, image_size - height + 1))
+    width = min(full_width, max(1, int(round((area * aspect) ** 0.5))))
+    height = min(full_height, max(1, int(round((area / aspect) ** 0.5))))
+    left = int(rng.integers(0, full_width - width + 1))
+    top = int(rng.integers(0, full_height - height + 1))
     image = image.resize((image_size, image_size), Image.BILINEAR,
                          box=(left, top, left + width, top + height))
+  if rng.random() < 0.5:
+    image = image.transpose(Image.FLIP_LEFT_RIGHT)
   return np.asarray(image, np.float32)
 
 

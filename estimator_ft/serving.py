@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from estimator_ft import data as data_lib
 from estimator_ft import image_formats
 from estimator_ft import messages
 
@@ -93,7 +94,7 @@ def _undecodable_reason(image_bytes: bytes) -> Optional[str]:
   if not image_bytes:
     return "empty file (0 bytes)"
   try:
-    tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    data_lib.decode_rgb(image_bytes)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError,
           tf.errors.ResourceExhaustedError) as e:
     return f"not a decodable image ({messages.short_tf_error(e)})"

@@ -162,9 +162,10 @@ def test_undecodable_bytes_raise(content):
 def test_preprocess_is_keras_resnet50_preprocess_input():
   rng = np.random.default_rng(0)
   batch = rng.uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
+  batch[1] = np.round(batch[1])  # decoded pixels are whole numbers
   ours = data.preprocess_for_model(tf.constant(batch)).numpy()
   keras = tf.keras.applications.resnet50.preprocess_input(batch.copy())
-  np.testing.assert_allclose(ours, keras, rtol=1e-6, atol=1e-4)
+  np.testing.assert_array_equal(ours, keras)  # bit for bit: ImageNet weights expect it
   # Caffe mode, spelled out: RGB -> BGR, then the ImageNet channel means removed.
   r, g, b = batch[0, 0, 0]
   np.testing.assert_allclose(ours[0, 0, 0], [b - 103.939, g - 116.779, r - 123.68], atol=1e-3)
@@ -301,6 +302,30 @@ def test_train_augments_only_when_enabled(tmp_path):
     for batch in data.make_dataset(split, config, mode).as_numpy_iterator():
       for image in (batch[0] if mode == "eval" else batch)["image"]:
         np.testing.assert_array_equal(image, plain)
+
+
+def test_train_crops_from_the_decoded_image_with_one_interpolation(tmp_path):
+  # A detailed image 3x the training size, the same file in both classes: element i of the
+  # stream is that image augmented with seed (config seed, i).
+  for class_name in ("a", "b"):
+    images.write_png(tmp_path / "train" / class_name / "x.png", size=3 * SIZE, seed=2)
+  split = data.scan_image_folder(str(tmp_path / "train"), "train")
+  config = make_config(tmp_path, batch_size=2, augment=True)
+  with open(split.paths[0], "rb") as f:
+    decoded = data.decode_rgb(f.read())
+  assert decoded.dtype == tf.uint8 and decoded.shape == (3 * SIZE, 3 * SIZE, 3)
+  got = np.concatenate([f["image"] for f, _ in take(data.make_dataset(split, config, "train"), 3)])
+
+  def augmented(index, image):
+    seed = tf.constant([config.seed, index], tf.int64)
+    return data.preprocess_for_model(data.augment_image(image, seed, SIZE)).numpy()
+
+  from_decoded = np.stack([augmented(i, decoded) for i in range(6)])
+  np.testing.assert_allclose(got, from_decoded, atol=1e-3)
+  # The old way, resize to SIZE and crop that, interpolates twice: measurably different pixels.
+  resized = data.resize_image(decoded, SIZE)
+  from_resized = np.stack([augmented(i, resized) for i in range(6)])
+  assert np.abs(got - from_resized).mean() > 1.0, np.abs(got - from_resized).mean()
 
 
 def test_cache_gives_the_same_batches(folder_set, splits, tmp_path):
