@@ -18,8 +18,11 @@ warm-up steps excluded, each figure repeated (min / median / max reported):
   estimator_epoch_overhead_s  per-epoch wall time of a real short train_and_evaluate that is not
                            training steps (checkpoint, evaluation with its graph rebuilt, exports)
 
-The synthetic and folder phases of the Estimator run share one graph and one session: the input_fn
-concatenates them, so the step-rate ratio compares input pipelines and nothing else.
+The Estimator and Keras runs take turns, one timing window each (two threads, one running at a
+time), so both see the same moments of the machine's load and estimator/keras is the median of
+ratios of neighbouring windows. The synthetic and folder phases of the Estimator run share one
+graph and one session: the input_fn concatenates them, so the step-rate ratio compares input
+pipelines and nothing else.
 """
 
 import contextlib
@@ -32,6 +35,7 @@ import pathlib
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -160,6 +164,101 @@ def window_rates(timestamps: Sequence[float], warmup: int, steps: int, repeats: 
   return rates
 
 
+class TakeTurns:
+  """Two training loops in two threads, running one timing window at a time, in turn.
+
+  Timing the Estimator's windows and then Keras' puts any change in the machine's load between
+  the two phases straight into their ratio (on a shared 2-core machine, window rates drift by
+  10%). Alternating windows gives each Keras window an Estimator window measured next to it.
+  """
+
+  def __init__(self, first: str, second: str):
+    self._condition = threading.Condition()
+    self._names = (first, second)
+    self._turn = first
+    self._done = set()
+    self._failed = ""
+
+  def wait_for_turn(self, name: str) -> None:
+    with self._condition:
+      self._condition.wait_for(lambda: self._turn == name or self._failed)
+      if self._failed and self._failed != name:
+        raise RuntimeError(f"bench: the {self._failed} run failed; stopping the {name} run.")
+
+  def pass_turn(self, name: str, done: bool = False) -> None:
+    """After a window of `name`: the other loop runs next, unless it has finished already.
+
+    done: that was `name`'s last window. It then waits until the other loop has finished its
+    windows too, so whatever `name` runs next never overlaps the other's last window.
+    """
+    with self._condition:
+      if done:
+        self._done.add(name)
+      other = self._names[1 - self._names.index(name)]
+      self._turn = name if other in self._done else other
+      self._condition.notify_all()
+      if done:
+        self._condition.wait_for(lambda: other in self._done or self._failed)
+
+  def fail(self, name: str) -> None:
+    with self._condition:
+      self._failed = name
+      self._condition.notify_all()
+
+
+class WindowClock:
+  """Times a warm-up window then `repeats` windows of `steps` steps, each taken in turn.
+
+  A window's clock starts when its turn begins and stops when its last step finished, so waiting
+  for the other loop is never counted.
+  """
+
+  def __init__(self, name: str, turns: TakeTurns, warmup: int, steps: int, repeats: int):
+    self._name, self._turns = name, turns
+    self._lengths = [warmup] + [steps] * repeats
+    self._window, self._step_in_window = 0, 0
+    self._started = 0.0
+    self.seconds = []  # per timed window (the warm-up window excluded)
+
+  def before_step(self) -> None:
+    if self._window < len(self._lengths) and self._step_in_window == 0:
+      self._turns.wait_for_turn(self._name)
+      self._started = time.perf_counter()
+
+  def after_step(self) -> None:
+    if self._window >= len(self._lengths):
+      return
+    self._step_in_window += 1
+    if self._step_in_window == self._lengths[self._window]:
+      if self._window > 0:
+        self.seconds.append(time.perf_counter() - self._started)
+      self._window, self._step_in_window = self._window + 1, 0
+      self._turns.pass_turn(self._name, done=self._window == len(self._lengths))
+
+
+class WindowClockHook(tf.estimator.SessionRunHook):
+  def __init__(self, clock: WindowClock):
+    self._clock = clock
+
+  def before_run(self, run_context):
+    self._clock.before_step()
+
+  def after_run(self, run_context, run_values):
+    self._clock.after_step()
+
+
+class WindowClockCallback(tf.keras.callbacks.Callback):
+  def __init__(self, clock: WindowClock):
+    super().__init__()
+    self._clock = clock
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._clock.before_step()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._clock.after_step()
+
+
 class StepTimer(tf.estimator.SessionRunHook):
   """Records when each Estimator training step finished."""
 
@@ -167,17 +266,6 @@ class StepTimer(tf.estimator.SessionRunHook):
     self.timestamps = []
 
   def after_run(self, run_context, run_values):
-    self.timestamps.append(time.perf_counter())
-
-
-class BatchTimer(tf.keras.callbacks.Callback):
-  """Records when each Keras training batch finished."""
-
-  def __init__(self):
-    super().__init__()
-    self.timestamps = []
-
-  def on_train_batch_end(self, batch, logs=None):
     self.timestamps.append(time.perf_counter())
 
 
@@ -366,43 +454,73 @@ def input_loader_rates(split: data_lib.Split, config: Config, plan: BenchPlan) -
 
 # ---------------------------------------------------------------- training paths
 
-def estimator_rates(config: Config, splits: data_lib.Splits, plan: BenchPlan) -> dict:
-  """Estimator img/s on synthetic batches, then on the folder pipeline, in one graph and session."""
+def paired_training_rates(config: Config, splits: data_lib.Splits, plan: BenchPlan) -> dict:
+  """img/s of the Estimator path and of Keras `fit` on the same synthetic batches, their windows
+  taken in turn; then the Estimator alone, continuing in the same graph and session on the
+  image-folder pipeline.
+
+  Returns {"estimator": [...], "keras": [...], "folder": [...]}, one rate per timed window;
+  estimator[i] and keras[i] were measured next to each other.
+  """
   class_names = tuple(splits.class_names)
-  steps_per_phase = plan.warmup_steps + plan.steps * plan.repeats
+  num_classes = len(class_names)
+  paired_steps = plan.warmup_steps + plan.steps * plan.repeats
   steps_per_epoch = data_lib.steps_per_epoch(splits.train, config.batch_size)
+  turns = TakeTurns("estimator", "keras")
+  clocks = {name: WindowClock(name, turns, plan.warmup_steps, plan.steps, plan.repeats)
+            for name in ("estimator", "keras")}
 
   def input_fn():
-    synthetic = data_lib.synthetic_dataset(config, len(class_names), "train")
+    synthetic = data_lib.synthetic_dataset(config, num_classes, "train")
     folder = data_lib.make_dataset(splits.train, config, "train")
-    return synthetic.take(steps_per_phase).concatenate(folder)
+    return synthetic.take(paired_steps).concatenate(folder)
 
   estimator = estimator_lib.make_estimator(config, class_names, steps_per_epoch)
-  timer = StepTimer()
+  folder_timer = StepTimer()
+  total_estimator_steps = 2 * paired_steps
   # The path's own hooks ride along: their per-step fetches are part of what it costs.
-  hooks = [estimator_lib.ProgressHook(steps_per_epoch, 2 * steps_per_phase, config.batch_size,
+  hooks = [estimator_lib.ProgressHook(steps_per_epoch, total_estimator_steps, config.batch_size,
                                       config.log_every_n_steps),
-           estimator_lib.EpochMetricsHook(config.model_dir, steps_per_epoch), timer]
-  estimator.train(input_fn, max_steps=2 * steps_per_phase, hooks=hooks)
-  rate = lambda timestamps: window_rates(timestamps, plan.warmup_steps, plan.steps, plan.repeats,
-                                         config.batch_size)
-  return {"synthetic": rate(timer.timestamps[:steps_per_phase]),
-          "folder": rate(timer.timestamps[steps_per_phase:])}
+           estimator_lib.EpochMetricsHook(config.model_dir, steps_per_epoch),
+           WindowClockHook(clocks["estimator"]), folder_timer]
+  failure = []
 
+  def train_estimator():
+    try:
+      estimator.train(input_fn, max_steps=total_estimator_steps, hooks=hooks)
+    except BaseException as e:  # pylint: disable=broad-except
+      failure.append(e)
+      turns.fail("estimator")
 
-def keras_rates(config: Config, num_classes: int, plan: BenchPlan) -> list:
-  """Keras `fit` img/s on the synthetic batches, with the Keras path's compiled model."""
-  total_steps = plan.warmup_steps + plan.steps * plan.repeats
   tf.keras.backend.clear_session()
   tf.keras.utils.set_random_seed(config.seed)
-  model = keras_path.build_compiled_model(config, num_classes, steps_total=total_steps)
-  timer = BatchTimer()
-  model.fit(data_lib.synthetic_dataset(config, num_classes, "train"), epochs=1,
-            steps_per_epoch=total_steps, callbacks=[timer], verbose=0)
-  rates = window_rates(timer.timestamps, plan.warmup_steps, plan.steps, plan.repeats,
-                       config.batch_size)
+  thread = threading.Thread(target=train_estimator, name="bench-estimator", daemon=True)
+  thread.start()
+  try:
+    # The Estimator goes first: it builds its graph and runs its warm-up window. The Keras model
+    # is built only then, because building Keras layers inside a graph invalidates Keras models
+    # made before it ("Your Layer or Model is in an invalid state").
+    turns.wait_for_turn("keras")
+    model = keras_path.build_compiled_model(config, num_classes, steps_total=paired_steps)
+    model.fit(data_lib.synthetic_dataset(config, num_classes, "train"), epochs=1,
+              steps_per_epoch=paired_steps, callbacks=[WindowClockCallback(clocks["keras"])],
+              verbose=0)
+  except BaseException:
+    turns.fail("keras")
+    thread.join()
+    if failure:  # the Keras run only stopped because the Estimator run failed first
+      raise failure[0]
+    raise
+  thread.join()
+  # Only with the other thread gone: clear_session resets Keras state both threads share.
   tf.keras.backend.clear_session()
-  return rates
+  if failure:
+    raise failure[0]
+  images_per_second = lambda seconds: [plan.steps * config.batch_size / s for s in seconds]
+  folder = window_rates(folder_timer.timestamps[paired_steps:], plan.warmup_steps, plan.steps,
+                        plan.repeats, config.batch_size)
+  return {"estimator": images_per_second(clocks["estimator"].seconds),
+          "keras": images_per_second(clocks["keras"].seconds), "folder": folder}
 
 
 def feed_dict_rates(config: Config, split: data_lib.Split, num_classes: int, plan: BenchPlan,
@@ -490,7 +608,9 @@ def estimator_epoch_overhead(config: Config, splits: data_lib.Splits, plan: Benc
   train = _subset(splits.train, plan.overhead_steps_per_epoch * config.batch_size)
   short = dataclasses.replace(splits, train=train)
   steps_per_epoch = data_lib.steps_per_epoch(train, config.batch_size)
-  run_config = config.replace(epochs=plan.overhead_epochs, save_checkpoints_steps=0)
+  # The path's real defaults for checkpoints and summaries: this measures a real run.
+  run_config = config.replace(epochs=plan.overhead_epochs, save_checkpoints_steps=0,
+                              save_summary_steps=Config.save_summary_steps)
   started = time.time()
   estimator_lib.train(run_config, short, initial_weights="")
   finished = time.time()
@@ -618,7 +738,22 @@ def bench_config(plan: BenchPlan, data_dir: str, model_dir: str) -> Config:
       model_dir=model_dir, image_size=plan.image_size, batch_size=plan.batch_size, weights="none",
       precision=plan.precision, jit=plan.jit, epochs=1,
       save_checkpoints_steps=_NO_CHECKPOINT_DURING_TIMING,
+      save_summary_steps=summary_steps_within_warmup(plan.warmup_steps),
       log_every_n_steps=_NO_PROGRESS_LOG).validate()
+
+
+def summary_steps_within_warmup(warmup_steps: int) -> int:
+  """A summary period whose first periodic summary step falls inside the warm-up steps.
+
+  A tf.compat.v1 Session builds (prunes and optimizes) one executor per distinct set of fetches,
+  the first time it sees it: about 0.9 s for ResNet50 at 64 px on 2 cores. The Estimator's
+  summary hook adds its fetches every save_summary_steps steps, so its first periodic summary
+  step costs that once per run (measured with save_summary_steps=10: step 10 took 1.29 s, steps
+  20, 30 and 40 0.41 s like any other). Paid during the warm-up, it stays out of the
+  steady-state figures; a cached summary step then costs no measurable time. (With a single
+  warm-up step no period can do that: summaries then run every step.)
+  """
+  return max(1, warmup_steps - 1)
 
 
 def _ratio(numerator: float, denominator: float) -> Optional[float]:
@@ -674,14 +809,12 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
       forward_flops = forward_flops_per_image(config, num_classes)
     with clock.phase("tf.data pipeline vs Python loader"):
       loaders = input_loader_rates(splits.train, config, plan)
-    with clock.phase("Estimator, synthetic then folder input"):
-      estimator = estimator_rates(config, splits, plan)
-    with clock.phase("Keras fit"):
-      keras = keras_rates(config, num_classes, plan)
+    with clock.phase("Estimator and Keras fit in turn, then Estimator on folder input"):
+      training = paired_training_rates(config, splits, plan)
     with clock.phase("feed_dict loop"):
       feed_dict = feed_dict_rates(config, splits.train, num_classes, plan, session_config)
     with clock.phase("Estimator train_and_evaluate epoch overhead"):
-      folder_step_s = config.batch_size / statistics.median(estimator["folder"])
+      folder_step_s = config.batch_size / statistics.median(training["folder"])
       overhead = estimator_epoch_overhead(
           config.replace(model_dir=os.path.join(scratch, "overhead")), splits, plan, folder_step_s)
     accuracy = None
@@ -692,8 +825,7 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
                           "train_images": splits.train.num_examples,
                           "validation_images": splits.validation.num_examples},
              "environment": env}
-  results.update(summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict,
-                           overhead))
+  results.update(summarize(plan, matmul, forward_flops, loaders, training, feed_dict, overhead))
   if accuracy:
     results["accuracy"] = accuracy
   env["load_average_1min_after"] = os.getloadavg()[0]
@@ -707,12 +839,12 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
   return results
 
 
-def summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict, overhead) -> dict:
+def summarize(plan, matmul, forward_flops, loaders, training, feed_dict, overhead) -> dict:
   """The result figures (medians at the top level, spreads under `spread`), ratios and targets."""
   runs = {
-      "estimator_img_per_s": spread(estimator["synthetic"]),
-      "estimator_folder_img_per_s": spread(estimator["folder"]),
-      "keras_img_per_s": spread(keras),
+      "estimator_img_per_s": spread(training["estimator"]),
+      "estimator_folder_img_per_s": spread(training["folder"]),
+      "keras_img_per_s": spread(training["keras"]),
       "feed_dict_img_per_s": spread(feed_dict),
       "pipeline_img_per_s": spread(loaders["pipeline"]),
       "python_loader_img_per_s": spread(loaders["python_loader"]),
@@ -725,7 +857,9 @@ def summarize(plan, matmul, forward_flops, loaders, estimator, keras, feed_dict,
   gflops = {path: figures[f"{path}_img_per_s"] * train_flops / 1e9
             for path in ("estimator", "keras", "feed_dict")}
   ratios = {
-      "estimator_over_keras": _ratio(figures["estimator_img_per_s"], figures["keras_img_per_s"]),
+      # Median of the ratios of windows measured next to each other (see TakeTurns).
+      "estimator_over_keras": statistics.median(
+          e / k for e, k in zip(training["estimator"], training["keras"])),
       "synthetic_vs_folder_step_ratio": _ratio(figures["estimator_folder_img_per_s"],
                                                figures["estimator_img_per_s"]),
       "pipeline_over_python_loader": _ratio(figures["pipeline_img_per_s"],

@@ -16,6 +16,7 @@ handled explicitly here:
 
 import tensorflow as tf
 
+from estimator_ft import data as data_lib
 from estimator_ft import model as model_lib
 from estimator_ft.config import Config
 
@@ -156,7 +157,7 @@ def _current_learning_rate(optimizer):
 
 def _viewable(images):
   """Undoes ResNet50's caffe preprocessing (BGR, mean-centred) for TensorBoard's image panel."""
-  mean_bgr = tf.constant([103.939, 116.779, 123.68])
+  mean_bgr = tf.constant(data_lib.IMAGENET_MEAN_BGR, tf.float32)
   rgb = tf.reverse(tf.cast(images, tf.float32) + mean_bgr, axis=[-1])
   return tf.cast(tf.clip_by_value(rgb, 0.0, 255.0), tf.uint8)
 

@@ -6,6 +6,8 @@ No test here times anything against a target: speed targets live in the benchmar
 import dataclasses
 import json
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -34,6 +36,60 @@ def test_window_rates_time_each_window_from_the_end_of_the_step_before():
 def test_window_rates_refuse_a_run_with_too_few_steps():
   with pytest.raises(RuntimeError, match="only 3 steps"):
     bench.window_rates([1.0, 2.0, 3.0], warmup=1, steps=2, repeats=2, items_per_step=1)
+
+
+def _run_in_turns(turns, step_seconds, log, warmup=1, steps=2, repeats=2):
+  """Two fake training loops in two threads, each step sleeping its loop's step time."""
+  clocks = {name: bench.WindowClock(name, turns, warmup, steps, repeats) for name in step_seconds}
+  errors = []
+
+  def loop(name):
+    try:
+      for _ in range(warmup + steps * repeats):
+        clocks[name].before_step()
+        log.append(name)
+        time.sleep(step_seconds[name])
+        clocks[name].after_step()
+    except RuntimeError as e:
+      errors.append(str(e))
+
+  threads = [threading.Thread(target=loop, args=(name,)) for name in step_seconds]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout=30)
+  return clocks, errors
+
+
+def test_two_loops_take_turns_one_window_each_and_waiting_is_not_timed():
+  log = []
+  turns = bench.TakeTurns("estimator", "keras")
+  clocks, errors = _run_in_turns(turns, {"keras": 0.05, "estimator": 0.01}, log)
+  assert errors == []
+  # Warm-up window (1 step), then windows of 2 steps, strictly alternating, estimator first.
+  assert log == ["estimator", "keras"] + ["estimator"] * 2 + ["keras"] * 2 + [
+      "estimator"] * 2 + ["keras"] * 2
+  # Each window is its own two steps only: the estimator's never include keras' 0.1 s windows.
+  assert all(0.02 <= s < 0.06 for s in clocks["estimator"].seconds), clocks["estimator"].seconds
+  assert all(0.1 <= s < 0.2 for s in clocks["keras"].seconds), clocks["keras"].seconds
+  assert len(clocks["estimator"].seconds) == len(clocks["keras"].seconds) == 2
+
+
+def test_a_failed_loop_stops_the_other_instead_of_hanging_it():
+  turns = bench.TakeTurns("estimator", "keras")
+  turns.fail("estimator")
+  clocks, errors = _run_in_turns(turns, {"keras": 0.0}, [])
+  assert errors == ["bench: the estimator run failed; stopping the keras run."]
+  assert clocks["keras"].seconds == []
+
+
+@pytest.mark.parametrize("warmup", [2, 3, 5])
+def test_the_first_periodic_summary_step_falls_in_the_warmup(warmup):
+  period = bench.summary_steps_within_warmup(warmup)
+  # Steps 0..warmup-1 are warm-up; summaries run at step 0 and at multiples of the period.
+  assert 1 <= period <= warmup - 1
+  config = bench.bench_config(bench.make_plan(), "data/sample", "/tmp/unused")
+  assert config.save_summary_steps == bench.summary_steps_within_warmup(bench.WARMUP_STEPS)
 
 
 def test_spread_reports_min_median_max_of_the_runs():
@@ -149,6 +205,7 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   assert results["fraction_of_peak"] == pytest.approx(
       expected_gflops / results["matmul_gflops"]["peak_median"])
   ratios = results["ratios"]
+  # One window each here, so the median of paired-window ratios is the ratio of the two figures.
   assert ratios["estimator_over_keras"] == pytest.approx(
       results["estimator_img_per_s"] / results["keras_img_per_s"])
   assert results["synthetic_vs_folder_step_ratio"] == pytest.approx(
@@ -165,7 +222,8 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   env = results["environment"]
   assert env["tensorflow"].startswith("2.15") and env["cpu_cores"] >= 1
   assert isinstance(env["onednn"], bool)
-  assert set(results["phases"]) >= {"Keras fit", "feed_dict loop"}
+  assert set(results["phases"]) >= {
+      "Estimator and Keras fit in turn, then Estimator on folder input", "feed_dict loop"}
   table = capsys.readouterr().out
   for name in figures + ("estimator_over_keras", "pipeline_over_python_loader"):
     assert name in table
