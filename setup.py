@@ -25,6 +25,6 @@ setup(
         "matplotlib>=3.5",
         "psutil>=5",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
     entry_points={"console_scripts": ["estimator-ft=estimator_ft.cli:run_main"]},
 )

@@ -115,7 +115,7 @@ def preprocess_for_model(images) -> tf.Tensor:
 
   The same arithmetic as keras.applications.resnet50.preprocess_input, bit for bit (tested), so
   ImageNet weights see exactly the input they were trained on. Keras flips the channels with a
-  strided slice, which made it the slowest op of the training map (2.5x the time of
+  strided slice, which made it the slowest op of the training map (3x the time of
   tf.reverse + subtract at 224 px, measured).
   """
   images = tf.cast(images, tf.float32)
