@@ -2,6 +2,7 @@
 import importlib.util
 import os
 import pathlib
+import shutil
 
 # Must be set before TensorFlow is imported by any test module.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,3 +35,19 @@ def sample_dataset(tmp_path_factory):
   load_sample_generator().generate(str(root), seed=0, train_per_class=64, validation_per_class=24,
                                    image_size=48)
   return root
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(request, tmp_path_factory):
+  """A folder for one test module's shared fixtures, removed once the module is done unless one
+  of its tests failed (then it stays for the post-mortem).
+
+  A ResNet50 model_dir holds ~180 MB per checkpoint; left to pytest's default retention the suite
+  kept ~13 GB in /tmp to the end of the session and filled CI's disk. pytest.ini's
+  `tmp_path_retention_policy = failed` does the same for each test's own tmp_path.
+  """
+  path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+  failures_before = request.session.testsfailed
+  yield path
+  if request.session.testsfailed == failures_before:
+    shutil.rmtree(path, ignore_errors=True)

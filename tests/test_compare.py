@@ -37,8 +37,8 @@ NAIVE_MIN_BN_RELATIVE_GAP = 0.1
 
 
 @pytest.fixture(scope="module")
-def compared(tiny_dataset, tmp_path_factory):
-  output_dir = tmp_path_factory.mktemp("compare") / "out"
+def compared(tiny_dataset, module_tmp_path):
+  output_dir = module_tmp_path / "out"
   command = [sys.executable, "-m", "estimator_ft", "compare",
              f"--train_dir={tiny_dataset / 'train'}",
              f"--validation_dir={tiny_dataset / 'validation'}",

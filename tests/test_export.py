@@ -77,22 +77,24 @@ PREDICT_MODULES = {"estimator_ft", "estimator_ft.cli", "estimator_ft.config", "e
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def trained(tiny_dataset, tmp_path_factory):
+def trained(tiny_dataset, module_tmp_path):
   """One epoch of the Estimator path (3 steps at 32 px) with its exporters; returns (config, results)."""
   config = Config(train_dir=str(tiny_dataset / "train"),
                   validation_dir=str(tiny_dataset / "validation"),
-                  model_dir=str(tmp_path_factory.mktemp("export_run")), image_size=SIZE,
+                  model_dir=str(module_tmp_path / "export_run"), image_size=SIZE,
                   batch_size=8, epochs=1, weights="none", augment=False).validate()
   results = training.run(config)
   return config, results
 
 
 @pytest.fixture(scope="module")
-def keras_export(trained, tmp_path_factory):
+def keras_export(trained, module_tmp_path):
   """The Keras-path export of the trained Estimator's weights, via a Keras-path model_dir."""
   config, results = trained
   class_names = tuple(results["class_names"])
-  keras_dir = str(tmp_path_factory.mktemp("keras_run"))
+  keras_dir = module_tmp_path / "keras_run"
+  keras_dir.mkdir()
+  keras_dir = str(keras_dir)
   keras_config = config.replace(path="keras", model_dir=keras_dir)
   config_lib.write_run_config(keras_config, class_names)
   model = model_lib.build_model(keras_config, len(class_names))

@@ -42,9 +42,9 @@ def event_files(folder):
 
 
 @pytest.fixture(scope="module")
-def resumed_run(tiny_dataset, tmp_path_factory):
+def resumed_run(tiny_dataset, module_tmp_path):
   """One keras model_dir trained to 1 epoch, then the same command re-run with --epochs=2."""
-  model_dir = tmp_path_factory.mktemp("keras_run") / "model"
+  model_dir = module_tmp_path / "model"
   config = make_config(tiny_dataset, model_dir)
   training.run(config)
   first = read_results(model_dir)

@@ -33,9 +33,9 @@ def event_tags(directory):
 
 
 @pytest.fixture(scope="module")
-def resumed_run(tiny_dataset, tmp_path_factory):
+def resumed_run(tiny_dataset, module_tmp_path):
   """One epoch, then the same command asking for two: the second run resumes."""
-  model_dir = tmp_path_factory.mktemp("estimator_run")
+  model_dir = module_tmp_path / "estimator_run"
   first = training.run(tiny_config(tiny_dataset, model_dir, epochs=1))
   second = training.run(tiny_config(tiny_dataset, model_dir, epochs=2))
   return model_dir, first, second
