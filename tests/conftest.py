@@ -3,6 +3,7 @@ import importlib.util
 import os
 import pathlib
 import shutil
+import tempfile
 
 # Must be set before TensorFlow is imported by any test module.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,6 +18,22 @@ def load_sample_generator():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_inside_basetemp(tmp_path_factory):
+  """Points `tempfile` here, and the CLI subprocesses through TMPDIR, at a folder inside pytest's
+  basetemp, so what TensorFlow and tfds leave behind (autograph's generated sources, the folders of
+  `tfds.testing.mock_data`: ~30 per run) goes with it instead of piling up in /tmp."""
+  folder = str(tmp_path_factory.mktemp("tmp"))
+  previous_tmpdir, previous_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+  os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+  yield folder
+  tempfile.tempdir = previous_tempdir
+  if previous_tmpdir is None:
+    del os.environ["TMPDIR"]
+  else:
+    os.environ["TMPDIR"] = previous_tmpdir
 
 
 @pytest.fixture(scope="session")
