@@ -92,9 +92,8 @@ def keras_export(trained, module_tmp_path):
   """The Keras-path export of the trained Estimator's weights, via a Keras-path model_dir."""
   config, results = trained
   class_names = tuple(results["class_names"])
-  keras_dir = module_tmp_path / "keras_run"
-  keras_dir.mkdir()
-  keras_dir = str(keras_dir)
+  keras_dir = str(module_tmp_path / "keras_run")
+  os.mkdir(keras_dir)
   keras_config = config.replace(path="keras", model_dir=keras_dir)
   config_lib.write_run_config(keras_config, class_names)
   model = model_lib.build_model(keras_config, len(class_names))
