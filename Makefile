@@ -22,8 +22,8 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
-$(SAMPLE)/.complete: data/make_sample_data.py | install
-	$(PY) data/make_sample_data.py --output_dir=$(SAMPLE)
+$(SAMPLE)/.complete: estimator_ft/sample_data.py | install
+	$(PY) -m estimator_ft.sample_data --output_dir=$(SAMPLE)
 
 demo: install $(SAMPLE)/.complete
 	$(VENV)/bin/estimator-ft train --flagfile=data/demo.flags --model_dir=$(DEMO_DIR)

@@ -23,7 +23,6 @@ setup(
         "absl-py>=1.0",
         "pillow>=9",
         "matplotlib>=3.5",
-        "psutil>=5",
     ],
     extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
     entry_points={"console_scripts": ["estimator-ft=estimator_ft.cli:run_main"]},

@@ -1,17 +1,25 @@
 """estimator_ft: fine-tune a Keras ResNet50 through tf.estimator with correct BatchNorm handling.
 
-Layout (one module, one job):
-  config      the frozen run configuration, validation, config.json in model_dir
-  data        tf.data image pipeline shared by every path (folder scan, decode, augment, TFDS)
-  model       the one ResNet50 + head builder, weights loading, layer freezing
-  model_fn    the Estimator model_fn: training flag from mode, BN updates in the train op
-  estimator   Estimator training runner (train_and_evaluate, hooks, results.json)
-  keras_path  the Keras `fit` reference path
-  compare     keras vs estimator vs the broken loop, side by side
-  export      SavedModel export for serving (TF Serving layout) and predict
-  cluster     multi-worker TF_CONFIG launcher
-  bench       throughput benchmarks
-  cli         absl flags and subcommands (the only module that reads flags)
+Layers, each importing only from those above it in this list (tests/test_layout.py checks it):
+
+  contract, files, progress,      standard library only: the serving contract's names, atomic
+  messages, image_formats,        writes, the progress line, one-line TF errors, format checks,
+  cluster, sample_data            TF_CONFIG roles and the local launcher, the sample-data generator
+  config                          the frozen run configuration: defaults, flag help, validators
+  data/                           the one tf.data pipeline: split, images, folders, tfds_source,
+                                  loading, pipeline, synthetic
+  model                           the one ResNet50 + head builder, initial-weights checkpoint
+  model_fn                        the Estimator model_fn: training flag from mode, BN updates in
+                                  the train op (and the train op the benchmark's loop reuses)
+  run/                            what both paths share: model_dir contract, events, errors,
+                                  runtime (strategy, determinism), summaries, faults
+  serving                         `predict` and the TF Serving version layout (TF + contract only)
+  export                          SavedModel signatures, publishing, exporters (no training path)
+  estimator, keras_path           the two training paths
+  jobs/                           train, export_checkpoint, compare
+  bench/                          `estimator-ft bench`: plan, timing, machine, loaders,
+                                  training_rates, report, runner
+  cli                             absl flags and subcommands (the only module that reads flags)
 """
 
 __version__ = "0.1.0"

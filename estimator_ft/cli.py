@@ -3,6 +3,8 @@
 Each subcommand defines just its own flags (so `--help` lists what matters and no flag is inert),
 turns them into library arguments - for training, one validated `Config` - and calls the library.
 User errors (ValueError from validation or the library) print one clear message and exit 2.
+Each subcommand imports its job only when it runs, so `--help` and flag errors never wait for
+TensorFlow to start, and `predict` loads no training code.
 """
 
 import dataclasses
@@ -22,68 +24,16 @@ logger = logging.getLogger("estimator_ft")
 
 EXIT_USER_ERROR = 2
 
-_HELP = {
-    "train_dir": "Training images: one sub-folder per class (<dir>/<class>/*.jpg|png|gif|bmp).",
-    "validation_dir": "Validation images, same classes and layout as --train_dir.",
-    "tfds_name": "TFDS dataset name (e.g. cats_vs_dogs) instead of folders; needs prepared data offline.",
-    "tfds_data_dir": "TFDS data_dir holding the prepared dataset (default: TFDS' own default).",
-    "tfds_train_split": "TFDS split used for training.",
-    "tfds_validation_split": "TFDS split used for validation.",
-    "tfds_image_key": "Feature key of the image in the TFDS dataset.",
-    "tfds_label_key": "Feature key of the class label in the TFDS dataset.",
-    "image_size": "Square input size in pixels (>= 32; 224 is ResNet50's native size, 64 is quick on CPU).",
-    "batch_size": "Images per training step.",
-    "augment": "Random flip and crop/scale while training (never in evaluation).",
-    "shuffle_buffer": "Shuffle buffer size (file names, so a large buffer is cheap).",
-    "cache": "Cache decoded, resized images in memory (before augmentation).",
-    "bad_images": "What to do with files that cannot be decoded: fail (list them and stop) or skip them.",
-    "seed": "Seed for initial weights, shuffling, augmentation and dropout.",
-    "weights": "imagenet (downloaded once by Keras), none (random init, works offline) or PATH.h5.",
-    "fine_tune_from": "all: train the whole base; none: head only; LAYER_NAME: train from that layer on.",
-    "dropout": "Dropout rate before the Dense head.",
-    "batchnorm_momentum": "Momentum of the BN moving statistics (0.99 = ResNet50's own; 0.9 settles "
-                          "faster in short runs from scratch).",
-    "optimizer": "momentum (SGD with --momentum) or adam.",
-    "learning_rate": "Learning rate (1e-4 with momentum 0.9 is the fine-tuning default).",
-    "momentum": "Momentum of the SGD optimizer.",
-    "lr_schedule": "constant or cosine decay over the whole run.",
-    "epochs": "Epochs to train in total (a resumed run continues up to this many).",
-    "update_ops": "apply: BatchNorm moving statistics are updated (correct). skip: DIAGNOSTIC ONLY - "
-                  "reproduces the broken hand-written loop whose evaluation uses stale statistics.",
-    "precision": "float32, mixed_bfloat16 (CPUs with AVX512_BF16) or mixed_float16 (GPUs).",
-    "jit": "Compile with XLA.",
-    "path": "estimator (tf.estimator model_fn) or keras (model.fit reference path).",
-    "model_dir": "Folder for checkpoints, TensorBoard logs, config.json, results.json and exports.",
-    "save_checkpoints_steps": "Checkpoint (and evaluate) every N steps; 0 = once per epoch.",
-    "keep_checkpoint_max": "Checkpoints kept.",
-    "save_summary_steps": "TensorBoard training summaries every N steps.",
-    "log_every_n_steps": "Progress line (steps/s, images/s, ETA) every N steps.",
-    "distribution": "none (default; also for TF_CONFIG clusters with parameter servers), mirrored, "
-                    "or multi_worker_mirrored.",
-    "exact_resume": "Resume the input stream exactly where the checkpoint left it (replayed from the "
-                    "seed), so a resumed run sees exactly the batches an uninterrupted one would.",
-    "deterministic": "Deterministic TensorFlow ops (enable_op_determinism): with --exact_resume and "
-                     "--dropout=0 a killed and resumed run ends with an uninterrupted run's weights.",
-    "export_during_training": "Export SavedModels (export/latest, export/best) after each evaluation.",
-    "export_best_metric": "Validation metric that picks the 'best' export (loss: lowest; else highest).",
-    "exports_to_keep": "Exported versions kept per exporter.",
-}
-
-
 def _define_config_flags(overrides=None, skip=()):
-  """One flag per Config field, default taken from the dataclass (or `overrides`)."""
+  """One flag per Config field: its default (or `overrides`), help and choices from the field."""
   overrides = overrides or {}
-  enums = {"optimizer": config_lib.OPTIMIZERS, "lr_schedule": config_lib.LR_SCHEDULES,
-           "bad_images": config_lib.BAD_IMAGE_POLICIES, "update_ops": config_lib.UPDATE_OPS_MODES,
-           "path": config_lib.PATHS, "distribution": config_lib.DISTRIBUTIONS,
-           "precision": config_lib.PRECISIONS, "export_best_metric": config_lib.EXPORT_METRICS}
   for field in dataclasses.fields(Config):
     if field.name in skip:
       continue
     default = overrides.get(field.name, field.default)
-    help_text = _HELP[field.name]
-    if field.name in enums:
-      flags.DEFINE_enum(field.name, default, enums[field.name], help_text)
+    help_text = field.metadata["help"]
+    if "choices" in field.metadata:
+      flags.DEFINE_enum(field.name, default, field.metadata["choices"], help_text)
     elif field.type in (bool, "bool"):
       flags.DEFINE_boolean(field.name, default, help_text)
     elif field.type in (int, "int"):
@@ -93,6 +43,10 @@ def _define_config_flags(overrides=None, skip=()):
       flags.DEFINE_float(field.name, default, help_text)
     else:
       flags.DEFINE_string(field.name, default, help_text)
+
+
+def _field_help(name: str) -> str:
+  return next(f.metadata["help"] for f in dataclasses.fields(Config) if f.name == name)
 
 
 def _config_from_flags(require_model_dir=True, **forced) -> Config:
@@ -109,9 +63,9 @@ def _define_train():
 
 def _run_train(argv):
   _no_positional(argv)
-  from estimator_ft import training
+  from estimator_ft.jobs import train as train_job
   config = _config_from_flags()
-  results = training.run(config)
+  results = train_job.run(config)
   _print_train_summary(results, config)
   return 0
 
@@ -158,7 +112,7 @@ def _define_compare():
 
 def _run_compare(argv):
   _no_positional(argv)
-  from estimator_ft import compare
+  from estimator_ft.jobs import compare
   if not FLAGS.output_dir:
     raise ValueError("--output_dir is required: the folder for the comparison outputs.")
   paths = compare.check_paths(FLAGS.paths)
@@ -178,10 +132,10 @@ def _define_export():
 
 def _run_export(argv):
   _no_positional(argv)
-  from estimator_ft import export
+  from estimator_ft.jobs import export_checkpoint
   if not FLAGS.model_dir:
     raise ValueError("--model_dir is required: the training model_dir to export from.")
-  path = export.export_from_checkpoint(FLAGS.model_dir, FLAGS.export_dir or None)
+  path = export_checkpoint.export_from_checkpoint(FLAGS.model_dir, FLAGS.export_dir or None)
   print(f"Exported SavedModel: {path}")
   return 0
 
@@ -233,7 +187,7 @@ def _define_bench():
   flags.DEFINE_boolean("quick", False, "At most 5 steps x 2 repeats: about two minutes at 64 px on "
                        "2 quiet cores.")
   flags.DEFINE_enum("precision", "float32", config_lib.PRECISIONS,
-                    "Training precision of every path: " + _HELP["precision"])
+                    "Training precision of every path: " + _field_help("precision"))
   flags.DEFINE_boolean("jit", False, "Compile with XLA (Keras jit_compile; the Estimator session's "
                        "auto-clustering).")
   flags.DEFINE_string("data_dir", "data/sample", "Image folder with train/ and validation/ for the "
@@ -247,8 +201,8 @@ def _define_bench():
 
 def _run_bench(argv):
   _no_positional(argv)
-  from estimator_ft import bench
-  bench.run_bench(image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
+  from estimator_ft.bench import runner
+  runner.run_bench(image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
                   repeats=FLAGS.repeats, quick=FLAGS.quick, precision=FLAGS.precision, jit=FLAGS.jit,
                   data_dir=FLAGS.data_dir, output=FLAGS.output, accuracy_steps=FLAGS.accuracy_steps)
   return 0

@@ -1,15 +1,19 @@
-"""The one configuration object of a run.
+"""The one configuration object of a run, its defaults, flag help and validation.
 
-Every default lives here; the CLI takes its flag defaults from these fields, builds one
-`Config`, validates it before any TensorFlow work starts, and writes it into `model_dir` as JSON.
-Library code receives a `Config` (never absl flags).
+Every default and every flag's help text lives here, beside its field (`help` in the field's
+metadata, `choices` for enumerations): the CLI defines one flag per field from them, builds one
+`Config`, validates it before any TensorFlow work starts, and the run layer writes it into
+`model_dir` as config.json. Library code receives a `Config` (never absl flags).
+
+The small `check_*` functions are the validators: `Config.validate` uses them, and so does every
+other entry point that takes one of these settings (the data loader, the benchmark plan), so a bad
+value gets the same message wherever it comes in.
 """
 
 import dataclasses
-import json
 import math
 import os
-from typing import Optional, Tuple
+from typing import Sequence
 
 # ResNet50's native resolution; the smallest it accepts with include_top=False is 32.
 RESNET50_NATIVE_IMAGE_SIZE = 224
@@ -25,13 +29,40 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 EXPORT_METRICS = ("loss", "accuracy", "auc")
 
 # Fields that change what a checkpoint in model_dir means. Resuming with any of them changed
-# would silently mix two different runs, so it is refused (see `check_resumable`). The optimizer's
-# hyperparameters are among them because both paths checkpoint them as variables: a resumed run
-# would silently keep the old learning rate and momentum.
+# would silently mix two different runs, so it is refused (see run.model_dir.check_resumable). The
+# optimizer's hyperparameters are among them because both paths checkpoint them as variables: a
+# resumed run would silently keep the old learning rate and momentum.
 CHECKPOINT_DEFINING_FIELDS = (
     "path", "image_size", "fine_tune_from", "optimizer", "precision", "dropout", "lr_schedule",
     "learning_rate", "momentum",
 )
+
+
+def _setting(default, help_text: str, choices: Sequence[str] = ()):
+  """A Config field whose flag help (and allowed values) travel with it."""
+  metadata = {"help": help_text}
+  if choices:
+    metadata["choices"] = tuple(choices)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+# ------------------------------------------------------------------ validators
+
+def check_choice(name: str, value, allowed: Sequence[str], error=ValueError) -> None:
+  if value not in allowed:
+    raise error(f"--{name}={value!r} is not valid: use one of {', '.join(allowed)}.")
+
+
+def check_at_least(name: str, value: int, minimum: int, hint: str = "", error=ValueError) -> None:
+  if value < minimum:
+    raise error(f"--{name}={value} must be at least {minimum}.{' ' + hint if hint else ''}")
+
+
+def check_image_size(image_size: int, error=ValueError) -> None:
+  if image_size < RESNET50_MIN_IMAGE_SIZE:
+    raise error(f"--image_size={image_size} is too small: ResNet50 needs at least "
+                f"{RESNET50_MIN_IMAGE_SIZE} pixels (it downsamples 32x). Use --image_size=64 for "
+                f"quick CPU runs or {RESNET50_NATIVE_IMAGE_SIZE} for ImageNet-like accuracy.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,115 +70,137 @@ class Config:
   """A fine-tuning run, fully resolved. Construct, then call `validate()`."""
 
   # Data: either an image folder pair or a TFDS dataset.
-  train_dir: str = ""
-  validation_dir: str = ""
-  tfds_name: str = ""
-  tfds_data_dir: str = ""
-  tfds_train_split: str = "train[:80%]"
-  tfds_validation_split: str = "train[80%:]"
-  tfds_image_key: str = "image"
-  tfds_label_key: str = "label"
-  image_size: int = RESNET50_NATIVE_IMAGE_SIZE
-  batch_size: int = 32
-  augment: bool = True
-  shuffle_buffer: int = 1024
-  cache: bool = False
-  bad_images: str = "fail"
-  seed: int = 42
+  train_dir: str = _setting(
+      "", "Training images: one sub-folder per class (<dir>/<class>/*.jpg|png|gif|bmp).")
+  validation_dir: str = _setting("", "Validation images, same classes and layout as --train_dir.")
+  tfds_name: str = _setting(
+      "", "TFDS dataset name (e.g. cats_vs_dogs) instead of folders; needs prepared data offline.")
+  tfds_data_dir: str = _setting(
+      "", "TFDS data_dir holding the prepared dataset (default: TFDS' own default).")
+  tfds_train_split: str = _setting("train[:80%]", "TFDS split used for training.")
+  tfds_validation_split: str = _setting("train[80%:]", "TFDS split used for validation.")
+  tfds_image_key: str = _setting("image", "Feature key of the image in the TFDS dataset.")
+  tfds_label_key: str = _setting("label", "Feature key of the class label in the TFDS dataset.")
+  image_size: int = _setting(
+      RESNET50_NATIVE_IMAGE_SIZE,
+      "Square input size in pixels (>= 32; 224 is ResNet50's native size, 64 is quick on CPU).")
+  batch_size: int = _setting(32, "Images per training step.")
+  augment: bool = _setting(True, "Random flip and crop/scale while training (never in evaluation).")
+  shuffle_buffer: int = _setting(
+      1024, "Shuffle buffer of decoded images behind --cache (the file order itself is a full "
+      "permutation of the split every epoch, whatever this is).")
+  cache: bool = _setting(False, "Cache decoded, resized images in memory (before augmentation).")
+  bad_images: str = _setting(
+      "fail", "What to do with files that cannot be decoded: fail (list them and stop) or skip them.",
+      BAD_IMAGE_POLICIES)
+  seed: int = _setting(42, "Seed for initial weights, shuffling, augmentation and dropout.")
 
   # Model.
-  weights: str = "imagenet"  # imagenet | none | path to a .h5 weights file
-  fine_tune_from: str = "all"  # all | none | name of the first base layer to train
-  dropout: float = 0.2
+  weights: str = _setting(
+      "imagenet", "imagenet (downloaded once by Keras), none (random init, works offline) or PATH.h5.")
+  fine_tune_from: str = _setting(
+      "all", "all: train the whole base; none: head only; LAYER_NAME: train from that layer on.")
+  dropout: float = _setting(0.2, "Dropout rate before the Dense head.")
   # Keras ResNet50's own BN momentum. Moving statistics need ~1/(1-momentum) steps to settle: a short
   # from-scratch run (e.g. the demo) evaluates far better with 0.9.
-  batchnorm_momentum: float = 0.99
+  batchnorm_momentum: float = _setting(
+      0.99, "Momentum of the BN moving statistics (0.99 = ResNet50's own; 0.9 settles faster in "
+      "short runs from scratch).")
 
   # Optimisation. Momentum SGD at 1e-4 / 0.9 is the setting of the original problem.
-  optimizer: str = "momentum"
-  learning_rate: float = 1e-4
-  momentum: float = 0.9
-  lr_schedule: str = "constant"
-  epochs: int = 5
-  update_ops: str = "apply"  # "skip" reproduces the broken loop; diagnostic only
-  precision: str = "float32"
-  jit: bool = False
+  optimizer: str = _setting("momentum", "momentum (SGD with --momentum) or adam.", OPTIMIZERS)
+  learning_rate: float = _setting(
+      1e-4, "Learning rate (1e-4 with momentum 0.9 is the fine-tuning default).")
+  momentum: float = _setting(0.9, "Momentum of the SGD optimizer.")
+  lr_schedule: str = _setting("constant", "constant or cosine decay over the whole run.",
+                              LR_SCHEDULES)
+  epochs: int = _setting(5, "Epochs to train in total (a resumed run continues up to this many).")
+  update_ops: str = _setting(
+      "apply", "apply: BatchNorm moving statistics are updated (correct). skip: DIAGNOSTIC ONLY - "
+      "reproduces the broken hand-written loop whose evaluation uses stale statistics.",
+      UPDATE_OPS_MODES)
+  precision: str = _setting(
+      "float32", "float32, mixed_bfloat16 (CPUs with AVX512_BF16) or mixed_float16 (GPUs).",
+      PRECISIONS)
+  jit: bool = _setting(False, "Compile with XLA.")
 
   # Run.
-  path: str = "estimator"
-  model_dir: str = ""
-  save_checkpoints_steps: int = 0  # 0: once per epoch
-  keep_checkpoint_max: int = 5
-  save_summary_steps: int = 20
-  log_every_n_steps: int = 10
-  distribution: str = "none"
-  exact_resume: bool = False
-  deterministic: bool = False  # tf.config.experimental.enable_op_determinism for the whole run
-  export_during_training: bool = True  # latest/best SavedModels after each evaluation
-  export_best_metric: str = "loss"
-  exports_to_keep: int = 3
+  path: str = _setting(
+      "estimator", "estimator (tf.estimator model_fn) or keras (model.fit reference path).", PATHS)
+  model_dir: str = _setting(
+      "", "Folder for checkpoints, TensorBoard logs, config.json, results.json and exports.")
+  save_checkpoints_steps: int = _setting(
+      0, "Checkpoint (and evaluate) every N steps; 0 = once per epoch.")
+  keep_checkpoint_max: int = _setting(5, "Checkpoints kept.")
+  save_summary_steps: int = _setting(20, "TensorBoard training summaries every N steps.")
+  log_every_n_steps: int = _setting(10, "Progress line (steps/s, images/s, ETA) every N steps.")
+  distribution: str = _setting(
+      "none", "none (default; also for TF_CONFIG clusters with parameter servers), mirrored, or "
+      "multi_worker_mirrored.", DISTRIBUTIONS)
+  exact_resume: bool = _setting(
+      False, "Resume the input stream exactly where the checkpoint left it (replayed from the "
+      "seed), so a resumed run sees exactly the batches an uninterrupted one would.")
+  deterministic: bool = _setting(
+      False, "Deterministic TensorFlow ops (enable_op_determinism): with --exact_resume and "
+      "--dropout=0 a killed and resumed run ends with an uninterrupted run's weights.")
+  export_during_training: bool = _setting(
+      True, "Export SavedModels (export/latest, export/best) after each evaluation.")
+  export_best_metric: str = _setting(
+      "loss", "Validation metric that picks the 'best' export (loss: lowest; else highest).",
+      EXPORT_METRICS)
+  exports_to_keep: int = _setting(3, "Exported versions kept per exporter.")
 
   # ---------------------------------------------------------------- validation
 
-  def validate(self, require_model_dir: bool = True) -> "Config":
-    """Raises ValueError naming the bad setting and what to do; returns self."""
-    def fail(msg):
-      raise ValueError(msg)
-
-    def one_of(name, allowed):
-      value = getattr(self, name)
-      if value not in allowed:
-        fail(f"--{name}={value!r} is not valid: use one of {', '.join(allowed)}.")
-
+  def validate_data_settings(self, error=ValueError) -> None:
+    """The settings the data loader relies on: one source, a usable image and batch size."""
     has_folders = bool(self.train_dir or self.validation_dir)
     if has_folders and self.tfds_name:
-      fail("Give either --train_dir/--validation_dir or --tfds_name, not both.")
+      raise error("Give either --train_dir/--validation_dir or --tfds_name, not both.")
     if not has_folders and not self.tfds_name:
-      fail("No data given: pass --train_dir=DIR and --validation_dir=DIR (one sub-folder per "
-           "class), or --tfds_name=NAME for a TFDS dataset. `make demo` shows an example.")
+      raise error("No data given: pass --train_dir=DIR and --validation_dir=DIR (one sub-folder "
+                  "per class), or --tfds_name=NAME for a TFDS dataset. `make demo` shows an example.")
     if has_folders and not (self.train_dir and self.validation_dir):
-      fail("Give both --train_dir and --validation_dir (each with one sub-folder per class).")
-    if self.image_size < RESNET50_MIN_IMAGE_SIZE:
-      fail(f"--image_size={self.image_size} is too small: ResNet50 needs at least "
-           f"{RESNET50_MIN_IMAGE_SIZE} pixels (it downsamples 32x). Use --image_size=64 for quick "
-           f"CPU runs or {RESNET50_NATIVE_IMAGE_SIZE} for ImageNet-like accuracy.")
-    if self.batch_size < 1:
-      fail(f"--batch_size={self.batch_size} must be at least 1.")
-    if self.epochs < 1:
-      fail(f"--epochs={self.epochs} must be at least 1.")
+      raise error("Give both --train_dir and --validation_dir (each with one sub-folder per class).")
+    check_image_size(self.image_size, error)
+    check_at_least("batch_size", self.batch_size, 1, error=error)
+    check_choice("bad_images", self.bad_images, BAD_IMAGE_POLICIES, error)
+
+  def validate(self, require_model_dir: bool = True) -> "Config":
+    """Raises ValueError naming the bad setting and what to do; returns self."""
+    self.validate_data_settings()
+    check_at_least("epochs", self.epochs, 1)
     if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-      fail(f"--learning_rate={self.learning_rate} must be a positive number (try 1e-4).")
+      raise ValueError(f"--learning_rate={self.learning_rate} must be a positive number (try 1e-4).")
     if not 0 <= self.momentum < 1:
-      fail(f"--momentum={self.momentum} must be in [0, 1) (0.9 is usual).")
+      raise ValueError(f"--momentum={self.momentum} must be in [0, 1) (0.9 is usual).")
     if not 0 <= self.dropout < 1:
-      fail(f"--dropout={self.dropout} must be in [0, 1).")
+      raise ValueError(f"--dropout={self.dropout} must be in [0, 1).")
     if not 0 < self.batchnorm_momentum < 1:
-      fail(f"--batchnorm_momentum={self.batchnorm_momentum} must be in (0, 1) (0.99 is ResNet50's own).")
-    if self.shuffle_buffer < 1:
-      fail(f"--shuffle_buffer={self.shuffle_buffer} must be at least 1.")
-    if self.save_checkpoints_steps < 0:
-      fail("--save_checkpoints_steps must be >= 0 (0 means once per epoch).")
-    if self.keep_checkpoint_max < 1:
-      fail("--keep_checkpoint_max must be at least 1.")
-    if self.save_summary_steps < 1 or self.log_every_n_steps < 1:
-      fail("--save_summary_steps and --log_every_n_steps must be at least 1.")
-    if self.exports_to_keep < 1:
-      fail("--exports_to_keep must be at least 1.")
-    for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
-                          ("bad_images", BAD_IMAGE_POLICIES), ("update_ops", UPDATE_OPS_MODES),
-                          ("path", PATHS), ("distribution", DISTRIBUTIONS),
-                          ("precision", PRECISIONS), ("export_best_metric", EXPORT_METRICS)):
-      one_of(name, allowed)
+      raise ValueError(f"--batchnorm_momentum={self.batchnorm_momentum} must be in (0, 1) (0.99 is "
+                       "ResNet50's own).")
+    check_at_least("shuffle_buffer", self.shuffle_buffer, 1)
+    check_at_least("save_checkpoints_steps", self.save_checkpoints_steps, 0,
+                   "0 means once per epoch.")
+    check_at_least("keep_checkpoint_max", self.keep_checkpoint_max, 1)
+    check_at_least("save_summary_steps", self.save_summary_steps, 1)
+    check_at_least("log_every_n_steps", self.log_every_n_steps, 1)
+    check_at_least("exports_to_keep", self.exports_to_keep, 1)
+    for field in dataclasses.fields(self):
+      if "choices" in field.metadata:
+        check_choice(field.name, getattr(self, field.name), field.metadata["choices"])
     if self.weights not in ("imagenet", "none") and not self.weights.endswith((".h5", ".keras")):
-      fail(f"--weights={self.weights!r}: use imagenet, none, or the path of a Keras .h5 "
-           "weights file for ResNet50 without its top.")
+      raise ValueError(f"--weights={self.weights!r}: use imagenet, none, or the path of a Keras .h5 "
+                       "weights file for ResNet50 without its top.")
     if self.weights not in ("imagenet", "none") and not os.path.isfile(self.weights):
-      fail(f"--weights={self.weights}: no such file. Give the path of a Keras .h5 weights file for "
-           "ResNet50 without its top, or use --weights=imagenet or none.")
+      raise ValueError(f"--weights={self.weights}: no such file. Give the path of a Keras .h5 "
+                       "weights file for ResNet50 without its top, or use --weights=imagenet or none.")
     if not self.fine_tune_from:
-      fail("--fine_tune_from must be all, none, or a ResNet50 layer name (e.g. conv5_block1_1_conv).")
+      raise ValueError("--fine_tune_from must be all, none, or a ResNet50 layer name (e.g. "
+                       "conv5_block1_1_conv).")
     if require_model_dir and not self.model_dir:
-      fail("--model_dir is required: the folder for checkpoints, TensorBoard logs and exports.")
+      raise ValueError("--model_dir is required: the folder for checkpoints, TensorBoard logs and "
+                       "exports.")
     return self
 
   # ---------------------------------------------------------------- helpers
@@ -162,75 +215,3 @@ class Config:
   def from_dict(cls, values: dict) -> "Config":
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in known})
-
-
-def field_default(name: str):
-  """The default of one Config field (used by the CLI for flag defaults)."""
-  return {f.name: f.default for f in dataclasses.fields(Config)}[name]
-
-
-# ------------------------------------------------------------------ config.json in model_dir
-
-CONFIG_FILE = "config.json"
-
-
-def write_run_config(config: Config, class_names: Tuple[str, ...], model_dir: Optional[str] = None):
-  """Writes `config.json` (the resolved config plus class names) atomically into model_dir."""
-  model_dir = model_dir or config.model_dir
-  record = {"config": config.to_dict(), "class_names": list(class_names)}
-  write_json_atomic(os.path.join(model_dir, CONFIG_FILE), record)
-
-
-def read_run_config(model_dir: str) -> Optional[dict]:
-  path = os.path.join(model_dir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is unreadable ({e}). It records the configuration of the run in "
-                     "this model_dir; restore it, or use a new --model_dir.") from e
-
-
-def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str) -> bool:
-  """True if model_dir holds an earlier run of the same configuration, False if it is new.
-
-  Raises ValueError when model_dir holds a different run: mixing the two would silently corrupt
-  both (other classes, other image size, other training path...).
-  """
-  previous = read_run_config(model_dir)
-  if previous is None:
-    return False
-  differences = []
-  if list(previous.get("class_names", [])) != list(class_names):
-    differences.append(f"class_names: {previous.get('class_names')} -> {list(class_names)}")
-  old = previous.get("config", {})
-  for name in CHECKPOINT_DEFINING_FIELDS:
-    if name in old and old[name] != getattr(config, name):
-      differences.append(f"{name}: {old[name]!r} -> {getattr(config, name)!r}")
-  if differences:
-    raise ValueError(
-        f"--model_dir={model_dir} holds a run with a different configuration "
-        f"({'; '.join(differences)}). Resuming would mix the two. Use a new --model_dir, or "
-        "repeat the original settings to resume it.")
-  return True
-
-
-def read_json(path: str, default):
-  """The JSON value in `path`, or `default` when the file does not exist (yet)."""
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_json_atomic(path: str, value) -> None:
-  """Writes JSON so that a reader (or a crash) never sees a half-written file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)

@@ -6,53 +6,34 @@ The training input is one infinite, reshuffled stream, so epochs are counted in 
 `steps_per_epoch = ceil(train examples / batch size)` - the same count the Keras path gives `fit`.
 """
 
-import functools
-import glob
-import json
 import logging
 import math
 import os
 import time
 
-import numpy as np
 import tensorflow as tf
 
-from estimator_ft import config as config_lib
-from estimator_ft import data as data_lib
+from estimator_ft import export as export_lib
 from estimator_ft import model_fn as model_fn_lib
+from estimator_ft import progress
 from estimator_ft.config import Config
+from estimator_ft.data import pipeline
+from estimator_ft.data import split as split_lib
+from estimator_ft.run import errors
+from estimator_ft.run import events
+from estimator_ft.run import model_dir as model_dir_lib
+from estimator_ft.run import runtime
+from estimator_ft.run import summaries
 
 logger = logging.getLogger("estimator_ft")
 
-TRAIN_HISTORY_FILE = "train_history.json"
 # What TF_XLA_FLAGS must hold for a session to XLA-compile CPU ops (see _session_config).
 CPU_GLOBAL_JIT_FLAG = "--tf_xla_cpu_global_jit"
+# The Estimator's evaluation events, which TensorBoard shows as the "eval" run.
+EVAL_DIR = "eval"
 # A cluster's evaluator polls model_dir for a new checkpoint this often (throttle_secs=0 would make
 # it spin on the checkpoint file while the trainers need the CPU).
 EVALUATOR_POLL_S = 2
-
-
-class NaNLossError(ValueError):
-  """Training produced a NaN loss; checkpoints written before it are intact."""
-
-
-def distribution_strategy(config: Config):
-  """The tf.distribute strategy of `config.distribution`, or None for the default.
-
-  The default covers a TF_CONFIG cluster with parameter servers on the Estimator path. The
-  MultiWorkerMirroredStrategy (Keras path) is made once per process: TensorFlow sets up its
-  collective ops only before the process runs its first op, and only once.
-  """
-  if config.distribution == "mirrored":
-    return tf.distribute.MirroredStrategy()
-  if config.distribution == "multi_worker_mirrored":
-    return _multi_worker_mirrored_strategy()
-  return None
-
-
-@functools.lru_cache(maxsize=None)
-def _multi_worker_mirrored_strategy():
-  return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def make_run_config(config: Config, steps_per_epoch: int) -> tf.estimator.RunConfig:
@@ -67,7 +48,7 @@ def make_run_config(config: Config, steps_per_epoch: int) -> tf.estimator.RunCon
         "launch-local --workers=N --ps=M); for synchronous multi-worker training use "
         "--path=keras --distribution=multi_worker_mirrored; for several devices on one machine, "
         "--distribution=mirrored.")
-  strategy = distribution_strategy(config)
+  strategy = runtime.distribution_strategy(config)
   return tf.estimator.RunConfig(
       model_dir=config.model_dir,
       tf_random_seed=config.seed,
@@ -155,14 +136,11 @@ class ProgressHook(tf.estimator.SessionRunHook):
   def _log(self, step, loss_sum, size, window_end_step, window_end_time):
     if self._last_time is None:
       return
-    elapsed = window_end_time - self._last_time
-    steps_per_s = (window_end_step - self._last_step) / elapsed if elapsed > 0 else float("nan")
-    # An asynchronous cluster's shared step can end past max_steps.
-    eta = max(self._max_steps - step, 0) / steps_per_s if steps_per_s > 0 else float("nan")
+    rate = progress.steps_per_second(window_end_step - self._last_step,
+                                     window_end_time - self._last_time)
     epoch = min(math.ceil(step / self._steps_per_epoch), math.ceil(self._max_steps / self._steps_per_epoch))
-    logger.info("epoch %d  step %d/%d  %.2f steps/s  %.1f img/s  loss %.4f  ETA %s",
-                epoch, step, self._max_steps, steps_per_s, steps_per_s * self._batch_size,
-                loss_sum / max(size, 1), format_seconds(eta))
+    logger.info(progress.progress_line(epoch, step, self._max_steps, rate, self._batch_size,
+                                       float(loss_sum) / max(int(size), 1)))
     self._last_time, self._last_step = window_end_time, window_end_step
 
 
@@ -179,7 +157,7 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
   """
 
   def __init__(self, model_dir, steps_per_epoch):
-    self._path = os.path.join(model_dir, TRAIN_HISTORY_FILE)
+    self._model_dir = model_dir
     self._steps_per_epoch = steps_per_epoch
 
   def begin(self):
@@ -188,10 +166,10 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
         graph.get_tensor_by_name(name + ":0") for name in
         (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_CORRECT_TENSOR,
          model_fn_lib.BATCH_SIZE_TENSOR)]
-    self._history = read_train_history(os.path.dirname(self._path))
+    self._history = model_dir_lib.read_history(self._model_dir, model_dir_lib.TRAIN_HISTORY_FILE)
     # The epoch the run starts in, from the checkpoint it resumes (not from the first step seen:
     # in a cluster the other workers may already have ended that epoch).
-    self._epoch_before = _latest_checkpoint_step(os.path.dirname(self._path)) // self._steps_per_epoch
+    self._epoch_before = model_dir_lib.latest_checkpoint_step(self._model_dir) // self._steps_per_epoch
     self._reset()
 
   def _reset(self):
@@ -220,42 +198,15 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
         # A resumed run sees only part of the interrupted epoch; say so rather than hide it.
         "train_steps_averaged": self._steps_seen})
     self._history.sort(key=lambda h: h["epoch"])
-    config_lib.write_json_atomic(self._path, self._history)
+    model_dir_lib.write_history(self._model_dir, model_dir_lib.TRAIN_HISTORY_FILE, self._history)
     self._epoch_before = epoch
     self._reset()
 
 
-def _latest_checkpoint_step(model_dir):
-  """The global step of model_dir's latest checkpoint; 0 for a new run."""
-  latest = tf.train.latest_checkpoint(model_dir)
-  if latest is None:
-    return 0
-  return int(tf.train.load_checkpoint(latest).get_tensor(tf.compat.v1.GraphKeys.GLOBAL_STEP))
-
-
-def read_train_history(model_dir):
-  return config_lib.read_json(os.path.join(model_dir, TRAIN_HISTORY_FILE), [])
-
-
-def read_eval_events(eval_dir):
-  """{global_step: {metric: value}} from the Estimator's eval event files."""
-  by_step = {}
-  for path in sorted(glob.glob(os.path.join(eval_dir, "events.out.tfevents.*"))):
-    try:
-      for event in tf.compat.v1.train.summary_iterator(path):
-        for value in event.summary.value:
-          if value.HasField("simple_value"):
-            by_step.setdefault(int(event.step), {})[value.tag] = float(value.simple_value)
-    except tf.errors.DataLossError:
-      # An evaluator killed mid-write leaves a truncated last record; the earlier ones are valid.
-      logger.warning("Truncated event file %s: using the records before the damage.", path)
-  return by_step
-
-
 def build_history(model_dir, steps_per_epoch, epochs):
   """Per-epoch dicts: training running averages + validation (one full pass, per example)."""
-  train = {h["epoch"]: h for h in read_train_history(model_dir)}
-  evals = read_eval_events(os.path.join(model_dir, "eval"))
+  train = {h["epoch"]: h for h in model_dir_lib.read_history(model_dir, model_dir_lib.TRAIN_HISTORY_FILE)}
+  evals = events.scalars_by_step(os.path.join(model_dir, EVAL_DIR))
   history = []
   for epoch in range(1, epochs + 1):
     entry = {"epoch": epoch}
@@ -286,21 +237,12 @@ def _eval_step_of_epoch(evals, epoch, steps_per_epoch, last):
   return min(after) if after else None
 
 
-def format_seconds(seconds):
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 # ---------------------------------------------------------------- train
 
 def train(config: Config, splits, initial_weights: str) -> dict:
   """Runs train_and_evaluate to `epochs` epochs (resuming if model_dir has checkpoints)."""
-  from estimator_ft import export as export_lib
-
   class_names = tuple(splits.class_names)
-  steps_per_epoch = data_lib.steps_per_epoch(splits.train, config.batch_size)
+  steps_per_epoch = split_lib.steps_per_epoch(splits.train, config.batch_size)
   max_steps = config.epochs * steps_per_epoch
   estimator = make_estimator(config, class_names, steps_per_epoch, initial_weights)
   is_chief = estimator.config.is_chief
@@ -315,39 +257,40 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   trainer_id = estimator.config.global_id_in_cluster or 0
   train_config = config.replace(seed=config.seed + trainer_id)
   train_spec = tf.estimator.TrainSpec(
-      input_fn=data_lib.make_input_fn(splits.train, train_config, "train",
+      input_fn=pipeline.make_input_fn(splits.train, train_config, "train",
                                       start_batch=exact_resume_batch(config, estimator)),
       max_steps=max_steps, hooks=hooks)
   eval_spec = tf.estimator.EvalSpec(
-      input_fn=data_lib.make_input_fn(splits.validation, config, "eval"),
+      input_fn=pipeline.make_input_fn(splits.validation, config, "eval"),
       steps=None,  # None: the whole validation set, every time
       exporters=export_lib.make_exporters(config, class_names),
       start_delay_secs=0,
       throttle_secs=EVALUATOR_POLL_S if estimator.config.task_type == "evaluator" else 0)
   _log_run_plan(config, splits, steps_per_epoch)
   if is_chief:
-    write_config_summary(config, class_names)
+    summaries.write_config_summary(config, class_names)
     if not estimator.config.cluster_spec.as_dict():  # a cluster's evaluator catches up by itself
       finish_interrupted_evaluation(estimator, eval_spec)
   try:
     tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
   except tf.compat.v1.train.NanLossDuringTrainingError as e:
-    raise _nan_error(config, "the training loss became NaN") from e
+    raise errors.nan_loss_error(config, "the training loss became NaN") from e
   except tf.errors.InvalidArgumentError as e:
     if model_fn_lib.NON_FINITE_OUTPUTS not in str(e):
       raise
-    raise _nan_error(config, "the model's outputs became NaN while evaluating") from e
+    raise errors.nan_loss_error(
+        config, "the model's outputs became NaN while evaluating (loss became NaN)") from e
   if not is_chief:
     # A cluster's worker or evaluator: model_dir and results belong to the chief.
     return {"steps_per_epoch": steps_per_epoch}
 
   global_step = int(estimator.get_variable_value("global_step"))
-  evals = read_eval_events(os.path.join(config.model_dir, "eval"))
+  evals = events.scalars_by_step(os.path.join(config.model_dir, EVAL_DIR))
   if global_step not in evals:
     # Training was already complete (re-run of a finished command), or this is a cluster's chief:
     # its evaluator may not have reached the final checkpoint, which async workers can push past
     # max_steps. Evaluate the final weights here.
-    final = estimator.evaluate(data_lib.make_input_fn(splits.validation, config, "eval"))
+    final = estimator.evaluate(pipeline.make_input_fn(splits.validation, config, "eval"))
     final_evaluation = {k: float(v) for k, v in final.items()}
   else:
     final_evaluation = evals[global_step]
@@ -360,34 +303,6 @@ def train(config: Config, splits, initial_weights: str) -> dict:
       "final_evaluation": final_evaluation,
       "export_path": export_lib.latest_export_path(config.model_dir),
   }
-
-
-def _nan_error(config: Config, what: str) -> NaNLossError:
-  good = last_finite_checkpoint(config.model_dir)
-  resume = (f"The newest checkpoint with finite weights is {os.path.basename(good)}: to resume from "
-            f"it, delete the newer model.ckpt-* files and point {os.path.join(config.model_dir, 'checkpoint')} "
-            "at it; or start again in a new --model_dir." if good else
-            "No checkpoint with finite weights was written; start again in a new --model_dir.")
-  return NaNLossError(
-      f"Training stopped: {what} (loss became NaN). Nothing already written was removed. Lower "
-      f"--learning_rate (now {config.learning_rate}; a new rate needs a new --model_dir, since "
-      f"checkpoints hold the optimizer's settings), check the input images, or use "
-      f"--precision=float32. {resume}")
-
-
-def last_finite_checkpoint(model_dir):
-  """The newest checkpoint of model_dir whose float tensors are all finite, or None."""
-  state = tf.train.get_checkpoint_state(model_dir)
-  for path in reversed(list(state.all_model_checkpoint_paths) if state else []):
-    try:
-      reader = tf.train.load_checkpoint(path)
-    except (tf.errors.OpError, ValueError):
-      continue
-    dtypes = reader.get_variable_to_dtype_map()
-    if all(np.all(np.isfinite(reader.get_tensor(name))) for name, dtype in dtypes.items()
-           if dtype.is_floating):
-      return path
-  return None
 
 
 def exact_resume_batch(config: Config, estimator) -> int:
@@ -405,7 +320,7 @@ def exact_resume_batch(config: Config, estimator) -> int:
   if estimator.config.num_worker_replicas > 1:
     raise ValueError("--exact_resume does not work in a TF_CONFIG cluster: the workers read their "
                      "own streams but share one global step. Drop --exact_resume for cluster runs.")
-  step = _latest_checkpoint_step(estimator.model_dir)
+  step = model_dir_lib.latest_checkpoint_step(estimator.model_dir)
   if step:
     logger.info("Exact resume: the training stream continues at batch %d.", step)
   return step
@@ -418,10 +333,9 @@ def finish_interrupted_evaluation(estimator, eval_spec) -> None:
   goes back: a run killed in between (evaluation and exports take most of an epoch's end) would
   leave that epoch without validation figures in results.json, and maybe its best export missing.
   """
-  from estimator_ft import export as export_lib  # pylint: disable=g-import-not-at-top
-  step = _latest_checkpoint_step(estimator.model_dir)
+  step = model_dir_lib.latest_checkpoint_step(estimator.model_dir)
   # Step 0 is the checkpoint of the starting point, which train_and_evaluate never evaluates.
-  if step == 0 or step in read_eval_events(os.path.join(estimator.model_dir, "eval")):
+  if step == 0 or step in events.scalars_by_step(os.path.join(estimator.model_dir, EVAL_DIR)):
     return
   latest = estimator.latest_checkpoint()
   logger.info("Evaluating %s, which the run that wrote it did not get to evaluate.", latest)
@@ -430,28 +344,6 @@ def finish_interrupted_evaluation(estimator, eval_spec) -> None:
   for exporter in eval_spec.exporters:
     exporter.export(estimator, os.path.join(export_root, exporter.name), latest, metrics,
                     is_the_final_export=False)
-
-
-def write_config_summary(config: Config, class_names) -> None:
-  """The resolved config as a TensorBoard text summary (TEXT tab) in model_dir/config.
-
-  Written with TensorBoard's own event writer rather than `tf.summary`, whose writers depend on
-  process-wide state (eager mode, recording conditions, default writers) that a Keras callback or
-  an earlier run in the same process can leave changed; in the full test suite the `tf.summary`
-  version silently wrote nothing.
-  """
-  from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
-  from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
-  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-  text = json.dumps({"config": config.to_dict(), "class_names": list(class_names)}, indent=2)
-  value = summary_pb2.Summary.Value(
-      tag="run_config", tensor=tensor_util.make_tensor_proto("```\n" + text + "\n```"),
-      metadata=summary_pb2.SummaryMetadata(
-          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")))
-  writer = EventFileWriter(os.path.join(config.model_dir, "config"))
-  writer.add_event(event_pb2.Event(wall_time=time.time(), step=0,
-                                   summary=summary_pb2.Summary(value=[value])))
-  writer.close()
 
 
 def _log_run_plan(config, splits, steps_per_epoch):

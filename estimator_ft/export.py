@@ -46,14 +46,11 @@ from tensorflow.core.protobuf import saved_model_pb2
 # because its Python wrapper logs an INFO line through absl on every export.
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting as fingerprinting_pywrap  # pylint: disable=g-direct-tensorflow-import
 
-from estimator_ft import config as config_lib
-from estimator_ft import data as data_lib
-from estimator_ft import faults
-from estimator_ft import model as model_lib
+from estimator_ft import contract
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import serving
-from estimator_ft import training
 from estimator_ft.config import Config
+from estimator_ft.data import images as images_lib
 
 logger = logging.getLogger("estimator_ft")
 
@@ -71,9 +68,9 @@ _EXAMPLES_RECEIVER = "examples"
 # become the contract's names; the others are dropped (among them a classify signature on raw
 # bytes, which TF Serving's Classify API - it feeds serialized tf.Examples - could never call).
 _ESTIMATOR_SIGNATURES = {
-    serving.SERVING_SIGNATURE: serving.SERVING_SIGNATURE,
-    serving.IMAGES_SIGNATURE: f"{_IMAGES_RECEIVER}:{serving.SERVING_SIGNATURE}",
-    serving.CLASSIFY_SIGNATURE: f"{_EXAMPLES_RECEIVER}:{serving.CLASSIFY_SIGNATURE}",
+    contract.SERVING_SIGNATURE: contract.SERVING_SIGNATURE,
+    contract.IMAGES_SIGNATURE: f"{_IMAGES_RECEIVER}:{contract.SERVING_SIGNATURE}",
+    contract.CLASSIFY_SIGNATURE: f"{_EXAMPLES_RECEIVER}:{contract.CLASSIFY_SIGNATURE}",
 }
 
 # export_best_metric -> (eval metric key, True if lower is better).
@@ -92,22 +89,22 @@ _PUBLISH_ATTEMPTS = 5
 
 def preprocess_image_bytes(image_bytes, image_size: int) -> tf.Tensor:
   """string [b] of encoded images -> float32 [b, size, size, 3]: the evaluation pipeline's path."""
-  return tf.map_fn(lambda encoded: data_lib.decode_and_preprocess(encoded, image_size), image_bytes,
+  return tf.map_fn(lambda encoded: images_lib.decode_and_preprocess(encoded, image_size), image_bytes,
                    fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
 
 
 def preprocess_images(images, image_size: int) -> tf.Tensor:
   """float [b, h, w, 3] RGB 0..255 -> float32 [b, size, size, 3]: the pipeline's resize + preprocess."""
   return tf.map_fn(
-      lambda image: data_lib.preprocess_for_model(data_lib.resize_image(image, image_size)),
+      lambda image: images_lib.preprocess_for_model(images_lib.resize_image(image, image_size)),
       tf.cast(images, tf.float32),
       fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
 
 
 def image_bytes_from_examples(serialized_examples) -> tf.Tensor:
   """string [b] serialized tf.Example -> string [b], their encoded images."""
-  features = {serving.EXAMPLE_IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)}
-  return tf.io.parse_example(serialized_examples, features)[serving.EXAMPLE_IMAGE_FEATURE]
+  features = {contract.EXAMPLE_IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)}
+  return tf.io.parse_example(serialized_examples, features)[contract.EXAMPLE_IMAGE_FEATURE]
 
 
 def serving_input_receiver_fn(image_size: int):
@@ -120,16 +117,16 @@ def serving_input_receiver_fn(image_size: int):
     examples = tf.compat.v1.placeholder_with_default(
         tf.zeros([0], tf.string), [None], name=EXAMPLES_INPUT)
     image_bytes = tf.compat.v1.placeholder_with_default(
-        image_bytes_from_examples(examples), [None], name=serving.IMAGE_BYTES_INPUT)
+        image_bytes_from_examples(examples), [None], name=contract.IMAGE_BYTES_INPUT)
     images = tf.compat.v1.placeholder_with_default(
-        tf.zeros([0, image_size, image_size, 3]), [None, None, None, 3], name=serving.IMAGES_INPUT)
+        tf.zeros([0, image_size, image_size, 3]), [None, None, None, 3], name=contract.IMAGES_INPUT)
     features = tf.concat([preprocess_image_bytes(image_bytes, image_size),
                           preprocess_images(images, image_size)], axis=0)
     return tf.estimator.export.ServingInputReceiver(
-        features={model_lib.FEATURE_KEY: features},
-        receiver_tensors={serving.IMAGE_BYTES_INPUT: image_bytes},
+        features={contract.FEATURE_KEY: features},
+        receiver_tensors={contract.IMAGE_BYTES_INPUT: image_bytes},
         receiver_tensors_alternatives={
-            _IMAGES_RECEIVER: {serving.IMAGES_INPUT: images},
+            _IMAGES_RECEIVER: {contract.IMAGES_INPUT: images},
             _EXAMPLES_RECEIVER: {EXAMPLES_INPUT: examples},
         })
 
@@ -190,7 +187,7 @@ def remove_old_versions(export_base: str, keep: int) -> list:
 
 def _rewrite_signatures(saved_model_dir: str, edit) -> None:
   """Applies `edit(signature_def_map)` to a SavedModel's signatures, in place."""
-  path = os.path.join(saved_model_dir, serving.SAVED_MODEL_FILE)
+  path = os.path.join(saved_model_dir, contract.SAVED_MODEL_FILE)
   saved_model = saved_model_pb2.SavedModel()
   with open(path, "rb") as f:
     saved_model.ParseFromString(f.read())
@@ -215,7 +212,7 @@ def _select_estimator_signatures(signature_map) -> None:
 def _mark_classify_method(signature_map) -> None:
   # tf.saved_model.save labels every signature "predict"; TF Serving's Classify API only calls a
   # signature labelled "classify".
-  signature_map[serving.CLASSIFY_SIGNATURE].method_name = tf.saved_model.CLASSIFY_METHOD_NAME
+  signature_map[contract.CLASSIFY_SIGNATURE].method_name = tf.saved_model.CLASSIFY_METHOD_NAME
 
 
 def next_version(export_base: str) -> int:
@@ -294,12 +291,12 @@ def export_estimator(estimator, config: Config, class_names, export_base: str,
         staging, serving_input_receiver_fn(config.image_size), checkpoint_path=checkpoint_path)
     return written.decode() if isinstance(written, bytes) else written
 
-  info = _export_info(config, class_names, _checkpoint_step(checkpoint_path), checkpoint_path,
+  info = _export_info(config, class_names, checkpoint_step(checkpoint_path), checkpoint_path,
                       metrics)
   return _publish(export_base, write, _select_estimator_signatures, info)
 
 
-def _checkpoint_step(checkpoint_path: str):
+def checkpoint_step(checkpoint_path: str):
   """The step in a checkpoint name (model.ckpt-120, ckpt-120): both paths number them by step."""
   suffix = checkpoint_path.rsplit("-", 1)[-1]
   return int(suffix) if suffix.isdigit() else None
@@ -401,12 +398,12 @@ def export_keras_model(model: tf.keras.Model, config: Config, class_names, expor
   def predictions(preprocessed):
     return model_fn_lib.prediction_outputs(model(preprocessed, training=False), class_names)
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=serving.IMAGE_BYTES_INPUT)])
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES_INPUT)])
   def predict_image_bytes(image_bytes):
     return predictions(preprocess_image_bytes(image_bytes, size))
 
   @tf.function(input_signature=[
-      tf.TensorSpec([None, None, None, 3], tf.float32, name=serving.IMAGES_INPUT)])
+      tf.TensorSpec([None, None, None, 3], tf.float32, name=contract.IMAGES_INPUT)])
   def predict_images(images):
     return predictions(preprocess_images(images, size))
 
@@ -414,16 +411,16 @@ def export_keras_model(model: tf.keras.Model, config: Config, class_names, expor
       tf.TensorSpec([None], tf.string, name=tf.saved_model.CLASSIFY_INPUTS)])
   def classify(inputs):
     outputs = predictions(preprocess_image_bytes(image_bytes_from_examples(inputs), size))
-    return {tf.saved_model.CLASSIFY_OUTPUT_CLASSES: outputs[model_fn_lib.ALL_CLASS_NAMES],
-            tf.saved_model.CLASSIFY_OUTPUT_SCORES: outputs[model_fn_lib.PROBABILITIES]}
+    return {tf.saved_model.CLASSIFY_OUTPUT_CLASSES: outputs[contract.ALL_CLASS_NAMES],
+            tf.saved_model.CLASSIFY_OUTPUT_SCORES: outputs[contract.PROBABILITIES]}
 
   # A plain module holding the weights: saving the Keras model object itself would also trace
   # and serialise every layer's call for Keras reloading, which serving never uses.
   module = tf.Module(name="serving")
   module.weights = list(model.weights)
-  signatures = {serving.SERVING_SIGNATURE: predict_image_bytes,
-                serving.IMAGES_SIGNATURE: predict_images,
-                serving.CLASSIFY_SIGNATURE: classify}
+  signatures = {contract.SERVING_SIGNATURE: predict_image_bytes,
+                contract.IMAGES_SIGNATURE: predict_images,
+                contract.CLASSIFY_SIGNATURE: classify}
 
   def write(staging):
     saved_model_dir = os.path.join(staging, "saved_model")
@@ -432,55 +429,3 @@ def export_keras_model(model: tf.keras.Model, config: Config, class_names, expor
 
   info = _export_info(config, class_names, global_step, None, metrics)
   return _publish(export_base, write, _mark_classify_method, info)
-
-
-# ---------------------------------------------------------------- from a model_dir
-
-def export_from_checkpoint(model_dir: str, export_dir=None) -> str:
-  """Exports the latest checkpoint of a training model_dir (either path); returns the version.
-
-  export_dir is the export base (default MODEL_DIR/export/manual); the version goes below it.
-  """
-  record = config_lib.read_run_config(model_dir)
-  if record is None:
-    raise ValueError(f"--model_dir={model_dir} has no {config_lib.CONFIG_FILE}: it is not a "
-                     "model_dir written by `estimator-ft train`.")
-  class_names = tuple(record["class_names"])
-  # The model_dir may have moved since training; a distribution strategy plays no part in export.
-  config = Config.from_dict(record["config"]).replace(model_dir=model_dir, distribution="none")
-  export_base = export_dir or os.path.join(model_dir, EXPORT_DIR, MANUAL_EXPORT)
-  # Before the model is built: an unwritable destination fails at once, saying what to do.
-  training.ensure_writable_dir(export_base, "--export_dir" if export_dir else "--model_dir")
-  with faults.explained_write_failures(export_base, job="export"):
-    if config.path == "keras":
-      path = _export_keras_checkpoint(config, class_names, export_base)
-    else:
-      path = _export_estimator_checkpoint(config, class_names, export_base)
-  logger.info("Exported %s", path)
-  return path
-
-
-def _no_checkpoint_error(model_dir: str) -> ValueError:
-  return ValueError(f"--model_dir={model_dir} holds no checkpoint yet: train (or let the running "
-                    "training reach its first checkpoint) before exporting.")
-
-
-def _export_estimator_checkpoint(config: Config, class_names, export_base: str) -> str:
-  from estimator_ft import estimator as estimator_lib  # pylint: disable=g-import-not-at-top
-  checkpoint_path = tf.train.latest_checkpoint(config.model_dir)
-  if checkpoint_path is None:
-    raise _no_checkpoint_error(config.model_dir)
-  # steps_per_epoch only shapes the training schedule, which a PREDICT graph does not contain.
-  estimator = estimator_lib.make_estimator(config, class_names, steps_per_epoch=1)
-  return export_estimator(estimator, config, class_names, export_base, checkpoint_path)
-
-
-def _export_keras_checkpoint(config: Config, class_names, export_base: str) -> str:
-  from estimator_ft import keras_path  # pylint: disable=g-import-not-at-top
-  checkpoint_path = keras_path.latest_checkpoint(config.model_dir)
-  if checkpoint_path is None:
-    raise _no_checkpoint_error(config.model_dir)
-  model = model_lib.build_model(config, len(class_names))
-  model.set_weights(keras_path.checkpoint_weights(config, len(class_names), checkpoint_path))
-  return export_keras_model(model, config, class_names, export_base,
-                            global_step=_checkpoint_step(checkpoint_path))

@@ -25,17 +25,23 @@ import time
 
 import tensorflow as tf
 
-from estimator_ft import config as config_lib
-from estimator_ft import data as data_lib
-from estimator_ft import estimator as estimator_lib
+from estimator_ft import export as export_lib
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
+from estimator_ft import progress
+from estimator_ft import serving
 from estimator_ft.config import Config
+from estimator_ft.data import pipeline
+from estimator_ft.data import split as split_lib
+from estimator_ft.run import errors
+from estimator_ft.run import model_dir as model_dir_lib
+from estimator_ft.run import runtime
+from estimator_ft.run import summaries
 
 logger = logging.getLogger("estimator_ft")
 
-HISTORY_FILE = "keras_history.json"
-CHECKPOINT_NAME = "ckpt"
+HISTORY_FILE = model_dir_lib.KERAS_HISTORY_FILE
+CHECKPOINT_NAME = model_dir_lib.KERAS_CHECKPOINT_NAME
 EXPORT_NAME = "keras"
 # Figures of the training side kept in the history; the rest of Keras' running averages (auc,
 # precision...) say little about the model, unlike their val_ counterparts.
@@ -86,7 +92,7 @@ def build_compiled_model(config: Config, num_classes: int, initial_weights: str 
   if config.lr_schedule == "cosine" and steps_total < 1:
     raise ValueError("build_compiled_model needs steps_total (epochs x steps per epoch) for "
                      "--lr_schedule=cosine: the schedule decays over the whole run.")
-  with _strategy_scope(estimator_lib.distribution_strategy(config)):
+  with _strategy_scope(runtime.distribution_strategy(config)):
     model = model_lib.build_model(config, num_classes)
     if initial_weights:
       model_lib.load_initial_weights(model, initial_weights)
@@ -105,7 +111,7 @@ def training_dataset(split, config: Config, start_batch: int = 0) -> tf.data.Dat
   `start_batch` (--exact_resume) continues the seeded stream where a resumed run left it.
   """
   tf.random.set_seed(config.seed)
-  return data_lib.make_dataset(split, config, "train", start_batch=start_batch)
+  return pipeline.make_dataset(split, config, "train", start_batch=start_batch)
 
 
 # ---------------------------------------------------------------- checkpoints and history
@@ -123,7 +129,7 @@ def checkpoint_weights(config: Config, num_classes: int, checkpoint_path: str) -
 
 
 def read_history(model_dir: str) -> list:
-  return config_lib.read_json(os.path.join(model_dir, HISTORY_FILE), [])
+  return model_dir_lib.read_history(model_dir, HISTORY_FILE)
 
 
 def _writes_outputs(model) -> bool:
@@ -193,8 +199,7 @@ class _EpochEnd(tf.keras.callbacks.Callback):
     entry.update({k: float(v) for k, v in logs.items() if k.startswith("val_")})
     self.history = [h for h in self.history if h["epoch"] != epochs_done] + [entry]
     if self._writes_outputs:
-      config_lib.write_json_atomic(os.path.join(self._config.model_dir, HISTORY_FILE),
-                                   self.history)
+      model_dir_lib.write_history(self._config.model_dir, HISTORY_FILE, self.history)
     self._checkpoints.save(epochs_done)
     self.epochs_trained += 1
     took = time.time() - self._epoch_started
@@ -228,13 +233,10 @@ class _Progress(tf.keras.callbacks.Callback):
       return
     if step % self._config.log_every_n_steps and step != self._max_steps:
       return
-    elapsed = now - self._last_time
-    steps_per_s = (step - self._last_step) / elapsed if elapsed > 0 else math.nan
-    eta = (self._max_steps - step) / steps_per_s if steps_per_s > 0 else math.nan
-    logger.info("epoch %d  step %d/%d  %.2f steps/s  %.1f img/s  loss %.4f (epoch running average)"
-                "  ETA %s", self._epoch + 1, step, self._max_steps, steps_per_s,
-                steps_per_s * self._config.batch_size, (logs or {}).get("loss", math.nan),
-                estimator_lib.format_seconds(eta))
+    rate = progress.steps_per_second(step - self._last_step, now - self._last_time)
+    logger.info(progress.progress_line(self._epoch + 1, step, self._max_steps, rate,
+                                       self._config.batch_size, (logs or {}).get("loss", math.nan),
+                                       "epoch running average"))
     self._last_time, self._last_step = now, step
 
 
@@ -249,12 +251,7 @@ class _StopOnNaN(tf.keras.callbacks.Callback):
     loss = (logs or {}).get("loss")
     if loss is not None and not math.isfinite(float(loss)):
       step = int(self.model.optimizer.iterations.numpy())
-      raise estimator_lib.NaNLossError(
-          f"Training stopped: the loss became {float(loss)} at step {step}. The checkpoints in "
-          f"{self._config.model_dir} written before that are intact. Lower --learning_rate (now "
-          f"{self._config.learning_rate}), check the input images, or use --precision=float32, "
-          "and train into a new --model_dir: a resumed run restores the optimizer from the last "
-          "checkpoint, its learning rate included.")
+      raise errors.nan_loss_error(self._config, f"the loss became {float(loss)} at step {step}")
 
 
 # ---------------------------------------------------------------- train
@@ -282,7 +279,7 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   """Trains with `model.fit` up to `config.epochs` epochs, resuming from model_dir's checkpoints."""
   class_names = tuple(splits.class_names)
   num_classes = len(class_names)
-  steps_per_epoch = data_lib.steps_per_epoch(splits.train, config.batch_size)
+  steps_per_epoch = split_lib.steps_per_epoch(splits.train, config.batch_size)
   _warn_about_estimator_only_settings(config)
   resuming = latest_checkpoint(config.model_dir) is not None
   model = build_compiled_model(config, num_classes, "" if resuming else initial_weights,
@@ -293,12 +290,12 @@ def train(config: Config, splits, initial_weights: str) -> dict:
     epochs_done = checkpoints.restore_latest()
     history = [h for h in read_history(config.model_dir) if h["epoch"] <= epochs_done]
     _log_run_plan(config, splits, steps_per_epoch, epochs_done)
-    validation = data_lib.make_dataset(splits.validation, config, "eval")
+    validation = pipeline.make_dataset(splits.validation, config, "eval")
     epoch_end = _EpochEnd(config, checkpoints, history, steps_per_epoch, writes_outputs)
     if epochs_done < config.epochs:
       callbacks = [_StopOnNaN(config), epoch_end, _Progress(config, steps_per_epoch)]
       if writes_outputs:
-        estimator_lib.write_config_summary(config, class_names)
+        summaries.write_config_summary(config, class_names)
         callbacks.append(tf.keras.callbacks.TensorBoard(
             log_dir=config.model_dir, update_freq=config.save_summary_steps, profile_batch=0,
             # The ResNet50 graph adds megabytes per run and nothing to a comparison of curves.
@@ -321,7 +318,6 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   elif epoch_end.epochs_trained > 0 and config.export_during_training:
     # Saving a MultiWorkerMirroredStrategy model runs collective ops, so every worker must save
     # along with the chief; a non-chief's copy goes to a scratch folder and is thrown away.
-    from estimator_ft import export as export_lib  # pylint: disable=g-import-not-at-top
     scratch = tempfile.mkdtemp(prefix="estimator_ft_worker_export_")
     try:
       export_lib.export_keras_model(model, config, class_names, scratch, global_step=global_step,
@@ -341,8 +337,6 @@ def _export(model, config, class_names, global_step, final_evaluation, trained_n
   """The SavedModel of the final weights; a re-run that trained nothing reuses its export."""
   if not config.export_during_training:
     return None
-  from estimator_ft import export as export_lib  # pylint: disable=g-import-not-at-top
-  from estimator_ft import serving  # pylint: disable=g-import-not-at-top
   export_base = os.path.join(config.model_dir, export_lib.EXPORT_DIR, EXPORT_NAME)
   existing = serving.newest_version(export_base)
   if existing and not trained_now:

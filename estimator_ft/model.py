@@ -16,11 +16,12 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from estimator_ft import contract
+from estimator_ft import files
 from estimator_ft.config import Config
 
 logger = logging.getLogger("estimator_ft")
 
-FEATURE_KEY = "image"  # name of the model input; also the feature key of the data pipeline
 IMAGENET_NOTOP_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _INITIAL_WEIGHT_KEY = "initial_weights/w{:04d}"
 
@@ -67,7 +68,7 @@ def build_model(config: Config, num_classes: int, weights: str = "none") -> tf.k
   inference mode whatever `training` says (the Keras transfer-learning convention).
   """
   size = config.image_size
-  inputs = tf.keras.Input(shape=(size, size, 3), name=FEATURE_KEY)
+  inputs = tf.keras.Input(shape=(size, size, 3), name=contract.FEATURE_KEY)
   with _dtype_policy(config.precision):
     try:
       base = tf.keras.applications.ResNet50(
@@ -152,6 +153,7 @@ def _write_weight_checkpoint(prefix: str, values: Sequence[np.ndarray]) -> None:
   # renames must not leave an index without its data.
   for suffix in (".data-00000-of-00001", ".index"):
     os.replace(tmp_prefix + suffix, prefix + suffix)
+  files.fsync_directory(os.path.dirname(prefix))
 
 
 def initial_weights_exist(prefix: str) -> bool:

@@ -16,19 +16,18 @@ handled explicitly here:
 
 import tensorflow as tf
 
-from estimator_ft import data as data_lib
+from estimator_ft import contract
 from estimator_ft import model as model_lib
 from estimator_ft.config import Config
+from estimator_ft.data import images as images_lib
 
 ModeKeys = tf.estimator.ModeKeys
 
-# Keys of the PREDICT dict and of the serving signature outputs.
-PROBABILITIES = "probabilities"
-CLASS_INDEX = "class_index"
-CLASS_NAME = "class_name"
-# Every class name, per example ([batch, num_classes], aligned with PROBABILITIES): lets a serving
-# client label the probabilities from the model alone, and is the classify signature's `classes`.
-ALL_CLASS_NAMES = "all_class_names"
+# Keys of the PREDICT dict, which are the serving signatures' outputs (contract.py).
+PROBABILITIES = contract.PROBABILITIES
+CLASS_INDEX = contract.CLASS_INDEX
+CLASS_NAME = contract.CLASS_NAME
+ALL_CLASS_NAMES = contract.ALL_CLASS_NAMES
 # Eval metric holding the per-example mean loss. Estimator's own "loss" is a mean of per-batch
 # means, which over-weights a short last batch; this one matches Keras' validation loss exactly.
 EXAMPLE_LOSS = "example_loss"
@@ -94,7 +93,7 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
   steps_total = config.epochs * steps_per_epoch
 
   def model_fn(features, labels, mode):
-    images = features[model_lib.FEATURE_KEY] if isinstance(features, dict) else features
+    images = features[contract.FEATURE_KEY] if isinstance(features, dict) else features
     training = mode == ModeKeys.TRAIN
     model = model_lib.build_model(config, num_classes)
     if initial_weights:
@@ -106,9 +105,8 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
     all_probabilities = class_probabilities(probabilities, num_classes)
     classes = predicted_class(probabilities, num_classes)
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    example_losses = per_example_loss(labels, probabilities, num_classes)
-    regularization = tf.add_n(model.losses) if model.losses else tf.constant(0.0)
-    loss = tf.reduce_mean(example_losses) + regularization
+    example_losses, regularization, loss = classification_loss(model, labels, probabilities,
+                                                               num_classes)
     correct = tf.cast(tf.equal(classes, labels), tf.float32)
 
     if mode == ModeKeys.EVAL:
@@ -120,13 +118,8 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
           eval_metric_ops=_eval_metrics(labels, probabilities, all_probabilities, classes,
                                         example_losses + regularization, num_classes))
 
-    global_step = tf.compat.v1.train.get_or_create_global_step()
-    optimizer = make_optimizer(config, steps_total)
-    # The optimizer's step counter *is* the Estimator's global step: one increment per batch.
-    optimizer.iterations = global_step
-    bn_updates = batchnorm_updates(model, images) if config.update_ops == "apply" else []
-    with tf.control_dependencies(bn_updates):
-      train_op = optimizer.get_updates(loss, model.trainable_weights)[0]
+    train_op, optimizer = make_train_op(config, model, images, loss, steps_total,
+                                        tf.compat.v1.train.get_or_create_global_step())
 
     # Fetched by the epoch-metrics hook: Keras-style running averages are per example.
     batch_size = tf.shape(labels)[0]
@@ -140,6 +133,30 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op)
 
   return model_fn
+
+
+def classification_loss(model: tf.keras.Model, labels, probabilities, num_classes: int):
+  """(per-example losses [b], regularization scalar, the training loss: their mean + regularization)."""
+  example_losses = per_example_loss(labels, probabilities, num_classes)
+  regularization = tf.add_n(model.losses) if model.losses else tf.constant(0.0)
+  return example_losses, regularization, tf.reduce_mean(example_losses) + regularization
+
+
+def make_train_op(config: Config, model: tf.keras.Model, images, loss, steps_total: int,
+                  global_step=None):
+  """(train_op, optimizer) in graph mode: one optimizer step that runs after the BN updates of the
+  model's call on `images` (unless --update_ops=skip).
+
+  The model_fn and the benchmark's feed_dict loop both build their step here. `global_step`
+  becomes the optimizer's step counter, so each train_op run increments it once.
+  """
+  optimizer = make_optimizer(config, steps_total)
+  if global_step is not None:
+    optimizer.iterations = global_step
+  bn_updates = batchnorm_updates(model, images) if config.update_ops == "apply" else []
+  with tf.control_dependencies(bn_updates):
+    train_op = optimizer.get_updates(loss, model.trainable_weights)[0]
+  return train_op, optimizer
 
 
 def batchnorm_updates(model: tf.keras.Model, fed_tensor) -> list:
@@ -157,7 +174,7 @@ def _current_learning_rate(optimizer):
 
 def _viewable(images):
   """Undoes ResNet50's caffe preprocessing (BGR, mean-centred) for TensorBoard's image panel."""
-  mean_bgr = tf.constant(data_lib.IMAGENET_MEAN_BGR, tf.float32)
+  mean_bgr = tf.constant(images_lib.IMAGENET_MEAN_BGR, tf.float32)
   rgb = tf.reverse(tf.cast(images, tf.float32) + mean_bgr, axis=[-1])
   return tf.cast(tf.clip_by_value(rgb, 0.0, 255.0), tf.uint8)
 

@@ -1,9 +1,9 @@
-"""The serving contract of an exported SavedModel, and `estimator-ft predict` on image files.
+"""`estimator-ft predict` on image files, and the TF Serving layout of exported versions.
 
-This module imports TensorFlow, numpy and the standard library only - nothing of the training
-code - so `estimator-ft predict` shows that an export stands on its own: the class names, the
-decoder and the preprocessing all come from the SavedModel. export.py writes the contract named
-here; tests/test_export.py checks that both agree with model_fn's output keys.
+This module imports TensorFlow, numpy and the standard-library modules of this package only
+(contract, image_formats, messages) - nothing of the training code - so `estimator-ft predict`
+shows that an export stands on its own: the class names, the decoder and the preprocessing all
+come from the SavedModel, whose signatures contract.py names.
 """
 
 import json
@@ -14,28 +14,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from estimator_ft import contract
 from estimator_ft import image_formats
 from estimator_ft import messages
-
-# Signatures and their inputs (see export.py for the full table).
-SERVING_SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY  # "serving_default"
-IMAGES_SIGNATURE = "predict_images"
-CLASSIFY_SIGNATURE = "classification"
-# The `_bytes` suffix makes TF Serving's REST API accept {"image_bytes": {"b64": "..."}}.
-IMAGE_BYTES_INPUT = "image_bytes"
-IMAGES_INPUT = "images"
-# The bytes feature that the classify signature reads from each tf.Example.
-EXAMPLE_IMAGE_FEATURE = IMAGE_BYTES_INPUT
-
-# Outputs of the two predict signatures: model_fn's PREDICT keys.
-PROBABILITIES = "probabilities"
-CLASS_INDEX = "class_index"
-CLASS_NAME = "class_name"
-ALL_CLASS_NAMES = "all_class_names"
-
-# What a folder argument of `predict` is searched for (the training pipeline's formats).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
-SAVED_MODEL_FILE = "saved_model.pb"
 
 EXIT_OK = 0
 EXIT_SOME_FILES_FAILED = 1
@@ -44,7 +25,7 @@ EXIT_SOME_FILES_FAILED = 1
 # ---------------------------------------------------------------- versions (TF Serving layout)
 
 def is_saved_model_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, SAVED_MODEL_FILE))
+  return os.path.isfile(os.path.join(path, contract.SAVED_MODEL_FILE))
 
 
 def version_dirs(export_base: str) -> List[Tuple[int, str]]:
@@ -75,7 +56,7 @@ def resolve_saved_model(path: str) -> str:
   newest = newest_version(path)
   if newest is None:
     raise ValueError(
-        f"--saved_model={path} is not a SavedModel (no {SAVED_MODEL_FILE}) nor a folder of "
+        f"--saved_model={path} is not a SavedModel (no {contract.SAVED_MODEL_FILE}) nor a folder of "
         "exported versions. Give MODEL_DIR/export/latest (its newest version is used) or one "
         "version folder such as MODEL_DIR/export/latest/1712345678; `estimator-ft export "
         "--model_dir=MODEL_DIR` writes one from the latest checkpoint.")
@@ -127,11 +108,11 @@ def expand_paths(paths: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
     for dirpath, dirnames, filenames in os.walk(path):
       dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
       found.extend(os.path.join(dirpath, name) for name in sorted(filenames)
-                   if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS))
+                   if not name.startswith(".") and name.lower().endswith(contract.IMAGE_EXTENSIONS))
     if found:
       expanded.extend((p, None) for p in found)
     else:
-      expanded.append((path, f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+      expanded.append((path, f"folder holds no image files ({', '.join(contract.IMAGE_EXTENSIONS)})"))
   return expanded
 
 
@@ -142,17 +123,17 @@ class Predictor:
     self.path = resolve_saved_model(saved_model)
     # Kept: the signature functions need the loaded object (and its variables) alive.
     self._loaded = tf.saved_model.load(self.path)
-    signature = self._loaded.signatures.get(SERVING_SIGNATURE)
+    signature = self._loaded.signatures.get(contract.SERVING_SIGNATURE)
     inputs = signature.structured_input_signature[1] if signature is not None else {}
-    if IMAGE_BYTES_INPUT not in inputs:
-      raise ValueError(f"{self.path} has no {SERVING_SIGNATURE!r} signature taking "
-                       f"{IMAGE_BYTES_INPUT!r}: it was not exported by estimator_ft. Export one "
+    if contract.IMAGE_BYTES_INPUT not in inputs:
+      raise ValueError(f"{self.path} has no {contract.SERVING_SIGNATURE!r} signature taking "
+                       f"{contract.IMAGE_BYTES_INPUT!r}: it was not exported by estimator_ft. Export one "
                        "with `estimator-ft export --model_dir=MODEL_DIR`.")
     self._signature = signature
 
   def predict_bytes(self, encoded_images: Sequence[bytes]) -> dict:
     """{output: numpy array} for a batch of encoded images."""
-    outputs = self._signature(**{IMAGE_BYTES_INPUT: tf.constant(list(encoded_images), tf.string)})
+    outputs = self._signature(**{contract.IMAGE_BYTES_INPUT: tf.constant(list(encoded_images), tf.string)})
     return {key: value.numpy() for key, value in outputs.items()}
 
   def predict_files(self, paths: Sequence[str]) -> List[dict]:
@@ -184,9 +165,9 @@ class Predictor:
 
 
 def _prediction_record(path: str, outputs: dict, row: int) -> dict:
-  names = [name.decode("utf-8") for name in outputs[ALL_CLASS_NAMES][row]]
-  probabilities = np.asarray(outputs[PROBABILITIES][row], np.float64)
-  return {"path": path, "class": outputs[CLASS_NAME][row].decode("utf-8"),
+  names = [name.decode("utf-8") for name in outputs[contract.ALL_CLASS_NAMES][row]]
+  probabilities = np.asarray(outputs[contract.PROBABILITIES][row], np.float64)
+  return {"path": path, "class": outputs[contract.CLASS_NAME][row].decode("utf-8"),
           "probabilities": dict(zip(names, probabilities.tolist()))}
 
 

@@ -7,14 +7,18 @@ import dataclasses
 import json
 import math
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from estimator_ft import bench
-from estimator_ft import data as data_lib
+from estimator_ft.bench import loaders as bench_loaders
+from estimator_ft.bench import machine as bench_machine
+from estimator_ft.bench import plan as bench_plan
+from estimator_ft.bench import runner as bench_runner
+from estimator_ft.bench import timing as bench_timing
 from estimator_ft.config import Config
+from estimator_ft.data import folders as folders_lib
+from estimator_ft.data import pipeline as pipeline_lib
 try:
   from tests import images  # repo root on sys.path: `python -m pytest`, or tests/ is a package
 except ImportError:
@@ -28,19 +32,37 @@ RED_PREPROCESSED = [0 - 103.939, 0 - 116.779, 255 - 123.68]
 def test_window_rates_time_each_window_from_the_end_of_the_step_before():
   # Steps finished at these seconds; the first is warm-up (it would include tracing).
   timestamps = [10.0, 11.0, 12.0, 14.0, 18.0]
-  rates = bench.window_rates(timestamps, warmup=1, steps=2, repeats=2, items_per_step=8)
+  rates = bench_timing.window_rates(timestamps, warmup=1, steps=2, repeats=2, items_per_step=8)
   # Window 1 = steps 2 and 3 (10 s -> 12 s), window 2 = steps 4 and 5 (12 s -> 18 s).
   assert rates == [2 * 8 / 2.0, 2 * 8 / 6.0]
 
 
 def test_window_rates_refuse_a_run_with_too_few_steps():
   with pytest.raises(RuntimeError, match="only 3 steps"):
-    bench.window_rates([1.0, 2.0, 3.0], warmup=1, steps=2, repeats=2, items_per_step=1)
+    bench_timing.window_rates([1.0, 2.0, 3.0], warmup=1, steps=2, repeats=2, items_per_step=1)
 
 
-def _run_in_turns(turns, step_seconds, log, warmup=1, steps=2, repeats=2):
-  """Two fake training loops in two threads, each step sleeping its loop's step time."""
-  clocks = {name: bench.WindowClock(name, turns, warmup, steps, repeats) for name in step_seconds}
+class VirtualTime:
+  """A clock that only moves when a fake step says it took time: timing tests without sleeping."""
+
+  def __init__(self):
+    self.now = 0.0
+    self._lock = threading.Lock()
+
+  def __call__(self):
+    with self._lock:
+      return self.now
+
+  def spend(self, seconds):
+    with self._lock:
+      self.now += seconds
+
+
+def _run_in_turns(turns, step_seconds, log, warmup=1, steps=2, repeats=2, clock=None):
+  """Two fake training loops in two threads, each step spending its loop's step time."""
+  clock = clock or VirtualTime()
+  clocks = {name: bench_timing.WindowClock(name, turns, warmup, steps, repeats, clock=clock)
+            for name in step_seconds}
   errors = []
 
   def loop(name):
@@ -49,7 +71,7 @@ def _run_in_turns(turns, step_seconds, log, warmup=1, steps=2, repeats=2):
         clocks[name].before_step()
         # The extra last step is what a loop runs after its timed windows (the folder phase).
         log.append(name if step < warmup + steps * repeats else name + " after")
-        time.sleep(step_seconds[name])
+        clock.spend(step_seconds[name])
         clocks[name].after_step()
     except RuntimeError as e:
       errors.append(str(e))
@@ -64,22 +86,22 @@ def _run_in_turns(turns, step_seconds, log, warmup=1, steps=2, repeats=2):
 
 def test_two_loops_take_turns_one_window_each_and_waiting_is_not_timed():
   log = []
-  turns = bench.TakeTurns("estimator", "keras")
-  clocks, errors = _run_in_turns(turns, {"keras": 0.05, "estimator": 0.01}, log)
+  turns = bench_timing.TakeTurns("estimator", "keras")
+  clocks, errors = _run_in_turns(turns, {"keras": 5.0, "estimator": 1.0}, log)
   assert errors == []
   # Warm-up window (1 step), then windows of 2 steps, strictly alternating, estimator first.
   assert log[:10] == ["estimator", "keras"] + ["estimator"] * 2 + ["keras"] * 2 + [
       "estimator"] * 2 + ["keras"] * 2
   # The estimator finished first, but ran nothing more until keras' last window had ended.
   assert sorted(log[10:]) == ["estimator after", "keras after"]
-  # Each window is its own two steps only: the estimator's never include keras' 0.1 s windows.
-  assert all(0.02 <= s < 0.09 for s in clocks["estimator"].seconds), clocks["estimator"].seconds
-  assert all(0.1 <= s < 0.2 for s in clocks["keras"].seconds), clocks["keras"].seconds
-  assert len(clocks["estimator"].seconds) == len(clocks["keras"].seconds) == 2
+  # Each window is exactly its own two steps: keras' 10 s windows, run in between, never count
+  # in the estimator's 2 s ones (the clock moves only while a step runs).
+  assert clocks["estimator"].seconds == [2.0, 2.0]
+  assert clocks["keras"].seconds == [10.0, 10.0]
 
 
 def test_a_failed_loop_stops_the_other_instead_of_hanging_it():
-  turns = bench.TakeTurns("estimator", "keras")
+  turns = bench_timing.TakeTurns("estimator", "keras")
   turns.fail("estimator")
   clocks, errors = _run_in_turns(turns, {"keras": 0.0}, [])
   assert errors == ["bench: the estimator run failed; stopping the keras run."]
@@ -88,23 +110,25 @@ def test_a_failed_loop_stops_the_other_instead_of_hanging_it():
 
 @pytest.mark.parametrize("warmup", [2, 3, 5])
 def test_the_first_periodic_summary_step_falls_in_the_warmup(warmup):
-  period = bench.summary_steps_within_warmup(warmup)
+  period = bench_plan.summary_steps_within_warmup(warmup)
   # Steps 0..warmup-1 are warm-up; summaries run at step 0 and at multiples of the period.
   assert 1 <= period <= warmup - 1
-  config = bench.bench_config(bench.make_plan(), "data/sample", "/tmp/unused")
-  assert config.save_summary_steps == bench.summary_steps_within_warmup(bench.WARMUP_STEPS)
+  config = bench_plan.bench_config(bench_plan.make_plan(), "data/sample", "/tmp/unused")
+  assert config.save_summary_steps == bench_plan.summary_steps_within_warmup(bench_plan.WARMUP_STEPS)
 
 
 def test_spread_reports_min_median_max_of_the_runs():
-  assert bench.spread([3, 1, 2]) == {"min": 1.0, "median": 2.0, "max": 3.0, "runs": [3.0, 1.0, 2.0]}
+  assert bench_timing.spread([3, 1, 2]) == {"min": 1.0, "median": 2.0, "max": 3.0, "runs": [3.0, 1.0, 2.0]}
+  # An even number of runs: the median is the mean of the middle two, not one of the runs.
+  assert bench_timing.spread([4, 1, 3, 2])["median"] == 2.5
 
 
 def test_quick_plan_caps_the_work_and_keeps_the_settings():
-  plan = bench.make_plan(image_size=224, batch_size=16, steps=50, repeats=7, quick=True,
+  plan = bench_plan.make_plan(image_size=224, batch_size=16, steps=50, repeats=7, quick=True,
                          precision="mixed_bfloat16")
-  assert (plan.steps, plan.repeats) == (bench.QUICK_LIMITS["steps"], bench.QUICK_LIMITS["repeats"])
+  assert (plan.steps, plan.repeats) == (bench_plan.QUICK_LIMITS["steps"], bench_plan.QUICK_LIMITS["repeats"])
   assert (plan.image_size, plan.batch_size, plan.precision) == (224, 16, "mixed_bfloat16")
-  assert bench.make_plan(steps=2, repeats=1, quick=True).steps == 2  # already under the cap
+  assert bench_plan.make_plan(steps=2, repeats=1, quick=True).steps == 2  # already under the cap
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -115,29 +139,36 @@ def test_quick_plan_caps_the_work_and_keeps_the_settings():
 ])
 def test_bad_settings_are_refused_with_what_to_do(settings, message):
   with pytest.raises(ValueError, match=message):
-    bench.make_plan(**settings)
+    bench_plan.make_plan(**settings)
 
 
 @pytest.mark.parametrize("precision, dtype", [
     ("float32", "float32"), ("mixed_bfloat16", "bfloat16"), ("mixed_float16", "float16")])
 def test_the_peak_is_measured_in_the_dtype_the_model_computes_in(precision, dtype):
-  assert bench.compute_dtype(precision) == dtype
-  rates = bench.matmul_gflops(sizes=(64, 128), repeats=1, dtype=dtype)
-  assert rates["peak_median"] == max(rates["64"]["median"], rates["128"]["median"]) > 0
+  assert bench_machine.compute_dtype(precision) == dtype
+
+
+def test_matmul_rate_is_two_n_cubed_flops_per_timed_call():
+  # A clock that says every timed call took 0.5 s: the rates follow from the sizes alone.
+  ticks = iter(range(100))
+  rates = bench_machine.matmul_gflops(sizes=(64, 128), repeats=2, clock=lambda: 0.5 * next(ticks))
+  assert rates["64"]["runs"] == [2 * 64**3 / 0.5 / 1e9] * 2
+  assert rates["128"]["runs"] == [2 * 128**3 / 0.5 / 1e9] * 2
+  assert rates["peak_median"] == 2 * 128**3 / 0.5 / 1e9
 
 
 def _solid_colour_folder(root, count=4):
   for index in range(count):
     images.write_png(root / "train" / "red" / f"{index}.png", size=48, solid=images.RED)
     images.write_png(root / "train" / "also_red" / f"{index}.png", size=48, solid=images.RED)
-  return data_lib.scan_image_folder(str(root / "train"), "train")
+  return folders_lib.scan_image_folder(str(root / "train"), "train")
 
 
 def test_python_loader_preprocesses_exactly_like_the_pipeline(tmp_path):
   split = _solid_colour_folder(tmp_path)
-  python_images, python_labels = next(bench.python_batches(split, SIZE, batch_size=4, augment=False))
+  python_images, python_labels = next(bench_loaders.python_batches(split, SIZE, batch_size=4, augment=False))
   config = Config(image_size=SIZE, batch_size=8, augment=False)
-  pipeline_images = next(iter(data_lib.make_dataset(split, config, "eval")))[0]["image"].numpy()
+  pipeline_images = next(iter(pipeline_lib.make_dataset(split, config, "eval")))[0]["image"].numpy()
   assert python_images.shape == (4, SIZE, SIZE, 3) and python_images.dtype == np.float32
   np.testing.assert_allclose(python_images[0, 5, 5], RED_PREPROCESSED, atol=1e-3)
   # Both resizes of a flat colour stay flat up to float rounding; a swapped channel order or a
@@ -151,30 +182,30 @@ def test_python_loader_augments_every_image_differently(tmp_path):
   for index in range(4):
     images.write_png(tmp_path / "a" / f"{index}.png", size=48, seed=0)
     images.write_png(tmp_path / "b" / f"{index}.png", size=48, seed=0)
-  split = data_lib.scan_image_folder(str(tmp_path), "train")
-  batch, _ = next(bench.python_batches(split, SIZE, batch_size=8, augment=True, seed=3))
+  split = folders_lib.scan_image_folder(str(tmp_path), "train")
+  batch, _ = next(bench_loaders.python_batches(split, SIZE, batch_size=8, augment=True, seed=3))
   # The same source image eight times: random flips and crops make the copies differ.
   assert len({copy.tobytes() for copy in batch}) > 1
   assert np.isfinite(batch).all()
 
 
 def test_subset_keeps_every_class(tiny_dataset):
-  split = data_lib.scan_image_folder(str(tiny_dataset / "train"), "train")
-  subset = bench._subset(split, 6)  # pylint: disable=protected-access
+  split = folders_lib.scan_image_folder(str(tiny_dataset / "train"), "train")
+  subset = bench_loaders.subset(split, 6)  # pylint: disable=protected-access
   assert subset.num_examples == len(subset.paths) == 6
   assert sorted(subset.labels) == [0, 0, 0, 1, 1, 1]
 
 
 def test_python_loader_refuses_a_batch_larger_than_the_split(tiny_dataset):
-  split = data_lib.scan_image_folder(str(tiny_dataset / "train"), "train")
+  split = folders_lib.scan_image_folder(str(tiny_dataset / "train"), "train")
   with pytest.raises(ValueError, match="lower --batch_size"):
-    next(bench.python_batches(split, SIZE, batch_size=split.num_examples + 1))
+    next(bench_loaders.python_batches(split, SIZE, batch_size=split.num_examples + 1))
 
 
 def test_a_data_dir_without_validation_is_refused(tmp_path):
   (tmp_path / "train").mkdir()
   with pytest.raises(ValueError, match="no validation/ folder"):
-    bench.resolve_data_dir(str(tmp_path), str(tmp_path / "scratch"))
+    bench_loaders.resolve_data_dir(str(tmp_path), str(tmp_path / "scratch"))
 
 
 @pytest.mark.slow
@@ -182,10 +213,10 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   output = tmp_path / "bench.json"
   # Smaller than --quick: one short epoch for the overhead run, one matmul per size.
   plan = dataclasses.replace(
-      bench.make_plan(image_size=SIZE, batch_size=4, steps=1, repeats=1, quick=True),
+      bench_plan.make_plan(image_size=SIZE, batch_size=4, steps=1, repeats=1, quick=True),
       warmup_steps=1, loader_batches=2, overhead_epochs=1, overhead_steps_per_epoch=1,
       matmul_repeats=1)
-  returned = bench.run_plan(plan, str(tiny_dataset), str(output), quick=True)
+  returned = bench_runner.run_plan(plan, str(tiny_dataset), str(output), quick=True)
   results = json.loads(output.read_text())
   assert results["estimator_img_per_s"] == pytest.approx(returned["estimator_img_per_s"])
 

@@ -16,12 +16,12 @@ import pytest
 import tensorflow as tf
 
 from estimator_ft import cluster
-from estimator_ft import config as config_lib
 from estimator_ft import estimator as estimator_lib
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
-from estimator_ft import training
 from estimator_ft.config import Config
+from estimator_ft.run import model_dir as model_dir_lib
+from estimator_ft.run import events as events_lib
 
 # tiny_dataset: 12 train images per class, 2 classes; batch 8 -> 3 steps in the one epoch.
 BATCH = 8
@@ -145,17 +145,17 @@ def test_a_worker_waits_for_the_chiefs_files_and_fails_clearly_when_they_never_c
   prefix = str(tmp_path / "initial_weights" / "weights")
   started = time.monotonic()
   with pytest.raises(ValueError, match=r"worker:0 waited 0.3 s for the chief .* same --model_dir"):
-    training.wait_for_chief(str(tmp_path), prefix, "worker:0", timeout_s=0.3, poll_s=0.05)
+    model_dir_lib.wait_for_chief(str(tmp_path), prefix, "worker:0", timeout_s=0.3, poll_s=0.05)
   assert time.monotonic() - started < QUICK_TIMEOUT_S
 
-  (tmp_path / config_lib.CONFIG_FILE).write_text("{}")
+  (tmp_path / model_dir_lib.CONFIG_FILE).write_text("{}")
   (tmp_path / "initial_weights").mkdir()
   (tmp_path / "initial_weights" / "weights.index").write_bytes(b"")
   # The index alone is a checkpoint half renamed into place: still not ready.
   with pytest.raises(ValueError, match="waited"):
-    training.wait_for_chief(str(tmp_path), prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
+    model_dir_lib.wait_for_chief(str(tmp_path), prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
   (tmp_path / "initial_weights" / "weights.data-00000-of-00001").write_bytes(b"")
-  training.wait_for_chief(str(tmp_path), prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
+  model_dir_lib.wait_for_chief(str(tmp_path), prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
 
 
 # ---------------------------------------------------------------- history of an async run
@@ -211,7 +211,7 @@ def test_epoch_metrics_follow_a_global_step_that_other_workers_advance(tmp_path)
       for value in (3, 5):
         other_workers_set_step(value)
         session.run(own_step)
-  history = estimator_lib.read_train_history(str(tmp_path))
+  history = model_dir_lib.read_history(str(tmp_path), model_dir_lib.TRAIN_HISTORY_FILE)
   assert [(h["epoch"], h["step"], h["train_steps_averaged"]) for h in history] == [(1, 4, 1), (2, 6, 1)]
   assert all(h["loss"] == 0.5 and h["accuracy"] == 0.75 for h in history)
 
@@ -380,10 +380,10 @@ def _train_flags(dataset, model_dir):
 
 def _moving_statistics_changed(model_dir):
   """Fraction of BN moving means/variances in the latest checkpoint that left their start."""
-  record = config_lib.read_run_config(str(model_dir))
+  record = model_dir_lib.read_run_config(str(model_dir))
   config = Config.from_dict(record["config"])
   trained = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir)))
-  initial = tf.train.load_checkpoint(os.path.join(str(model_dir), training.INITIAL_WEIGHTS_PREFIX))
+  initial = tf.train.load_checkpoint(os.path.join(str(model_dir), model_dir_lib.INITIAL_WEIGHTS_PREFIX))
   with tf.Graph().as_default():
     names = [w.name.split(":")[0] for w in
              model_lib.build_model(config, len(record["class_names"])).weights]
@@ -419,10 +419,10 @@ def test_local_cluster_trains_checkpoints_and_evaluates(tiny_dataset, tmp_path):
   # may write one more, at the step the worker's last update reached).
   evaluated = [int(s) for s in re.findall(r"\[evaluator\] .*Saving dict for global step (\d+)", log)]
   assert evaluated and MAX_STEPS <= max(evaluated) <= step
-  metrics = estimator_lib.read_eval_events(str(model_dir / "eval"))[max(evaluated)]
+  metrics = events_lib.scalars_by_step(str(model_dir / "eval"))[max(evaluated)]
   assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["example_loss"])
 
-  results = json.loads((model_dir / training.RESULTS_FILE).read_text())
+  results = json.loads((model_dir / model_dir_lib.RESULTS_FILE).read_text())
   assert results["global_step"] == step
   [epoch] = results["history"]
   assert np.isfinite(epoch["loss"]) and np.isfinite(epoch["val_loss"])

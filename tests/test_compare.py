@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from estimator_ft import compare
+from estimator_ft.jobs import compare
+from estimator_ft.run import events as events_lib
 
 SIZE = 32
 # tiny_dataset: 8 validation images -> batches of 6 and 2, the uneven last batch that a mean of
@@ -85,8 +86,8 @@ def test_every_path_has_a_full_history_in_json_and_csv(compared):
 
 
 @pytest.mark.slow
-def test_plot_is_a_readable_png(compared):
-  output_dir, _, _ = compared
+def test_plot_is_a_readable_png_of_exactly_the_recorded_curves(compared):
+  output_dir, comparison, _ = compared
   with Image.open(output_dir / compare.COMPARISON_PNG) as image:
     assert image.format == "PNG"
     width, height = image.size
@@ -94,6 +95,18 @@ def test_plot_is_a_readable_png(compared):
   assert width >= 800 and height >= 400
   # Curves and text, not a blank canvas.
   assert colours > 50
+  # What is drawn is what the runs recorded: each path's four curves, epoch by epoch.
+  figure = compare.comparison_figure(comparison)
+  loss_axis, accuracy_axis = figure.axes[:2]
+  for axis, metric in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
+    lines = {line.get_label(): line for line in axis.get_lines()}
+    for name in PATHS:
+      history = comparison["paths"][name]["history"]
+      for label, key in ((f"{name}: validation (full pass)", f"val_{metric}"),
+                         (f"{name}: training (running average)", metric)):
+        line = lines[label]
+        assert list(line.get_xdata()) == [h["epoch"] for h in history]
+        np.testing.assert_allclose(line.get_ydata(), [h[key] for h in history], rtol=1e-12)
 
 
 @pytest.mark.slow
@@ -139,9 +152,13 @@ def test_report_names_running_averages_and_full_passes(compared):
 
 @pytest.mark.slow
 def test_tensorboard_runs_of_every_path_share_one_root(compared):
-  output_dir, _, _ = compared
-  runs = {"keras": ("train", "validation"), "estimator": ("eval",), "naive": ("eval",)}
-  for name, folders in runs.items():
-    for folder in folders:
-      events = os.listdir(output_dir / name / folder)
-      assert any(n.startswith("events.out.tfevents") for n in events), (name, folder)
+  # Every path's validation curve is in its TensorBoard run under the one output_dir, with the
+  # values the comparison reports.
+  output_dir, comparison, _ = compared
+  for name, folder, loss_tag in (("keras", "validation", "epoch_loss"),
+                                 ("estimator", "eval", "example_loss"),
+                                 ("naive", "eval", "example_loss")):
+    by_step = events_lib.scalars_by_step(str(output_dir / name / folder))
+    logged = [by_step[step][loss_tag] for step in sorted(by_step) if loss_tag in by_step[step]]
+    recorded = [h["val_loss"] for h in comparison["paths"][name]["history"]]
+    np.testing.assert_allclose(logged[-len(recorded):], recorded, rtol=1e-6, err_msg=name)

@@ -17,16 +17,17 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting as fingerprinting_pywrap  # pylint: disable=g-direct-tensorflow-import
 
-from estimator_ft import config as config_lib
-from estimator_ft import data as data_lib
 from estimator_ft import estimator as estimator_lib
 from estimator_ft import export
 from estimator_ft import keras_path
 from estimator_ft import model as model_lib
-from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import serving
-from estimator_ft import training
 from estimator_ft.config import Config
+from estimator_ft.data import pipeline as pipeline_lib
+from estimator_ft.data import split as split_lib
+from estimator_ft.jobs import export_checkpoint
+from estimator_ft.jobs import train as train_job
+from estimator_ft.run import model_dir as model_dir_lib
 try:
   from tests import images  # repo root on sys.path: `python -m pytest`, or tests/ is a package
 except ImportError:
@@ -71,6 +72,7 @@ from estimator_ft import cli
 cli.run_main(["estimator-ft", "predict"] + sys.argv[1:])
 """
 PREDICT_MODULES = {"estimator_ft", "estimator_ft.cli", "estimator_ft.config", "estimator_ft.serving",
+                   "estimator_ft.contract",
                    "estimator_ft.image_formats", "estimator_ft.messages"}
 
 
@@ -83,7 +85,7 @@ def trained(tiny_dataset, module_tmp_path):
                   validation_dir=str(tiny_dataset / "validation"),
                   model_dir=str(module_tmp_path / "export_run"), image_size=SIZE,
                   batch_size=8, epochs=1, weights="none", augment=False).validate()
-  results = training.run(config)
+  results = train_job.run(config)
   return config, results
 
 
@@ -95,14 +97,14 @@ def keras_export(trained, module_tmp_path):
   keras_dir = str(module_tmp_path / "keras_run")
   os.mkdir(keras_dir)
   keras_config = config.replace(path="keras", model_dir=keras_dir)
-  config_lib.write_run_config(keras_config, class_names)
+  model_dir_lib.write_run_config(keras_config, class_names)
   model = model_lib.build_model(keras_config, len(class_names))
   model.set_weights(estimator_checkpoint_weights(config, len(class_names)))
   # The Keras path's checkpoint layout (keras_path._EpochCheckpoints), numbered by global step.
   manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), keras_dir, max_to_keep=1,
                                        checkpoint_name=keras_path.CHECKPOINT_NAME)
   manager.save(checkpoint_number=results["global_step"])
-  return export.export_from_checkpoint(keras_dir)
+  return export_checkpoint.export_from_checkpoint(keras_dir)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +224,7 @@ def test_training_publishes_complete_latest_and_best_versions(trained):
         results["final_evaluation"]["example_loss"], rel=1e-6)
   latest = serving.newest_version(os.path.join(config.model_dir, "export", "latest"))
   assert results["export_path"] == latest
-  with open(os.path.join(config.model_dir, training.RESULTS_FILE)) as f:
+  with open(os.path.join(config.model_dir, model_dir_lib.RESULTS_FILE)) as f:
     assert json.load(f)["export_path"] == latest
 
 
@@ -258,10 +260,10 @@ def test_fresh_process_predict_matches_in_memory_estimator_predict(trained, form
   loaded = set(re.search(r"LOADED_MODULES(.*)", run.stderr).group(1).split())
   assert loaded <= PREDICT_MODULES, loaded - PREDICT_MODULES
 
-  split = data_lib.Split(name="predict", class_names=class_names, num_examples=len(format_images),
+  split = split_lib.Split(name="predict", class_names=class_names, num_examples=len(format_images),
                          paths=tuple(format_images), labels=(0,) * len(format_images))
   estimator = estimator_lib.make_estimator(config, class_names, steps_per_epoch=1)
-  in_memory = list(estimator.predict(data_lib.make_input_fn(split, config, "predict")))
+  in_memory = list(estimator.predict(pipeline_lib.make_input_fn(split, config, "predict")))
   expected = np.stack([p["probabilities"] for p in in_memory])
   served = np.array([[records[p]["probabilities"][name] for name in class_names]
                      for p in format_images])
@@ -331,7 +333,7 @@ def test_export_skips_and_cleans_a_killed_exports_staging_folder(trained, tmp_pa
   with pytest.raises(ValueError, match="not a SavedModel"):
     serving.resolve_saved_model(str(base))
 
-  path = export.export_from_checkpoint(config.model_dir, str(base))
+  path = export_checkpoint.export_from_checkpoint(config.model_dir, str(base))
 
   assert not stale.exists()
   assert live.exists() and other_host.exists()
@@ -419,16 +421,8 @@ def test_latest_export_path_is_the_newest_latest_version_else_best(tmp_path):
 
 def test_export_from_checkpoint_explains_what_is_missing(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
-    export.export_from_checkpoint(str(tmp_path))
+    export_checkpoint.export_from_checkpoint(str(tmp_path))
   config = Config(train_dir="t", validation_dir="v", model_dir=str(tmp_path))
-  config_lib.write_run_config(config, ("a", "b"))
+  model_dir_lib.write_run_config(config, ("a", "b"))
   with pytest.raises(ValueError, match="no checkpoint yet"):
-    export.export_from_checkpoint(str(tmp_path))
-
-
-def test_serving_contract_names_match_the_training_side():
-  """serving.py may not import the training code, so it repeats these names; they must agree."""
-  assert (serving.PROBABILITIES, serving.CLASS_INDEX, serving.CLASS_NAME, serving.ALL_CLASS_NAMES) == (
-      model_fn_lib.PROBABILITIES, model_fn_lib.CLASS_INDEX, model_fn_lib.CLASS_NAME,
-      model_fn_lib.ALL_CLASS_NAMES)
-  assert serving.IMAGE_EXTENSIONS == data_lib.IMAGE_EXTENSIONS
+    export_checkpoint.export_from_checkpoint(str(tmp_path))

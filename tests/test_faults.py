@@ -20,15 +20,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_ft import config as config_lib
-from estimator_ft import data as data_lib
+from estimator_ft import contract
 from estimator_ft import estimator as estimator_lib
-from estimator_ft import export
-from estimator_ft import faults
 from estimator_ft import keras_path
 from estimator_ft import serving
-from estimator_ft import training
 from estimator_ft.config import Config
+from estimator_ft.data import loading as loading_lib
+from estimator_ft.data import pipeline as pipeline_lib
+from estimator_ft.jobs import export_checkpoint
+from estimator_ft.run import events as events_lib
+from estimator_ft.run import faults
+from estimator_ft.run import model_dir as model_dir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXIT_USER_ERROR = 2
@@ -162,7 +164,7 @@ def assert_checkpoints_and_exports_intact(model_dir):
 
 
 def read_results(model_dir):
-  with open(os.path.join(model_dir, training.RESULTS_FILE)) as f:
+  with open(os.path.join(model_dir, model_dir_lib.RESULTS_FILE)) as f:
     return json.load(f)
 
 
@@ -173,7 +175,7 @@ def assert_complete_results(results, path):
   for entry in results["history"]:
     assert np.isfinite([entry["loss"], entry["accuracy"], entry["val_loss"],
                         entry["val_accuracy"]]).all(), entry
-  assert os.path.isfile(os.path.join(results["export_path"], serving.SAVED_MODEL_FILE))
+  assert os.path.isfile(os.path.join(results["export_path"], contract.SAVED_MODEL_FILE))
 
 
 def checkpoint_values(prefix):
@@ -199,7 +201,7 @@ def test_estimator_run_killed_mid_epoch_resumes_exactly_and_a_second_run_is_refu
   reference = background(train_command(tiny_dataset, reference_dir, *flags,
                                        "--noexport_during_training"), tmp_path / "reference.log")
   victim = background(train_command(tiny_dataset, killed_dir, *flags), tmp_path / "killed.log")
-  wait_for_checkpoint(victim, killed_dir, training.ESTIMATOR_CHECKPOINT_NAME, CHECKPOINT_EVERY)
+  wait_for_checkpoint(victim, killed_dir, model_dir_lib.ESTIMATOR_CHECKPOINT_NAME, CHECKPOINT_EVERY)
   victim.send_signal(signal.SIGSTOP)  # hold it right there: it still holds the model_dir lock
   returncode, output = run_to_end(train_command(tiny_dataset, killed_dir, *flags),
                                   tmp_path / "second.log")
@@ -210,7 +212,7 @@ def test_estimator_run_killed_mid_epoch_resumes_exactly_and_a_second_run_is_refu
   returncode, resumed_output = run_to_end(train_command(tiny_dataset, killed_dir, *flags),
                                           tmp_path / "resumed.log")
   assert returncode == 0, resumed_output
-  resumed_from = killed_dir / f"{training.ESTIMATOR_CHECKPOINT_NAME}-{CHECKPOINT_EVERY}"
+  resumed_from = killed_dir / f"{model_dir_lib.ESTIMATOR_CHECKPOINT_NAME}-{CHECKPOINT_EVERY}"
   assert f"resuming from {resumed_from}" in resumed_output
   assert f"continues at batch {CHECKPOINT_EVERY}" in resumed_output
   returncode, reference_output = finish(reference)
@@ -224,11 +226,11 @@ def test_estimator_run_killed_mid_epoch_resumes_exactly_and_a_second_run_is_refu
                                                           FINAL_STEP - CHECKPOINT_EVERY]
   assert_checkpoints_and_exports_intact(killed_dir)
 
-  name = f"{training.ESTIMATOR_CHECKPOINT_NAME}-{FINAL_STEP}"
+  name = f"{model_dir_lib.ESTIMATOR_CHECKPOINT_NAME}-{FINAL_STEP}"
   expected = checkpoint_values(reference_dir / name)
   actual = checkpoint_values(killed_dir / name)
   assert sorted(actual) == sorted(expected)
-  initial = checkpoint_values(reference_dir / f"{training.ESTIMATOR_CHECKPOINT_NAME}-0")
+  initial = checkpoint_values(reference_dir / f"{model_dir_lib.ESTIMATOR_CHECKPOINT_NAME}-0")
   trained = [key for key in expected if not np.array_equal(expected[key], initial[key])]
   assert len(trained) > 100, "the comparison must cover weights that training changed"
   for key in expected:
@@ -287,10 +289,10 @@ def test_checkpoint_left_unevaluated_by_a_killed_run_is_evaluated_on_resume(tmp_
   exporter = RecordingExporter()
   eval_spec = tf.estimator.EvalSpec(input_fn, steps=None, exporters=[exporter])
   eval_dir = os.path.join(str(tmp_path), "eval")
-  assert estimator_lib.read_eval_events(eval_dir) == {}
+  assert events_lib.scalars_by_step(eval_dir) == {}
 
   estimator_lib.finish_interrupted_evaluation(estimator, eval_spec)
-  assert list(estimator_lib.read_eval_events(eval_dir)) == [2]
+  assert list(events_lib.scalars_by_step(eval_dir)) == [2]
   assert exporter.calls == [("recording", "model.ckpt-2", 2)]
   # Evaluated checkpoints are left alone: a plain re-run repeats nothing.
   estimator_lib.finish_interrupted_evaluation(estimator, eval_spec)
@@ -304,12 +306,12 @@ def test_stream_started_at_batch_n_is_the_uninterrupted_stream_from_batch_n(tiny
   config = Config(train_dir=str(tiny_dataset / "train"),
                   validation_dir=str(tiny_dataset / "validation"),
                   image_size=SIZE, batch_size=BATCH, seed=3, cache=cache)
-  splits = data_lib.load_splits(config)
+  splits = loading_lib.load_splits(config)
   resume_at = CHECKPOINT_EVERY
   tf.random.set_seed(config.seed)
-  uninterrupted = list(data_lib.make_dataset(splits.train, config, "train").take(FINAL_STEP))
+  uninterrupted = list(pipeline_lib.make_dataset(splits.train, config, "train").take(FINAL_STEP))
   tf.random.set_seed(config.seed)
-  resumed = list(data_lib.make_dataset(splits.train, config, "train", start_batch=resume_at)
+  resumed = list(pipeline_lib.make_dataset(splits.train, config, "train", start_batch=resume_at)
                  .take(FINAL_STEP - resume_at))
   for (features, labels), (expected, expected_labels) in zip(resumed, uninterrupted[resume_at:]):
     np.testing.assert_array_equal(labels, expected_labels)
@@ -323,19 +325,19 @@ def test_only_a_train_stream_can_start_later(tiny_dataset):
   config = Config(train_dir=str(tiny_dataset / "train"),
                   validation_dir=str(tiny_dataset / "validation"),
                   image_size=SIZE, batch_size=BATCH)
-  splits = data_lib.load_splits(config)
+  splits = loading_lib.load_splits(config)
   with pytest.raises(ValueError, match="only a train stream"):
-    data_lib.make_dataset(splits.validation, config, "eval", start_batch=1)
+    pipeline_lib.make_dataset(splits.validation, config, "eval", start_batch=1)
   with pytest.raises(ValueError, match="start_batch=-1"):
-    data_lib.make_dataset(splits.train, config, "train", start_batch=-1)
+    pipeline_lib.make_dataset(splits.train, config, "train", start_batch=-1)
 
 
 # ---------------------------------------------------------------- the run lock
 
 LOCK_HOLDER = """
 import sys, time
-from estimator_ft import training
-with training.run_lock(sys.argv[1]):
+from estimator_ft.run import model_dir as model_dir_lib
+with model_dir_lib.run_lock(sys.argv[1]):
   print("locked", flush=True)
   time.sleep(600)
 """
@@ -346,15 +348,15 @@ def test_lock_of_a_killed_run_is_released_by_the_kernel(tmp_path):
                             stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(training.RunLockedError, match=rf"in use by pid {holder.pid} on "):
-      with training.run_lock(str(tmp_path)):
+    with pytest.raises(model_dir_lib.RunLockedError, match=rf"in use by pid {holder.pid} on "):
+      with model_dir_lib.run_lock(str(tmp_path)):
         pass
   finally:
     kill_hard(holder)
   # The lock file is still there, naming the dead process: only the flock counted.
-  assert f"pid {holder.pid}" in (tmp_path / training.LOCK_FILE).read_text()
-  with training.run_lock(str(tmp_path)):
-    assert f"pid {os.getpid()}" in (tmp_path / training.LOCK_FILE).read_text()
+  assert f"pid {holder.pid}" in (tmp_path / model_dir_lib.LOCK_FILE).read_text()
+  with model_dir_lib.run_lock(str(tmp_path)):
+    assert f"pid {os.getpid()}" in (tmp_path / model_dir_lib.LOCK_FILE).read_text()
 
 
 # ---------------------------------------------------------------- unwritable places, full disks
@@ -365,20 +367,20 @@ def test_model_dir_below_a_file_is_refused(tmp_path):
   # chmod cannot make a folder unwritable for root (the tests may run as root); a path through
   # a regular file is unwritable for everyone.
   with pytest.raises(ValueError, match=r"is not writable \(a part of that path is a file"):
-    training.ensure_writable_dir(str(blocker / "model"))
+    model_dir_lib.ensure_writable_dir(str(blocker / "model"))
   with pytest.raises(ValueError, match=r"--export_dir=.*is not writable"):
-    training.ensure_writable_dir(str(blocker), flag="--export_dir")
+    model_dir_lib.ensure_writable_dir(str(blocker), flag="--export_dir")
 
 
 def test_unwritable_export_dir_is_refused_before_the_model_is_built(tmp_path):
   model_dir = tmp_path / "model"
   model_dir.mkdir()
-  config_lib.write_run_config(Config(train_dir="t", validation_dir="v", model_dir=str(model_dir)),
+  model_dir_lib.write_run_config(Config(train_dir="t", validation_dir="v", model_dir=str(model_dir)),
                               ("a", "b"))
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
   with pytest.raises(ValueError, match=r"--export_dir=.*/a_file/exports is not writable \(a part"):
-    export.export_from_checkpoint(str(model_dir), str(blocker / "exports"))
+    export_checkpoint.export_from_checkpoint(str(model_dir), str(blocker / "exports"))
 
 
 def test_full_disk_is_named_as_such(tmp_path, monkeypatch):
@@ -391,7 +393,7 @@ def test_full_disk_is_named_as_such(tmp_path, monkeypatch):
 
   monkeypatch.setattr("builtins.open", open_on_a_full_disk)
   with pytest.raises(ValueError, match=r"is not writable \(the disk is full\).*free disk space"):
-    training.ensure_writable_dir(str(tmp_path / "model"))
+    model_dir_lib.ensure_writable_dir(str(tmp_path / "model"))
 
 
 @pytest.mark.slow
@@ -405,11 +407,11 @@ def test_disk_filling_up_mid_run_stops_with_a_clear_error_and_leaves_nothing_cor
                              "re-run the same command to resume")
   # The failed save left its partial shards in model.ckpt-0_temp, and named no checkpoint: the
   # next run cleans up and starts from the intact initial weights.
-  assert (model_dir / f"{training.ESTIMATOR_CHECKPOINT_NAME}-0_temp").is_dir()
+  assert (model_dir / f"{model_dir_lib.ESTIMATOR_CHECKPOINT_NAME}-0_temp").is_dir()
   assert tf.train.latest_checkpoint(str(model_dir)) is None
-  assert faults.recover_checkpoint_state(str(model_dir), training.ESTIMATOR_CHECKPOINT_NAME) is None
+  assert faults.recover_checkpoint_state(str(model_dir), model_dir_lib.ESTIMATOR_CHECKPOINT_NAME) is None
   assert not list(model_dir.glob("*_temp"))
-  assert faults.checkpoint_problem(str(model_dir / training.INITIAL_WEIGHTS_PREFIX)) is None
+  assert faults.checkpoint_problem(str(model_dir / model_dir_lib.INITIAL_WEIGHTS_PREFIX)) is None
 
 
 def test_write_failures_mid_run_are_explained(tmp_path):
@@ -449,7 +451,7 @@ def test_write_failures_mid_run_are_explained(tmp_path):
 
 # ---------------------------------------------------------------- damaged or deleted checkpoints
 
-NAME = training.ESTIMATOR_CHECKPOINT_NAME
+NAME = model_dir_lib.ESTIMATOR_CHECKPOINT_NAME
 STEPS = (2, 4, 6)
 
 
@@ -569,7 +571,7 @@ def test_cli_user_errors_for_faults_are_one_line(tiny_dataset, tmp_path, checkpo
                   validation_dir=str(tiny_dataset / "validation"),
                   model_dir=str(checkpointed_dir), image_size=SIZE, batch_size=BATCH, epochs=EPOCHS,
                   weights="none", seed=3)
-  config_lib.write_run_config(config, tuple(sorted(os.listdir(tiny_dataset / "train"))))
+  model_dir_lib.write_run_config(config, tuple(sorted(os.listdir(tiny_dataset / "train"))))
   for step in STEPS:
     truncate(data_file(checkpointed_dir, step))
   returncode, output = run_to_end(train_command(tiny_dataset, checkpointed_dir),

@@ -108,9 +108,11 @@ def fuzz_settings(max_examples):
 
 def _decodes(image_bytes) -> bool:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_ft import data  # pylint: disable=g-import-not-at-top
+  from estimator_ft import contract  # pylint: disable=g-import-not-at-top
+  from estimator_ft.data import folders as folders_lib, images as images_lib  # pylint: disable=g-import-not-at-top
+  from estimator_ft.data import pipeline as pipeline_lib, split as split_lib  # pylint: disable=g-import-not-at-top
   try:
-    data.decode_image(image_bytes, SIZE)
+    images_lib.decode_image(image_bytes, SIZE)
   except (tf.errors.OpError, ValueError):
     return False
   return True
@@ -123,7 +125,9 @@ def _assert_clear_reason(reason):
 def fuzz_folder_scan(work_dir, counts):
   """check_image_file and scan_image_folder: accepted files decode; rejected ones say why."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from estimator_ft import data  # pylint: disable=g-import-not-at-top
+  from estimator_ft import contract  # pylint: disable=g-import-not-at-top
+  from estimator_ft.data import folders as folders_lib, images as images_lib  # pylint: disable=g-import-not-at-top
+  from estimator_ft.data import pipeline as pipeline_lib, split as split_lib  # pylint: disable=g-import-not-at-top
   hypothesis, st = _strategies()
   root = pathlib.Path(work_dir) / "scan"
   good = root / "only_class" / "good.png"
@@ -131,21 +135,21 @@ def fuzz_folder_scan(work_dir, counts):
   good.write_bytes(seed_images()[SEED_KINDS.index("png")])
 
   @fuzz_settings(SCAN_EXAMPLES)
-  @hypothesis.given(content=image_like_bytes(), extension=st.sampled_from(data.IMAGE_EXTENSIONS))
+  @hypothesis.given(content=image_like_bytes(), extension=st.sampled_from(contract.IMAGE_EXTENSIONS))
   def check(content, extension):
     path = root / "only_class" / f"fuzzed{extension}"
     path.write_bytes(content)
     try:
-      reason = data.check_image_file(str(path))
+      reason = folders_lib.check_image_file(str(path))
       if reason is None:
         counts["accepted"] += 1
-        image = data.decode_image(content, SIZE).numpy()
+        image = images_lib.decode_image(content, SIZE).numpy()
         assert image.shape == (SIZE, SIZE, 3) and np.isfinite(image).all()
         assert image.min() >= 0 and image.max() <= 255
       else:
         counts["rejected"] += 1
         _assert_clear_reason(reason)
-      split = data.scan_image_folder(str(root), "train", bad_images="skip")
+      split = folders_lib.scan_image_folder(str(root), "train", bad_images="skip")
       assert dict(split.skipped).get(str(path)) == reason
       assert split.num_examples == (2 if reason is None else 1)
     finally:
@@ -157,7 +161,9 @@ def fuzz_folder_scan(work_dir, counts):
 def fuzz_training_decode(work_dir, counts):
   """The training pipeline's read+decode map with ignore_errors: bad files dropped, no crash."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from estimator_ft import data  # pylint: disable=g-import-not-at-top
+  from estimator_ft import contract  # pylint: disable=g-import-not-at-top
+  from estimator_ft.data import folders as folders_lib, images as images_lib  # pylint: disable=g-import-not-at-top
+  from estimator_ft.data import pipeline as pipeline_lib, split as split_lib  # pylint: disable=g-import-not-at-top
   from estimator_ft.config import Config  # pylint: disable=g-import-not-at-top
   hypothesis, st = _strategies()
   config = Config(image_size=SIZE, batch_size=4)
@@ -172,14 +178,14 @@ def fuzz_training_decode(work_dir, counts):
       path = folder / f"{index}.jpg"
       path.write_bytes(content)
       paths.append(str(path))
-    split = data.Split(name="train", class_names=("a", "b"), num_examples=len(paths),
+    split = split_lib.Split(name="train", class_names=("a", "b"), num_examples=len(paths),
                        paths=tuple(paths), labels=tuple(i % 2 for i in range(len(paths))))
     decodable = sum(_decodes(content) for content in contents)
     counts["files"] += len(contents)
     counts["decoded"] += decodable
     yielded = 0
-    for features, labels in data.make_dataset(split, config, "eval"):
-      images = features[data.FEATURE_KEY].numpy()
+    for features, labels in pipeline_lib.make_dataset(split, config, "eval"):
+      images = features[contract.FEATURE_KEY].numpy()
       assert np.isfinite(images).all() and images.shape[1:] == (SIZE, SIZE, 3)
       yielded += len(labels)
     assert yielded == decodable
@@ -191,6 +197,7 @@ def fuzz_serving_signature(work_dir, counts):
   """The bytes signature of an exported SavedModel: a prediction, or a clear per-input error."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from estimator_ft import contract  # pylint: disable=g-import-not-at-top
   from estimator_ft import export  # pylint: disable=g-import-not-at-top
   from estimator_ft import model as model_lib  # pylint: disable=g-import-not-at-top
   from estimator_ft import serving  # pylint: disable=g-import-not-at-top
@@ -216,10 +223,10 @@ def fuzz_serving_signature(work_dir, counts):
       assert not decodable, f"the signature refused bytes the pipeline decodes: {e}"
     else:
       assert decodable, "the signature accepted bytes the pipeline cannot decode"
-      probabilities = outputs[serving.PROBABILITIES]
+      probabilities = outputs[contract.PROBABILITIES]
       assert probabilities.shape == (1, len(class_names))
       np.testing.assert_allclose(probabilities.sum(), 1.0, rtol=1e-5)
-      assert outputs[serving.CLASS_NAME][0].decode() in class_names
+      assert outputs[contract.CLASS_NAME][0].decode() in class_names
     # The same bytes as a file for `estimator-ft predict`: a class, or an error saying why.
     path = files / f"{sum(counts.values()):04d}.jpg"
     path.write_bytes(content)

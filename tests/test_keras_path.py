@@ -7,11 +7,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_ft import data as data_lib
+from estimator_ft import contract
 from estimator_ft import estimator as estimator_lib
 from estimator_ft import keras_path
-from estimator_ft import training
 from estimator_ft.config import Config
+from estimator_ft.data import loading as loading_lib
+from estimator_ft.data import pipeline as pipeline_lib
+from estimator_ft.jobs import train as train_job
+from estimator_ft.run import events as events_lib
+from estimator_ft.run import errors as errors_lib
+from estimator_ft.run import model_dir as model_dir_lib
 
 SIZE = 32
 # tiny_dataset: 24 train images -> 4 steps per epoch; 8 validation images -> batches of 6 and 2.
@@ -33,12 +38,8 @@ def make_config(tiny_dataset, model_dir, **changes) -> Config:
 
 
 def read_results(model_dir):
-  with open(os.path.join(model_dir, training.RESULTS_FILE)) as f:
+  with open(os.path.join(model_dir, model_dir_lib.RESULTS_FILE)) as f:
     return json.load(f)
-
-
-def event_files(folder):
-  return [n for n in os.listdir(folder) if n.startswith("events.out.tfevents")]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,9 @@ def resumed_run(tiny_dataset, module_tmp_path):
   """One keras model_dir trained to 1 epoch, then the same command re-run with --epochs=2."""
   model_dir = module_tmp_path / "model"
   config = make_config(tiny_dataset, model_dir)
-  training.run(config)
+  train_job.run(config)
   first = read_results(model_dir)
-  training.run(config.replace(epochs=2))
+  train_job.run(config.replace(epochs=2))
   second = read_results(model_dir)
   return config, first, second
 
@@ -72,9 +73,10 @@ def test_results_json_follows_the_training_contract(resumed_run):
   assert final["loss"] == final["example_loss"] == epoch["val_loss"]
   assert final["global_step"] == STEPS_PER_EPOCH
   assert os.path.isfile(os.path.join(first["export_path"], "saved_model.pb"))
-  model_dir = config.model_dir
-  assert event_files(os.path.join(model_dir, "train"))
-  assert event_files(os.path.join(model_dir, "validation"))
+  # TensorBoard's validation run holds the epoch's validation loss as the history has it.
+  validation = events_lib.scalars_by_step(os.path.join(config.model_dir, "validation"))
+  assert validation[0]["epoch_loss"] == pytest.approx(epoch["val_loss"], rel=1e-6)
+  assert events_lib.scalars_by_step(os.path.join(config.model_dir, "train"))
 
 
 @pytest.mark.slow
@@ -93,7 +95,7 @@ def test_rerun_with_more_epochs_resumes_and_keeps_the_earlier_history(resumed_ru
 @pytest.mark.slow
 def test_finished_run_restores_the_weights_that_gave_the_last_validation(resumed_run):
   config, _, second = resumed_run
-  again = training.run(config.replace(epochs=2))
+  again = train_job.run(config.replace(epochs=2))
   assert again["global_step"] == second["global_step"]
   assert again["history"] == second["history"]
   # A fresh evaluation of the restored checkpoint reproduces the recorded last epoch: the
@@ -108,12 +110,12 @@ def test_nan_loss_stops_with_a_clear_error_before_anything_is_saved(tiny_dataset
   # A fresh run: resuming would restore the optimizer's learning rate from the checkpoint
   # (the Estimator path does the same), so a new --learning_rate would not apply.
   config = make_config(tiny_dataset, tmp_path / "model", learning_rate=EXPLODING_LEARNING_RATE)
-  with pytest.raises(estimator_lib.NaNLossError, match=r"loss became nan at step 2\b") as error:
-    training.run(config)
+  with pytest.raises(errors_lib.NaNLossError, match=r"loss became nan at step 2\b") as error:
+    train_job.run(config)
   assert "--learning_rate" in str(error.value) and "resume" in str(error.value)
   assert keras_path.latest_checkpoint(config.model_dir) is None
   assert keras_path.read_history(config.model_dir) == []
-  assert not os.path.exists(os.path.join(config.model_dir, training.RESULTS_FILE))
+  assert not os.path.exists(os.path.join(config.model_dir, model_dir_lib.RESULTS_FILE))
 
 
 def _estimator_batches(config, splits, steps, model_dir):
@@ -123,7 +125,7 @@ def _estimator_batches(config, splits, steps, model_dir):
   def model_fn(features, labels, mode):
     del mode
     tf.identity(labels, name="seen_labels")
-    tf.identity(features[data_lib.FEATURE_KEY], name="seen_images")
+    tf.identity(features[contract.FEATURE_KEY], name="seen_images")
     step = tf.compat.v1.train.get_or_create_global_step()
     return tf.estimator.EstimatorSpec("train", loss=tf.constant(0.0), train_op=step.assign_add(1))
 
@@ -137,19 +139,19 @@ def _estimator_batches(config, splits, steps, model_dir):
   run_config = estimator_lib.make_run_config(config.replace(model_dir=str(model_dir)),
                                              STEPS_PER_EPOCH)
   estimator = tf.estimator.Estimator(model_fn, config=run_config)
-  estimator.train(data_lib.make_input_fn(splits.train, config, "train"), max_steps=steps,
+  estimator.train(pipeline_lib.make_input_fn(splits.train, config, "train"), max_steps=steps,
                   hooks=[Record()])
   return seen
 
 
 def _keras_batches(config, splits, steps):
-  return [(labels.numpy(), features[data_lib.FEATURE_KEY].numpy()) for features, labels in
+  return [(labels.numpy(), features[contract.FEATURE_KEY].numpy()) for features, labels in
           keras_path.training_dataset(splits.train, config).take(steps)]
 
 
 def test_keras_reads_the_batches_the_estimator_reads(tiny_dataset, tmp_path):
   config = make_config(tiny_dataset, tmp_path / "unused")
-  splits = data_lib.load_splits(config)
+  splits = loading_lib.load_splits(config)
   steps = 2 * STEPS_PER_EPOCH  # two epochs: the reshuffle between them must match too
   estimator_batches = _estimator_batches(config, splits, steps, tmp_path / "estimator")
   # Forget any global seed an earlier test left behind: training_dataset must set it itself.
@@ -171,10 +173,10 @@ def test_exact_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_dataset
   settings = dict(epochs=2, exact_resume=True, deterministic=True, augment=True,
                   export_during_training=False)
   whole = make_config(tiny_dataset, tmp_path / "whole", **settings)
-  training.run(whole)
+  train_job.run(whole)
   resumed = make_config(tiny_dataset, tmp_path / "resumed", **settings)
-  training.run(resumed.replace(epochs=1))
-  training.run(resumed)
+  train_job.run(resumed.replace(epochs=1))
+  train_job.run(resumed)
   num_classes = 2
   expected = keras_path.checkpoint_weights(whole, num_classes, keras_path.latest_checkpoint(whole.model_dir))
   actual = keras_path.checkpoint_weights(resumed, num_classes,
@@ -184,8 +186,8 @@ def test_exact_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_dataset
   assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
   # Without exact resume the resumed run re-reads epoch 1's batches, which changes the weights.
   replayed = make_config(tiny_dataset, tmp_path / "replayed", **{**settings, "exact_resume": False})
-  training.run(replayed.replace(epochs=1))
-  training.run(replayed)
+  train_job.run(replayed.replace(epochs=1))
+  train_job.run(replayed)
   different = keras_path.checkpoint_weights(replayed, num_classes,
                                             keras_path.latest_checkpoint(replayed.model_dir))
   assert max(float(np.max(np.abs(a - e))) for a, e in zip(different, expected)) > 1e-4

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_ft import data as data_lib
+from estimator_ft import contract
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft.config import Config
+from estimator_ft.data import synthetic as synthetic_lib
 
 ModeKeys = tf.estimator.ModeKeys
 SIZE = 32
@@ -24,7 +25,7 @@ def call_model_fn(mode, class_names=("cat", "dog"), **config_changes):
   config = make_config(**config_changes)
   graph = tf.Graph()
   with graph.as_default():
-    features = {model_lib.FEATURE_KEY: tf.random.uniform([BATCH, SIZE, SIZE, 3], -100, 100)}
+    features = {contract.FEATURE_KEY: tf.random.uniform([BATCH, SIZE, SIZE, 3], -100, 100)}
     labels = tf.constant([0, 1, 1, 0][:BATCH], tf.int32) if mode != ModeKeys.PREDICT else None
     spec = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch=5)(features, labels, mode)
   return graph, spec
@@ -113,22 +114,42 @@ def test_predict_spec_shapes_and_export_outputs(class_names):
   assert names == [class_names[i] for i in values["class_index"]]
 
 
-def test_training_flag_follows_the_mode():
-  """Same weights, same batch: TRAIN normalises with batch statistics, EVAL with moving ones."""
+def _model_fn_loss(mode, config, images, labels, initial_weights):
+  """The loss of the spec the model_fn returns for `mode`, evaluated before any training step."""
+  graph = tf.Graph()
+  with graph.as_default():
+    features = {contract.FEATURE_KEY: tf.constant(images)}
+    spec = model_fn_lib.build_model_fn(config, ("cat", "dog"), steps_per_epoch=5,
+                                       initial_weights=initial_weights)(
+                                           features, tf.constant(labels), mode)
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      return float(session.run(spec.loss))
+
+
+def test_training_flag_follows_the_mode(tmp_path):
+  """The model_fn's own specs, from the same weights on the same batch: the TRAIN loss is the
+  loss of the model called with training=True (batch statistics), the EVAL loss that of
+  training=False (moving statistics). A model_fn that ignored the mode fails one of the two."""
   config = make_config()
   images = np.random.RandomState(0).uniform(-100, 100, (BATCH, SIZE, SIZE, 3)).astype(np.float32)
-  outputs = {}
-  for mode in (ModeKeys.TRAIN, ModeKeys.EVAL):
-    graph = tf.Graph()
-    with graph.as_default():
-      tf.compat.v1.set_random_seed(1)
-      model = model_lib.build_model(config, 2)
-      out = model(tf.constant(images), training=(mode == ModeKeys.TRAIN))
-      with tf.compat.v1.Session() as session:
-        session.run(tf.compat.v1.global_variables_initializer())
-        outputs[mode] = session.run(out)
+  labels = np.array([0, 1, 1, 0], np.int32)
+  prefix = model_lib.save_initial_weights(config, 2, str(tmp_path / "initial" / "weights"))
+  model = model_lib.build_model(config, 2)
+  model_lib.load_initial_weights(model, prefix)
+
+  def reference_loss(training):
+    probabilities = model(images, training=training)
+    return float(tf.reduce_mean(model_fn_lib.per_example_loss(labels, probabilities, 2)))
+
+  # Inference first: a training=True call would move the moving statistics.
+  inference, batch_statistics = reference_loss(False), reference_loss(True)
   # Fresh BN moving stats (mean 0, var 1) differ from the batch statistics of these inputs.
-  assert np.abs(outputs[ModeKeys.TRAIN] - outputs[ModeKeys.EVAL]).max() > 1e-3
+  assert abs(inference - batch_statistics) > 1e-3
+  train = _model_fn_loss(ModeKeys.TRAIN, config, images, labels, prefix)
+  evaluation = _model_fn_loss(ModeKeys.EVAL, config, images, labels, prefix)
+  assert train == pytest.approx(batch_statistics, rel=1e-5)
+  assert evaluation == pytest.approx(inference, rel=1e-5)
 
 
 def _train_steps(tmp_path, update_ops, steps=3):
@@ -137,7 +158,7 @@ def _train_steps(tmp_path, update_ops, steps=3):
   estimator = tf.estimator.Estimator(
       model_fn_lib.build_model_fn(config, ("a", "b"), steps_per_epoch=steps, initial_weights=prefix),
       model_dir=config.model_dir, config=tf.estimator.RunConfig(tf_random_seed=0))
-  input_fn = data_lib.make_synthetic_input_fn(config, 2, "train", num_examples=16)
+  input_fn = synthetic_lib.make_synthetic_input_fn(config, 2, "train", num_examples=16)
   estimator.train(input_fn, steps=steps)
   return config, estimator, prefix
 
@@ -174,7 +195,7 @@ def test_bn_moving_statistics_change_with_apply_and_not_with_skip(tmp_path):
 
 def test_evaluation_is_deterministic(tmp_path):
   config, estimator, _ = _train_steps(tmp_path, "apply", steps=1)
-  input_fn = data_lib.make_synthetic_input_fn(config, 2, "eval", num_examples=12)
+  input_fn = synthetic_lib.make_synthetic_input_fn(config, 2, "eval", num_examples=12)
   first = estimator.evaluate(input_fn)
   second = estimator.evaluate(input_fn)
   assert first == second

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator_ft import config as config_lib
-from estimator_ft import estimator as estimator_lib
-from estimator_ft import training
 from estimator_ft.config import Config
+from estimator_ft.jobs import train as train_job
+from estimator_ft.run import errors as errors_lib
+from estimator_ft.run import events as events_lib
+from estimator_ft.run import model_dir as model_dir_lib
 
 HISTORY_KEYS = {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
 
@@ -36,8 +37,8 @@ def event_tags(directory):
 def resumed_run(tiny_dataset, module_tmp_path):
   """One epoch, then the same command asking for two: the second run resumes."""
   model_dir = module_tmp_path / "estimator_run"
-  first = training.run(tiny_config(tiny_dataset, model_dir, epochs=1))
-  second = training.run(tiny_config(tiny_dataset, model_dir, epochs=2))
+  first = train_job.run(tiny_config(tiny_dataset, model_dir, epochs=1))
+  second = train_job.run(tiny_config(tiny_dataset, model_dir, epochs=2))
   return model_dir, first, second
 
 
@@ -77,48 +78,58 @@ def test_resume_continues_the_global_step_and_keeps_history(resumed_run):
 
 @pytest.mark.slow
 def test_tensorboard_layout(resumed_run):
-  model_dir, _, _ = resumed_run
+  model_dir, _, second = resumed_run
   train_tags = event_tags(str(model_dir))
   assert {"loss", "accuracy", "learning_rate"} <= train_tags
   assert any(tag.startswith("input_images") for tag in train_tags)
   eval_tags = event_tags(str(model_dir / "eval"))
   assert {"accuracy", "example_loss", "loss", "auc"} <= eval_tags
   assert "run_config" in event_tags(str(model_dir / "config"))
+  # The values, not only the tags: every epoch's validation figures as results.json has them,
+  # and the constant learning rate at every summarised step.
+  evaluations = events_lib.scalars_by_step(str(model_dir / "eval"))
+  for epoch in second["history"]:
+    at_epoch_end = evaluations[epoch["epoch"] * second["steps_per_epoch"]]
+    assert at_epoch_end["example_loss"] == pytest.approx(epoch["val_loss"], rel=1e-6)
+    assert at_epoch_end["accuracy"] == pytest.approx(epoch["val_accuracy"], rel=1e-6)
+  training = events_lib.scalars_by_step(str(model_dir))
+  rates = [values["learning_rate"] for values in training.values() if "learning_rate" in values]
+  assert rates and rates == pytest.approx([Config().learning_rate] * len(rates))
 
 
 def test_a_model_dir_of_another_configuration_is_refused(tmp_path):
   config = Config(train_dir="t", validation_dir="v", model_dir=str(tmp_path), image_size=64).validate()
-  config_lib.write_run_config(config, ("a", "b"))
-  assert config_lib.check_resumable(config, ("a", "b"), str(tmp_path)) is True
+  model_dir_lib.write_run_config(config, ("a", "b"))
+  assert model_dir_lib.check_resumable(config, ("a", "b"), str(tmp_path)) is True
   with pytest.raises(ValueError, match=r"image_size: 64 -> 96.*new --model_dir"):
-    config_lib.check_resumable(config.replace(image_size=96), ("a", "b"), str(tmp_path))
+    model_dir_lib.check_resumable(config.replace(image_size=96), ("a", "b"), str(tmp_path))
   with pytest.raises(ValueError, match=r"class_names"):
-    config_lib.check_resumable(config, ("a", "b", "c"), str(tmp_path))
+    model_dir_lib.check_resumable(config, ("a", "b", "c"), str(tmp_path))
   with pytest.raises(ValueError, match=r"path: 'estimator' -> 'keras'"):
-    config_lib.check_resumable(config.replace(path="keras"), ("a", "b"), str(tmp_path))
+    model_dir_lib.check_resumable(config.replace(path="keras"), ("a", "b"), str(tmp_path))
   # Settings that do not change what a checkpoint means may differ on resume.
-  assert config_lib.check_resumable(config.replace(epochs=9, batch_size=8), ("a", "b"), str(tmp_path))
+  assert model_dir_lib.check_resumable(config.replace(epochs=9, batch_size=8), ("a", "b"), str(tmp_path))
   with pytest.raises(ValueError, match=r"learning_rate: 0.0001 -> 0.001"):
-    config_lib.check_resumable(config.replace(learning_rate=1e-3), ("a", "b"), str(tmp_path))
+    model_dir_lib.check_resumable(config.replace(learning_rate=1e-3), ("a", "b"), str(tmp_path))
 
 
 def test_checkpoints_without_config_json_are_refused(tmp_path):
   (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-1"\n')
   config = Config(train_dir="t", validation_dir="v", model_dir=str(tmp_path)).validate()
   with pytest.raises(ValueError, match="not written by estimator_ft"):
-    training.prepare_model_dir(config, ("a", "b"))
+    model_dir_lib.prepare_model_dir(config, ("a", "b"))
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tiny_dataset, tmp_path):
   config = tiny_config(tiny_dataset, tmp_path, learning_rate=1e30, epochs=3, save_checkpoints_steps=1)
-  with pytest.raises(estimator_lib.NaNLossError, match="loss became NaN.*Lower --learning_rate") as error:
-    training.run(config)
+  with pytest.raises(errors_lib.NaNLossError, match="loss became NaN.*Lower --learning_rate") as error:
+    train_job.run(config)
   # The run stopped before finishing; the step-0 checkpoint of the initial weights is finite and
   # the message names it as the one to resume from.
   latest = tf.train.latest_checkpoint(str(tmp_path))
   assert latest is not None and int(latest.rsplit("-", 1)[1]) < 9
-  good = estimator_lib.last_finite_checkpoint(str(tmp_path))
+  good = errors_lib.last_finite_checkpoint(str(tmp_path))
   assert good is not None and os.path.basename(good) in str(error.value)
   reader = tf.train.load_checkpoint(good)
   assert np.isfinite(reader.get_tensor("head_logits/kernel")).all()
@@ -166,7 +177,7 @@ def test_training_on_the_sample_data_lowers_the_loss(sample_dataset, tmp_path):
                   model_dir=str(tmp_path), image_size=32, batch_size=16, epochs=4, weights="none",
                   optimizer="adam", learning_rate=1e-3, dropout=0.0, batchnorm_momentum=0.9,
                   export_during_training=False).validate()
-  history = training.run(config)["history"]
+  history = train_job.run(config)["history"]
   assert len(history) == 4
   first, last = history[0], history[-1]
   # Measured 3.60 -> 1.38. Validation is not asserted: 32 steps from random init is too few for it

@@ -1,6 +1,6 @@
 """`estimator-ft compare`: keras vs estimator vs the naive loop, same start, same batches.
 
-Each path trains into `<output_dir>/<path>/` through `training.run` (so each is an ordinary,
+Each path trains into `<output_dir>/<path>/` through the train job (so each is an ordinary,
 resumable model_dir with its own results.json), starting from one initial-weights checkpoint
 written once in `<output_dir>/initial_weights/`, on the same batches in the same order.
 The comparison then reads what the runs recorded and writes comparison.json/.csv/.png.
@@ -17,10 +17,17 @@ import math
 import os
 
 import numpy as np
+import tensorflow as tf
+# The object-oriented API: no pyplot, so no GUI backend is chosen or needed.
+from matplotlib.figure import Figure
 
-from estimator_ft import config as config_lib
-from estimator_ft import training
+from estimator_ft import files
+from estimator_ft import keras_path
+from estimator_ft import model as model_lib
 from estimator_ft.config import Config
+from estimator_ft.data import loading
+from estimator_ft.jobs import train as train_job
+from estimator_ft.run import model_dir as model_dir_lib
 
 logger = logging.getLogger("estimator_ft")
 
@@ -81,19 +88,16 @@ def path_config(config: Config, output_dir: str, name: str) -> Config:
 
 def run_compare(config: Config, output_dir: str, paths) -> dict:
   """Trains each path from the same initial weights; writes and returns the comparison."""
-  from estimator_ft import data as data_lib  # pylint: disable=g-import-not-at-top
-  from estimator_ft import model as model_lib  # pylint: disable=g-import-not-at-top
-
   paths = check_paths(paths)
-  training.ensure_writable_dir(output_dir, "--output_dir")
+  model_dir_lib.ensure_writable_dir(output_dir, "--output_dir")
   if config.dropout or config.augment:
     logger.warning("compare with --dropout=%s --augment=%s: random dropout masks and crops differ "
                    "between paths, so keras and estimator will not agree closely. The compare "
                    "defaults (--dropout=0 --noaugment) give parity.", config.dropout,
                    config.augment)
-  splits = data_lib.load_splits(config)
+  splits = loading.load_splits(config)
   num_classes = len(splits.class_names)
-  initial_weights = os.path.join(output_dir, training.INITIAL_WEIGHTS_PREFIX)
+  initial_weights = os.path.join(output_dir, model_dir_lib.INITIAL_WEIGHTS_PREFIX)
   if not model_lib.initial_weights_exist(initial_weights):
     model_lib.save_initial_weights(config, num_classes, initial_weights)
 
@@ -101,7 +105,7 @@ def run_compare(config: Config, output_dir: str, paths) -> dict:
   for name in paths:
     logger.info("compare: training the %s path (%s) in %s", name, PATH_DESCRIPTIONS[name],
                 os.path.join(output_dir, name))
-    results[name] = training.run(path_config(config, output_dir, name),
+    results[name] = train_job.run(path_config(config, output_dir, name),
                                  initial_weights=initial_weights)
 
   comparison = {
@@ -121,7 +125,7 @@ def run_compare(config: Config, output_dir: str, paths) -> dict:
       "csv": os.path.join(output_dir, COMPARISON_CSV),
       "png": os.path.join(output_dir, COMPARISON_PNG),
   }
-  config_lib.write_json_atomic(comparison["files"]["json"], comparison)
+  files.write_json_atomic(comparison["files"]["json"], comparison)
   write_csv(comparison, comparison["files"]["csv"])
   plot(comparison, comparison["files"]["png"])
   return comparison
@@ -163,8 +167,6 @@ def history_differences(history, reference) -> dict:
 
 def weight_layout(config: Config, num_classes: int) -> list:
   """[(variable name, trainable)] in `model.weights` order, as the Estimator graph names them."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_ft import model as model_lib  # pylint: disable=g-import-not-at-top
   with tf.Graph().as_default():
     reference = model_lib.build_model(config, num_classes)
     trainable = {id(w) for w in reference.trainable_weights}
@@ -173,8 +175,6 @@ def weight_layout(config: Config, num_classes: int) -> list:
 
 def final_weights(run_config: Config, num_classes: int, layout) -> list:
   """The latest checkpoint of one path as numpy arrays, in `model.weights` order."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_ft import keras_path  # pylint: disable=g-import-not-at-top
   if run_config.path == "keras":
     return keras_path.checkpoint_weights(
         run_config, num_classes, keras_path.latest_checkpoint(run_config.model_dir))
@@ -213,23 +213,25 @@ def weight_differences(weights_a, weights_b, layout) -> tuple:
 
 def write_csv(comparison: dict, path: str) -> None:
   """One row per (path, epoch): the four figures of the history."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
+  with files.atomic_write(path, newline="") as f:
     writer = csv.writer(f)
     writer.writerow(("path", "epoch") + METRICS)
     for name in _in_path_order(comparison["paths"]):
       for entry in comparison["paths"][name]["history"]:
         writer.writerow([name, entry["epoch"]] + [entry.get(m, "") for m in METRICS])
-  os.replace(tmp, path)
 
 
 def plot(comparison: dict, path: str) -> None:
-  """Loss and accuracy panels; per path one colour, training dashed, validation solid."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
+  """Writes `comparison_figure` as a PNG."""
+  figure = comparison_figure(comparison)
+  with files.atomic_write(path, "wb") as f:
+    figure.savefig(f, format="png", dpi=100)
 
-  figure, axes = pyplot.subplots(1, 2, figsize=(12, 5))
+
+def comparison_figure(comparison: dict) -> Figure:
+  """Loss and accuracy panels; per path one colour, training dashed, validation solid."""
+  figure = Figure(figsize=(12, 5))
+  axes = figure.subplots(1, 2)
   for axis, (metric, title) in zip(axes, (("loss", "Loss"), ("accuracy", "Accuracy"))):
     for name in _in_path_order(comparison["paths"]):
       run = comparison["paths"][name]
@@ -265,10 +267,7 @@ def plot(comparison: dict, path: str) -> None:
               "training, running average over the epoch (Keras' progress bar)", ha="center",
               fontsize=9)
   figure.tight_layout(rect=(0, 0.16, 1, 0.95))
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  figure.savefig(tmp, dpi=100)
-  pyplot.close(figure)
-  os.replace(tmp, path)
+  return figure
 
 
 def _spans_orders_of_magnitude(axis) -> bool:

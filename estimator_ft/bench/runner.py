@@ -1,0 +1,79 @@
+"""`estimator-ft bench`: every measurement of a plan, in one process, in phases."""
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+
+from estimator_ft import estimator as estimator_path
+from estimator_ft import files
+from estimator_ft.bench.loaders import input_loader_rates, resolve_data_dir
+from estimator_ft.bench.machine import (compute_dtype, environment, forward_flops_per_image,
+                                        matmul_gflops)
+from estimator_ft.bench.plan import BenchPlan, bench_config, make_plan
+from estimator_ft.bench.report import format_table, summarize
+from estimator_ft.bench.timing import PhaseClock
+from estimator_ft.bench.training_rates import (estimator_epoch_overhead, feed_dict_rates,
+                                               paired_training_rates, short_run_accuracy)
+from estimator_ft.data import loading
+
+
+def run_bench(image_size: int = 64, batch_size: int = 32, steps: int = 20, repeats: int = 3,
+              quick: bool = False, precision: str = "float32", jit: bool = False,
+              data_dir: str = "data/sample", output: str = "", accuracy_steps: int = 0) -> dict:
+  """`estimator-ft bench`: every measurement; prints a table, writes `output` (JSON) if given."""
+  plan = make_plan(image_size, batch_size, steps, repeats, quick, precision, jit, accuracy_steps)
+  return run_plan(plan, data_dir, output, quick=quick)
+
+
+
+def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = False) -> dict:
+  """Runs `plan`; returns the results dict that run_bench prints and writes."""
+  started = time.time()
+  with tempfile.TemporaryDirectory(prefix="estimator_ft_bench_") as scratch:
+    data_dir = resolve_data_dir(data_dir, scratch)
+    config = bench_config(plan, data_dir, os.path.join(scratch, "estimator"))
+    splits = loading.load_splits(config)
+    num_classes = len(splits.class_names)
+    # The Estimator path's own session settings, used by the feed_dict loop too.
+    session_config = estimator_path.make_run_config(config, 1).session_config
+    env = environment(session_config)
+    clock = PhaseClock(env["cpu_cores"])
+    with clock.phase("matmul peak"):
+      matmul = {"float32": matmul_gflops(repeats=plan.matmul_repeats)}
+      dtype = compute_dtype(plan.precision)
+      if dtype != "float32":
+        matmul[dtype] = matmul_gflops(repeats=plan.matmul_repeats, dtype=dtype)
+    with clock.phase("forward FLOPs"):
+      forward_flops = forward_flops_per_image(config, num_classes)
+    with clock.phase("tf.data pipeline vs Python loader"):
+      loaders = input_loader_rates(splits.train, config, plan)
+    with clock.phase("Estimator and Keras fit in turn, then Estimator on folder input"):
+      training = paired_training_rates(config, splits, plan)
+    with clock.phase("feed_dict loop"):
+      feed_dict = feed_dict_rates(config, splits.train, num_classes, plan, session_config)
+    with clock.phase("Estimator train_and_evaluate epoch overhead"):
+      folder_step_s = config.batch_size / statistics.median(training["folder"])
+      overhead = estimator_epoch_overhead(
+          config.replace(model_dir=os.path.join(scratch, "overhead")), splits, plan, folder_step_s)
+    accuracy = None
+    if plan.accuracy_steps:
+      with clock.phase("short-run accuracy"):
+        accuracy = short_run_accuracy(config, splits, plan.accuracy_steps, scratch)
+  results = {"settings": {**dataclasses.asdict(plan), "quick": quick, "data_dir": data_dir,
+                          "train_images": splits.train.num_examples,
+                          "validation_images": splits.validation.num_examples},
+             "environment": env}
+  results.update(summarize(plan, matmul, forward_flops, loaders, training, feed_dict, overhead))
+  if accuracy:
+    results["accuracy"] = accuracy
+  env["load_average_1min_after"] = os.getloadavg()[0]
+  results["phases"] = clock.phases
+  results["wall_time_s"] = time.time() - started
+  print(format_table(results))
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    files.write_json_atomic(output, results)
+    print(f"\nResults written to {output}")
+  return results

@@ -1,0 +1,183 @@
+"""`make_dataset`: one resolved `Split` -> batches of `({"image": float32 [b, s, s, 3]}, int32 [b])`.
+
+The order of the steps, and why:
+  1. the order of examples - train: a fresh uniform permutation of the whole split every epoch,
+     drawn from (seed, epoch) alone, so neither the folder layout (classes listed one after the
+     other) nor the split's size decides which classes a batch holds, and a replayed stream is
+     the same stream (--exact_resume); eval/predict: the split's own order, once;
+  2. numbering each element by its position in the infinite stream, before anything can be
+     dropped: that number seeds its augmentation;
+  3. skipping to the resume position (indices only: nothing skipped is ever read);
+  4. read + decode + augment + preprocess per image, in parallel (images differ in size until
+     resized, and each gets its own crop and flip);
+  5. batch, then prefetch, so decoding the next batches overlaps the training step.
+"""
+
+import tensorflow as tf
+
+from estimator_ft import contract
+from estimator_ft.data import images
+from estimator_ft.data import tfds_source
+from estimator_ft.data.split import DataError, Split
+
+MODES = ("train", "eval", "predict")
+# Permutations are drawn with Philox explicitly: "auto_select" may pick another algorithm on
+# another device, and the same seed must give the same order on every machine of a comparison.
+PERMUTATION_ALGORITHM = "philox"
+
+
+def check_mode(mode: str) -> None:
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r} is not valid: use one of {', '.join(MODES)}.")
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch) -> tf.Tensor:
+  """int64 [num_examples]: the order of epoch `epoch`, a uniform permutation of 0..n-1.
+
+  A pure function of (seed, epoch): every epoch is a different permutation, and any epoch can be
+  recomputed on its own (resume) without replaying the ones before it.
+  """
+  return tf.random.experimental.stateless_shuffle(
+      tf.range(num_examples, dtype=tf.int64),
+      seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]),
+      alg=PERMUTATION_ALGORITHM)
+
+
+def permuted_indices(num_examples: int, seed: int, start_example: int = 0) -> tf.data.Dataset:
+  """The infinite training order: epoch 0's permutation, then epoch 1's, ..., from `start_example`.
+
+  Starts directly in the epoch of `start_example` (an O(1) resume, whatever the epoch).
+  """
+  first_epoch, offset = divmod(start_example, num_examples)
+  epochs = tf.data.Dataset.counter(first_epoch)
+  indices = epochs.flat_map(lambda epoch: tf.data.Dataset.from_tensor_slices(
+      epoch_permutation(num_examples, seed, epoch)))
+  return indices.skip(offset)
+
+
+def _folder_items(split: Split):
+  if not split.paths:
+    raise DataError(f"The {split.name} split has no image paths and no TFDS source; build it "
+                    "with load_splits or scan_image_folder.")
+  return tf.constant(split.paths, tf.string), tf.constant(split.labels, tf.int32)
+
+
+def _load_file(path) -> tf.Tensor:
+  return images.decode_rgb(tf.io.read_file(path))
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  # The source is a list of file names (or TFDS records), which file-based auto-sharding cannot
+  # split; say DATA up front instead of letting every multi-worker run warn and fall back to it.
+  options.experimental_distribute.auto_shard_policy = (
+      tf.data.experimental.AutoShardPolicy.DATA)
+  return options
+
+
+def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.data.Dataset:
+  """Batches of `({"image": float32 [b, size, size, 3]}, int32 [b])`; predict: features only.
+
+  train: infinite (the trainers count steps_per_epoch), each epoch a fresh permutation of the
+  whole split (TFDS: a shuffle buffer, see tfds_source), augmented when config.augment.
+  eval/predict: one pass in order, every example exactly once, last batch partial.
+
+  start_batch (train only): start the stream at that batch. The stream is a pure function of the
+  seed (seeded permutations, augmentation seeded by stream position), so a run resumed after N
+  steps that starts at batch N sees exactly the batches an uninterrupted run would
+  (--exact_resume). Skipping costs only index arithmetic: the skipped images are never read.
+  """
+  check_mode(mode)
+  if start_batch < 0 or (start_batch and mode != "train"):
+    raise ValueError(f"start_batch={start_batch}: only a train stream can start later, at a "
+                     "batch >= 0.")
+  size = config.image_size
+  training = mode == "train"
+  # Every training batch is full (drop_remainder), so batch N starts at example N x batch size.
+  start_example = start_batch * config.batch_size
+  augmenting = training and config.augment
+  seed = config.seed
+  parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def load_resized(load, item):
+    return images.resize_image(load(item), size)
+
+  def augment_and_preprocess(position, image):
+    """image: resized, or (uncached and augmenting) as loaded, which the crop resizes."""
+    if augmenting:
+      # The seed is (run seed, position in the infinite stream): identical for any number of
+      # parallel calls, and the same again when the pipeline is rebuilt and replayed.
+      image = images.augment_image(image, tf.stack([tf.constant(seed, tf.int64), position]), size)
+    return images.preprocess_for_model(image)
+
+  def skip_broken(dataset):
+    # A file that went bad after the scan (or a corrupt TFDS record) is dropped with a TF
+    # warning instead of killing a run hours in. Not in predict: a dropped element would shift
+    # every later prediction onto the wrong input.
+    return dataset if mode == "predict" else dataset.ignore_errors(log_warning=True)
+
+  if split.is_tfds:
+    examples, load = tfds_source.source_dataset(split)
+    if training:
+      examples = tfds_source.shuffled_stream(examples, split, config)
+  else:
+    paths, labels = _folder_items(split)
+    load = _load_file
+    if training and not config.cache:
+      order = permuted_indices(split.num_examples, seed, start_example)
+    elif training:
+      # Cached: one pass is decoded and kept, so the order is fixed when it is cached - make it
+      # a permutation (epoch 0's), never the class-sorted folder order; each epoch then mixes it
+      # again through the shuffle buffer below.
+      order = tf.data.Dataset.from_tensor_slices(epoch_permutation(split.num_examples, seed, 0))
+    else:
+      order = tf.data.Dataset.range(split.num_examples)
+    examples = order.map(lambda index: (tf.gather(paths, index), tf.gather(labels, index)))
+
+  if config.cache:
+    # Decode+resize once and cache the un-augmented images; augmentation comes after the cache,
+    # so every epoch still gets new crops. Cached images are resized (originals may not fit in
+    # memory), so here crops come from the resized image.
+    dataset = examples.map(lambda item, label: (load_resized(load, item), label), **parallel)
+    dataset = skip_broken(dataset).cache()
+    if training:
+      shuffle_buffer = max(1, min(config.shuffle_buffer, split.num_examples))
+      dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+      dataset = dataset.repeat().enumerate().skip(start_example)
+    else:
+      dataset = dataset.enumerate()
+    dataset = dataset.map(
+        lambda position, example: (augment_and_preprocess(position, example[0]), example[1]),
+        **parallel)
+  else:
+    if training and split.is_tfds:
+      dataset = examples.enumerate().skip(start_example)
+    else:
+      # Folder train streams start at start_example already; number them from there.
+      dataset = examples.enumerate(start=start_example if training else 0)
+    # The crop resizes, so augmented images skip load_resized and are interpolated once, from
+    # the decoded pixels.
+    read = load if augmenting else (lambda item: load_resized(load, item))
+    dataset = dataset.map(
+        lambda position, example: (augment_and_preprocess(position, read(example[0])), example[1]),
+        **parallel)
+    dataset = skip_broken(dataset)
+
+  if mode == "predict":
+    dataset = dataset.map(lambda image, label: {contract.FEATURE_KEY: image})
+  else:
+    dataset = dataset.map(lambda image, label: ({contract.FEATURE_KEY: image}, label))
+  # Train is infinite, so dropping the remainder loses nothing and gives a static batch size
+  # (XLA and distribution strategies prefer it); eval keeps it so every example counts once.
+  dataset = dataset.batch(config.batch_size, drop_remainder=training)
+  return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def make_input_fn(split: Split, config, mode: str, start_batch: int = 0):
+  """A zero-argument tf.estimator input_fn; the dataset is built inside the Estimator's graph."""
+  check_mode(mode)
+
+  def input_fn():
+    return make_dataset(split, config, mode, start_batch)
+
+  return input_fn

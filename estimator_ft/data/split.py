@@ -1,0 +1,45 @@
+"""What a resolved data source is: `Split` (one split of a folder or TFDS source) and `Splits`.
+
+No TensorFlow here: the CLI, the run layer and the reports can name a split cheaply.
+"""
+
+import dataclasses
+import math
+
+
+class DataError(ValueError):
+  """Bad or missing input data, found before training. The message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One resolved split (train or validation) of a folder or TFDS source."""
+  name: str
+  class_names: tuple
+  num_examples: int
+  paths: tuple = ()
+  labels: tuple = ()
+  skipped: tuple = ()
+  tfds_name: str = ""
+  tfds_split: str = ""
+  tfds_data_dir: str = ""
+  tfds_image_key: str = "image"
+  tfds_label_key: str = "label"
+
+  @property
+  def is_tfds(self) -> bool:
+    return bool(self.tfds_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  train: Split
+  validation: Split
+  class_names: tuple
+
+
+def steps_per_epoch(split: Split, batch_size: int) -> int:
+  """Batches in one pass over `split`; the last one may be partial."""
+  if batch_size < 1:
+    raise DataError(f"--batch_size={batch_size} must be at least 1.")
+  return math.ceil(split.num_examples / batch_size)

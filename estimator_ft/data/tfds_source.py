@@ -1,0 +1,108 @@
+"""TFDS datasets as a source: resolved like a folder split, read through the same decoder.
+
+tensorflow_datasets is imported on first use only: it is slow to import and only this source needs it.
+"""
+
+import tensorflow as tf
+
+from estimator_ft.data import images
+from estimator_ft.data.split import DataError, Split
+
+
+def _tfds():
+  # Imported on use: it is slow to import and only the TFDS source needs it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+def tfds_builder(name: str, data_dir: str):
+  tfds = _tfds()
+  try:
+    return tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f"--tfds_name={name!r} is not a TFDS dataset ({str(e).splitlines()[0]}). "
+                    "See https://www.tensorflow.org/datasets/catalog for names.") from e
+
+
+def _tfds_image_is_encoded(builder, image_key: str) -> bool:
+  return isinstance(builder.info.features[image_key], _tfds().features.Image)
+
+
+
+def _tfds_as_dataset(builder, split: str, image_key: str) -> tf.data.Dataset:
+  """The raw TFDS examples, images still encoded when TFDS stores them encoded.
+
+  Skipping TFDS' decoding lets the shuffle buffer hold small encoded strings rather than pixels,
+  and makes TFDS images go through exactly the decoder the folder source uses.
+  """
+  decoders = None
+  if _tfds_image_is_encoded(builder, image_key):
+    decoders = {image_key: _tfds().decode.SkipDecoding()}
+  return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+
+
+def tfds_split(config, which: str) -> Split:
+  name, data_dir = config.tfds_name, config.tfds_data_dir
+  split = getattr(config, f"tfds_{which}_split")
+  image_key, label_key = config.tfds_image_key, config.tfds_label_key
+  builder = tfds_builder(name, data_dir)
+  features = builder.info.features
+  for flag, key in (("tfds_image_key", image_key), ("tfds_label_key", label_key)):
+    if key not in features:
+      raise DataError(f"--{flag}={key!r}: {name} has no such feature; it has "
+                      f"{', '.join(sorted(features.keys()))}.")
+  label_feature = features[label_key]
+  class_names = tuple(getattr(label_feature, "names", None) or ())
+  if not class_names:
+    raise DataError(f"--tfds_label_key={label_key!r}: feature {label_key!r} of {name} is not a "
+                    "ClassLabel with class names; pick the dataset's class label feature.")
+  try:
+    dataset = _tfds_as_dataset(builder, split, image_key)
+  except AssertionError as e:  # how TFDS 4.9 says the data was never prepared in data_dir
+    where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    raise DataError(
+        f"TFDS dataset {name} is not prepared in {where}. This package never downloads: run "
+        f"`tfds build {name} --data_dir=DIR` on a machine with internet, copy DIR here, and pass "
+        "--tfds_data_dir=DIR.") from e
+  except (ValueError, KeyError) as e:
+    known = ", ".join(builder.info.splits.keys()) or "unknown"
+    raise DataError(f"--tfds_{which}_split={split!r} does not work for {name} ({e}). Its splits: "
+                    f"{known}; slices like 'train[:80%]' are fine.") from e
+  num_examples = None
+  if builder.info.splits:
+    # Prepared data records every split's size, which also resolves slices like train[:80%].
+    num_examples = builder.info.splits[split].num_examples
+  else:
+    # Data without split metadata (tfds.testing.mock_data does this): ask the dataset itself.
+    cardinality = int(dataset.cardinality())
+    num_examples = cardinality if cardinality >= 0 else None
+  if not num_examples:
+    raise DataError(f"--tfds_{which}_split={split!r} of {name} has no examples (or an unknown "
+                    "number); pick another split or slice.")
+  return Split(name=which, class_names=class_names, num_examples=int(num_examples),
+               tfds_name=name, tfds_split=split, tfds_data_dir=data_dir,
+               tfds_image_key=image_key, tfds_label_key=label_key)
+
+
+def source_dataset(split: Split):
+  """(encoded or decoded image, int32 label) examples in the split's stored order, plus
+  `load(item) -> [h, w, 1|3|4]`, the image at its own size (run inside the parallel map)."""
+  builder = tfds_builder(split.tfds_name, split.tfds_data_dir)
+  image_key, label_key = split.tfds_image_key, split.tfds_label_key
+  examples = _tfds_as_dataset(builder, split.tfds_split, image_key)
+  examples = examples.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
+  load = images.decode_rgb if _tfds_image_is_encoded(builder, image_key) else tf.convert_to_tensor
+  return examples, load
+
+
+def shuffled_stream(examples: tf.data.Dataset, split: Split, config) -> tf.data.Dataset:
+  """The infinite training stream of a TFDS split: a seeded shuffle buffer, reshuffled each epoch.
+
+  A TFDS split is a stream of records, not an index, so it cannot be permuted whole the way a
+  folder's file list is. TFDS itself shuffles the examples once when it prepares a dataset (by a
+  hash of each example's key), so the stored order is already mixed; its `shuffle_files` would
+  only reorder whole shards, which does nothing for a one-shard split and breaks the seeded,
+  replayable order. The buffer holds encoded images (small), and mixes within its reach.
+  """
+  shuffle_buffer = max(1, min(config.shuffle_buffer, split.num_examples))
+  return examples.shuffle(shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True).repeat()

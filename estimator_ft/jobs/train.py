@@ -1,0 +1,101 @@
+"""`estimator-ft train`: resolve data, prepare model_dir, hand over to the chosen path, write results.
+
+`run(config)` refuses a foreign or concurrent run before anything is written, writes the initial
+weights once, trains with the Estimator or the Keras path and writes results.json. In a TF_CONFIG
+cluster only the chief does this; the other roles run `run_cluster_member`.
+"""
+
+import logging
+import os
+import time
+
+from estimator_ft import cluster as cluster_lib
+from estimator_ft import estimator as estimator_path
+from estimator_ft import keras_path
+from estimator_ft.config import Config
+from estimator_ft.data import loading
+from estimator_ft.run import faults
+from estimator_ft.run import model_dir as model_dir_lib
+from estimator_ft.run import runtime
+
+logger = logging.getLogger("estimator_ft")
+
+PATH_MODULES = {"estimator": estimator_path, "keras": keras_path}
+
+
+def _warn_about_inexact_resume(config: Config) -> None:
+  if config.exact_resume and config.dropout > 0:
+    logger.warning("--exact_resume replays the input stream exactly, but dropout masks come from a "
+                   "random stream that restarts with each process: a resumed run matches an "
+                   "uninterrupted one exactly only with --dropout=0.")
+
+
+
+def run(config: Config, initial_weights: str = "") -> dict:
+  """The train job for either path; returns the results dict also written to results.json.
+
+  In a TF_CONFIG cluster only the chief does this; the other roles run `run_cluster_member`.
+  """
+  with runtime.op_determinism(config.deterministic):
+    return _run(config, initial_weights)
+
+
+
+def _run(config: Config, initial_weights: str) -> dict:
+  task = cluster_lib.current_task()
+  if task is not None:
+    cluster_lib.check_cluster_settings(config.path, config.distribution, task)
+    if config.distribution == "multi_worker_mirrored":
+      # First, in every task: TensorFlow sets up collective ops only before a process runs its
+      # first op, and the chief and workers wait here until all of them have joined.
+      runtime.distribution_strategy(config)
+    if not task.is_chief:
+      return run_cluster_member(config, task, initial_weights)
+  started = time.time()
+  splits = loading.load_splits(config)
+  class_names = tuple(splits.class_names)
+  model_dir_lib.ensure_writable_dir(config.model_dir)
+  with model_dir_lib.run_lock(config.model_dir), faults.explained_write_failures(config.model_dir):
+    resuming = model_dir_lib.prepare_model_dir(config, class_names)
+    resume_from = (faults.recover_checkpoint_state(config.model_dir, model_dir_lib.checkpoint_name(config))
+                   if resuming else None)
+    logger.info("%s run in %s (%s)", config.path, config.model_dir,
+                f"resuming from {resume_from}" if resume_from else "starting from the initial weights")
+    _warn_about_inexact_resume(config)
+    prefix = initial_weights or model_dir_lib.initial_weights_prefix(config, len(class_names))
+    outcome = PATH_MODULES[config.path].train(config, splits, prefix)
+    results = {
+        "path": config.path,
+        "class_names": list(class_names),
+        "image_size": config.image_size,
+        "train_examples": splits.train.num_examples,
+        "validation_examples": splits.validation.num_examples,
+        "skipped_images": [{"path": p, "reason": r} for p, r in
+                           list(splits.train.skipped) + list(splits.validation.skipped)],
+        "update_ops": config.update_ops,
+        "wall_time_s": round(time.time() - started, 2),
+        "model_dir": config.model_dir,
+        **outcome,
+    }
+    model_dir_lib.write_results(config, results)
+  return results
+
+
+
+def run_cluster_member(config: Config, task: "cluster_lib.Task", initial_weights: str = "") -> dict:
+  """A worker, parameter server or evaluator of a TF_CONFIG cluster; returns what it did.
+
+  The chief alone owns model_dir (run lock, config.json, initial weights, results.json): the other
+  roles would be refused by its lock or race on those files. They wait for the chief's files
+  instead and refuse to start with settings that differ from the chief's. A parameter server only
+  holds variables, so it starts at once (the chief's session waits for it).
+  """
+  splits = loading.load_splits(config)
+  prefix = initial_weights or os.path.join(config.model_dir, model_dir_lib.INITIAL_WEIGHTS_PREFIX)
+  if task.type != cluster_lib.PS:
+    model_dir_lib.wait_for_chief(config.model_dir, prefix, task.name)
+    model_dir_lib.check_resumable(config, tuple(splits.class_names), config.model_dir)
+  logger.info("%s of a TF_CONFIG cluster, %s path, model_dir %s", task.name, config.path,
+              config.model_dir)
+  outcome = PATH_MODULES[config.path].train(config, splits, prefix)
+  return {"path": config.path, "role": task.name, "model_dir": config.model_dir, **outcome}
