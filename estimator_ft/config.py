@@ -94,6 +94,12 @@ class Config:
       "fail", "What to do with files that cannot be decoded: fail (list them and stop) or skip them.",
       BAD_IMAGE_POLICIES)
   seed: int = _setting(42, "Seed for initial weights, shuffling, augmentation and dropout.")
+  scan_cache_dir: str = _setting(
+      "", "Folder for the scan manifests that let a later start re-check only new or changed "
+      "image files (default: $XDG_CACHE_HOME/estimator_ft/manifests, else "
+      "~/.cache/estimator_ft/manifests).")
+  rescan: bool = _setting(
+      False, "Test-decode every image file again, ignoring the scan manifest.")
 
   # Model.
   weights: str = _setting(

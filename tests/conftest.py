@@ -4,8 +4,13 @@ import pathlib
 import shutil
 import tempfile
 
+from estimator_ft import tf_environment
+
 # Must be set before TensorFlow is imported by any test module.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# What `estimator-ft` does for its own processes: oneDNN kernels also on AVX2-only CPUs (CI's
+# kind, where the suite then runs faster); the CLI subprocesses inherit it.
+tf_environment.enable_onednn_unless_set()
 
 import pytest
 
@@ -20,14 +25,18 @@ def temporary_files_inside_basetemp(tmp_path_factory):
   basetemp, so what TensorFlow and tfds leave behind (autograph's generated sources, the folders of
   `tfds.testing.mock_data`: ~30 per run) goes with it instead of piling up in /tmp."""
   folder = str(tmp_path_factory.mktemp("tmp"))
-  previous_tmpdir, previous_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
-  os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+  # The scan manifests too ($XDG_CACHE_HOME/estimator_ft/manifests): none in the user's ~/.cache.
+  cache = str(tmp_path_factory.mktemp("cache"))
+  previous = {name: os.environ.get(name) for name in ("TMPDIR", "XDG_CACHE_HOME")}
+  previous_tempdir = tempfile.tempdir
+  os.environ["TMPDIR"], os.environ["XDG_CACHE_HOME"], tempfile.tempdir = folder, cache, folder
   yield folder
   tempfile.tempdir = previous_tempdir
-  if previous_tmpdir is None:
-    del os.environ["TMPDIR"]
-  else:
-    os.environ["TMPDIR"] = previous_tmpdir
+  for name, value in previous.items():
+    if value is None:
+      del os.environ[name]
+    else:
+      os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from estimator_ft.bench import loaders as bench_loaders
 from estimator_ft.bench import machine as bench_machine
 from estimator_ft.bench import plan as bench_plan
 from estimator_ft.bench import runner as bench_runner
+from estimator_ft.bench import scan as bench_scan
 from estimator_ft.bench import timing as bench_timing
 from estimator_ft.config import Config
 from estimator_ft.data import folders as folders_lib
@@ -261,3 +262,11 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   table = capsys.readouterr().out
   for name in figures + ("estimator_over_keras", "pipeline_over_python_loader"):
     assert name in table
+
+
+def test_scan_benchmark_decodes_every_file_once_then_none(tmp_path):
+  figures = bench_scan.scan_rates(10, str(tmp_path))
+  assert figures["decoded"] == {"first": 10, "second": 0}
+  assert figures["files"] == 10 and figures["image_size"] == 224
+  written = [p.read_bytes() for p in (tmp_path / "scan_data").rglob("*.jpg")]
+  assert len(written) == len(set(written)) == 10  # ten distinct files

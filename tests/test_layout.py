@@ -10,7 +10,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "estimator_ft"
 # The order of the layers (estimator_ft/__init__.py): a module may import only modules of its own
 # layer or of a layer before it. Standard-library-only modules come first.
 LAYERS = (
-    ("contract", "files", "progress", "messages", "image_formats", "cluster", "sample_data"),
+    ("contract", "files", "progress", "messages", "image_formats", "cluster", "sample_data",
+     "tf_environment"),
     ("config",),
     ("data",),
     ("model",),

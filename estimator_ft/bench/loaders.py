@@ -28,7 +28,6 @@ _GENERATED_TRAIN_PER_CLASS = 160
 _GENERATED_VALIDATION_PER_CLASS = 40
 
 
-
 def resolve_data_dir(data_dir: str, scratch_dir: str) -> str:
   """`data_dir` if it holds train/ and validation/; if it does not exist, generated sample data."""
   if data_dir and os.path.isdir(data_dir):
@@ -42,7 +41,6 @@ def resolve_data_dir(data_dir: str, scratch_dir: str) -> str:
   sample_data.generate(generated, seed=0, train_per_class=_GENERATED_TRAIN_PER_CLASS,
                                     validation_per_class=_GENERATED_VALIDATION_PER_CLASS)
   return generated
-
 
 
 def _pil_load(path: str, image_size: int, rng: np.random.Generator, augment: bool) -> np.ndarray:
@@ -66,7 +64,6 @@ def _pil_load(path: str, image_size: int, rng: np.random.Generator, augment: boo
   return np.asarray(image, np.float32)
 
 
-
 def python_batches(split: Split, image_size: int, batch_size: int, augment: bool = True,
                    seed: int = 0) -> Iterator:
   """Endless (float32 images [b, s, s, 3] preprocessed for ResNet50, int32 labels [b]) batches.
@@ -86,7 +83,6 @@ def python_batches(split: Split, image_size: int, batch_size: int, augment: bool
       yield images[..., ::-1] - CAFFE_MEAN_BGR, labels[chosen]
 
 
-
 def subset(split: Split, count: int) -> Split:
   """The first `count` examples of a folder split, classes interleaved so every class stays in."""
   by_class = {}
@@ -97,7 +93,6 @@ def subset(split: Split, count: int) -> Split:
   chosen = interleaved[:count]
   return dataclasses.replace(split, paths=tuple(p for p, _ in chosen),
                              labels=tuple(l for _, l in chosen), num_examples=len(chosen))
-
 
 
 def input_loader_rates(split: Split, config: Config, plan: BenchPlan) -> dict:

@@ -17,7 +17,6 @@ from estimator_ft.config import Config
 MATMUL_SIZES = (2048, 4096)
 
 
-
 def _cpuinfo_field(name: str) -> str:
   """The first `name` line of /proc/cpuinfo (Linux), or "" elsewhere."""
   try:
@@ -30,16 +29,14 @@ def _cpuinfo_field(name: str) -> str:
   return ""
 
 
-
 def onednn_enabled() -> bool:
   """Whether TensorFlow's oneDNN kernels are on in this process (TF_ENABLE_ONEDNN_OPTS aware)."""
   from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
   return bool(_pywrap_util_port.IsMklEnabled())
 
 
-
-def environment(session_config) -> dict:
-  """The machine and the TensorFlow settings the figures depend on."""
+def cpu_environment() -> dict:
+  """The machine: device, cores, the CPU features oneDNN depends on, and whether it is on."""
   flags = set(_cpuinfo_field("flags").split())
   gpus = tf.config.list_physical_devices("GPU")
   cpu = _cpuinfo_field("model name") or platform.processor() or platform.machine()
@@ -49,7 +46,17 @@ def environment(session_config) -> dict:
       "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"}),
       "tensorflow": tf.__version__,
       "onednn": onednn_enabled(),
-      "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (on by default)"),
+      "TF_ENABLE_ONEDNN_OPTS": os.environ.get(
+          "TF_ENABLE_ONEDNN_OPTS", "unset (TensorFlow's default: on only with AVX-512 VNNI/BF16 or AMX)"),
+      "load_average_1min": os.getloadavg()[0],
+      "python": platform.python_version(),
+  }
+
+
+def environment(session_config) -> dict:
+  """The machine and the TensorFlow settings the training figures depend on."""
+  return {
+      **cpu_environment(),
       "threads": {
           "estimator_intra_op": session_config.intra_op_parallelism_threads,
           "estimator_inter_op": session_config.inter_op_parallelism_threads,
@@ -58,10 +65,7 @@ def environment(session_config) -> dict:
           "note": "0 = TensorFlow picks (one per core)",
       },
       "xla_cpu_global_jit": estimator_path.CPU_GLOBAL_JIT_FLAG in os.environ.get("TF_XLA_FLAGS", ""),
-      "load_average_1min": os.getloadavg()[0],
-      "python": platform.python_version(),
   }
-
 
 
 def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES, repeats: int = MATMUL_REPEATS,
@@ -82,11 +86,9 @@ def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES, repeats: int = MATMUL_REP
   return results
 
 
-
 def compute_dtype(precision: str) -> str:
   """The dtype the convolutions and matmuls run in under a Keras precision policy."""
   return tf.keras.mixed_precision.Policy(precision).compute_dtype
-
 
 
 def forward_flops_per_image(config: Config, num_classes: int) -> int:

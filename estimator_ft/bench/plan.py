@@ -16,7 +16,6 @@ TARGETS = {
 }
 
 
-
 @dataclasses.dataclass(frozen=True)
 class BenchPlan:
   """How much of everything to run. `make_plan` fills it from the command-line settings."""
@@ -32,7 +31,6 @@ class BenchPlan:
   precision: str
   jit: bool
   accuracy_steps: int
-
 
 
 # The short accuracy run trains from random weights with the settings under which
@@ -82,7 +80,6 @@ def make_plan(image_size: int = 64, batch_size: int = 32, steps: int = 20, repea
   return plan
 
 
-
 def bench_config(plan: BenchPlan, data_dir: str, model_dir: str) -> Config:
   return Config(
       train_dir=os.path.join(data_dir, "train"), validation_dir=os.path.join(data_dir, "validation"),
@@ -91,7 +88,6 @@ def bench_config(plan: BenchPlan, data_dir: str, model_dir: str) -> Config:
       save_checkpoints_steps=_NO_CHECKPOINT_DURING_TIMING,
       save_summary_steps=summary_steps_within_warmup(plan.warmup_steps),
       log_every_n_steps=_NO_PROGRESS_LOG).validate()
-
 
 
 def summary_steps_within_warmup(warmup_steps: int) -> int:

@@ -17,10 +17,8 @@ from estimator_ft.bench.timing import spread
 TRAINING_FLOPS_PER_FORWARD_FLOP = 3
 
 
-
 def _ratio(numerator: float, denominator: float) -> Optional[float]:
   return numerator / denominator if denominator else None
-
 
 
 def summarize(plan, matmul, forward_flops, loaders, training, feed_dict, overhead) -> dict:
@@ -94,10 +92,8 @@ def summarize(plan, matmul, forward_flops, loaders, training, feed_dict, overhea
   }
 
 
-
 def _fmt(value, digits=1) -> str:
   return "n/a" if value is None else f"{value:.{digits}f}"
-
 
 
 def format_table(results: dict) -> str:

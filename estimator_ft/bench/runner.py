@@ -9,8 +9,9 @@ import time
 from estimator_ft import estimator as estimator_path
 from estimator_ft import files
 from estimator_ft.bench.loaders import input_loader_rates, resolve_data_dir
-from estimator_ft.bench.machine import (compute_dtype, environment, forward_flops_per_image,
-                                        matmul_gflops)
+from estimator_ft.bench.machine import (compute_dtype, cpu_environment, environment,
+                                        forward_flops_per_image, matmul_gflops)
+from estimator_ft.bench import scan
 from estimator_ft.bench.plan import BenchPlan, bench_config, make_plan
 from estimator_ft.bench.report import format_table, summarize
 from estimator_ft.bench.timing import PhaseClock
@@ -25,7 +26,6 @@ def run_bench(image_size: int = 64, batch_size: int = 32, steps: int = 20, repea
   """`estimator-ft bench`: every measurement; prints a table, writes `output` (JSON) if given."""
   plan = make_plan(image_size, batch_size, steps, repeats, quick, precision, jit, accuracy_steps)
   return run_plan(plan, data_dir, output, quick=quick)
-
 
 
 def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = False) -> dict:
@@ -72,6 +72,22 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
   results["phases"] = clock.phases
   results["wall_time_s"] = time.time() - started
   print(format_table(results))
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    files.write_json_atomic(output, results)
+    print(f"\nResults written to {output}")
+  return results
+
+
+def run_scan_bench(num_files: int, output: str = "") -> dict:
+  """`estimator-ft bench --scan_files=N`: the folder scan's first and second start, alone."""
+  with tempfile.TemporaryDirectory(prefix="estimator_ft_bench_scan_") as scratch:
+    results = {"scan": scan.scan_rates(num_files, scratch), "environment": cpu_environment()}
+  figures = results["scan"]
+  print(f"folder scan of {figures['files']} {figures['image_size']}-px JPEGs: first start "
+        f"{figures['first_scan_s']:.1f} s ({figures['first_files_per_s']:.0f} files/s), second "
+        f"start {figures['second_scan_s']:.2f} s ({figures['second_files_per_s']:.0f} files/s): "
+        f"{figures['second_over_first_speedup']:.0f}x faster")
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     files.write_json_atomic(output, results)

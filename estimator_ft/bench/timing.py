@@ -18,7 +18,6 @@ def spread(values: Sequence[float]) -> dict:
           "runs": values}
 
 
-
 def window_rates(timestamps: Sequence[float], warmup: int, steps: int, repeats: int,
                  items_per_step: int) -> list:
   """Items/s of `repeats` consecutive windows of `steps` steps after `warmup` steps.
@@ -37,7 +36,6 @@ def window_rates(timestamps: Sequence[float], warmup: int, steps: int, repeats: 
     elapsed = timestamps[first + steps - 1] - timestamps[first - 1]
     rates.append(steps * items_per_step / elapsed)
   return rates
-
 
 
 class TakeTurns:
@@ -82,7 +80,6 @@ class TakeTurns:
       self._condition.notify_all()
 
 
-
 class WindowClock:
   """Times a warm-up window then `repeats` windows of `steps` steps, each taken in turn.
 
@@ -115,7 +112,6 @@ class WindowClock:
       self._turns.pass_turn(self._name, done=self._window == len(self._lengths))
 
 
-
 class WindowClockHook(tf.estimator.SessionRunHook):
   def __init__(self, clock: WindowClock):
     self._clock = clock
@@ -125,7 +121,6 @@ class WindowClockHook(tf.estimator.SessionRunHook):
 
   def after_run(self, run_context, run_values):
     self._clock.after_step()
-
 
 
 class WindowClockCallback(tf.keras.callbacks.Callback):
@@ -140,7 +135,6 @@ class WindowClockCallback(tf.keras.callbacks.Callback):
     self._clock.after_step()
 
 
-
 class StepTimer(tf.estimator.SessionRunHook):
   """Records when each Estimator training step finished."""
 
@@ -151,7 +145,6 @@ class StepTimer(tf.estimator.SessionRunHook):
     self.timestamps.append(time.perf_counter())
 
 
-
 def time_iterations(next_item: Callable[[], object], count: int) -> list:
   """Calls next_item `count` times; returns the finish time of each call."""
   timestamps = []
@@ -159,7 +152,6 @@ def time_iterations(next_item: Callable[[], object], count: int) -> list:
     next_item()
     timestamps.append(time.perf_counter())
   return timestamps
-
 
 
 class PhaseClock:

@@ -95,7 +95,6 @@ def paired_training_rates(config: Config, splits: Splits, plan: BenchPlan) -> di
           "keras": images_per_second(clocks["keras"].seconds), "folder": folder}
 
 
-
 def feed_dict_rates(config: Config, split: Split, num_classes: int, plan: BenchPlan,
                     session_config) -> list:
   """The original loop: numpy batches from the Python/PIL loader fed through feed_dict.
@@ -129,7 +128,6 @@ def feed_dict_rates(config: Config, split: Split, num_classes: int, plan: BenchP
   return window_rates(timestamps, plan.warmup_steps, plan.steps, plan.repeats, config.batch_size)
 
 
-
 def _export_times(export_root: str) -> list:
   """When each exported version was complete (its newest file), sorted.
 
@@ -141,7 +139,6 @@ def _export_times(export_root: str) -> list:
       times.append(max(os.path.getmtime(os.path.join(folder, name))
                        for folder, _, names in os.walk(version) for name in names))
   return sorted(times)
-
 
 
 def estimator_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan,
@@ -197,7 +194,6 @@ def estimator_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan,
   }
 
 
-
 class BatchLossRecorder(tf.estimator.SessionRunHook):
   """Per-example mean training loss of every Estimator step (model_fn's train_batch tensors)."""
 
@@ -215,7 +211,6 @@ class BatchLossRecorder(tf.estimator.SessionRunHook):
   def after_run(self, run_context, run_values):
     loss_sum, size = run_values.results
     self.losses.append(float(loss_sum) / max(int(size), 1))
-
 
 
 class KerasBatchLossRecorder(tf.keras.callbacks.Callback):
@@ -236,12 +231,10 @@ class KerasBatchLossRecorder(tf.keras.callbacks.Callback):
     self._previous_mean = mean
 
 
-
 def _loss_summary(losses: Sequence[float]) -> dict:
   """Training losses at the start and, averaged, over the last quarter of the run."""
   last_quarter = losses[-max(1, len(losses) // 4):]
   return {"first_step_loss": losses[0], "last_quarter_train_loss": statistics.mean(last_quarter)}
-
 
 
 def short_run_accuracy(config: Config, splits: Splits, steps: int, scratch: str) -> dict:

@@ -1,31 +1,58 @@
 """The image-folder source: `<root>/<class>/<image>`, listed and checked before training.
 
-Every image is test-decoded by the pipeline's own decoder here, so bad data fails in seconds with
-every bad file named, not hours into a run.
+Every image is test-decoded by the pipeline's own decoder, so bad data fails in seconds with every
+bad file named, not hours into a run. The verdicts are kept in a scan manifest (data/manifest.py):
+a later start on the same folder decodes only the files that are new or changed.
 """
 
 import concurrent.futures
+import dataclasses
+import hashlib
+import io
 import logging
 import os
-from typing import Optional
+import time
+from typing import List, Optional, Tuple
 
 import tensorflow as tf
+from PIL import Image
 
 from estimator_ft import config as config_lib
 from estimator_ft import contract
 from estimator_ft import image_formats
 from estimator_ft import messages
+from estimator_ft import progress
 from estimator_ft.data import images
+from estimator_ft.data import manifest as manifest_lib
+from estimator_ft.data.manifest import FileFacts
 from estimator_ft.data.split import DataError, Split
 
 # How many bad files the skip warning names; the full list is in Split.skipped.
 _MAX_LOGGED_BAD_FILES = 20
+# A scan longer than this logs a progress line this often.
+PROGRESS_EVERY_S = 5.0
+# The EXIF tag that says how a camera held the picture; TF's decoders ignore it.
+_EXIF_ORIENTATION_TAG = 0x0112
 
 logger = logging.getLogger("estimator_ft")
 
 
-def check_image_file(path: str) -> Optional[str]:
-  """Why the pipeline could not use this file, or None if it decodes.
+@dataclasses.dataclass(frozen=True)
+class FolderSurvey:
+  """Every file of an image folder with what its check found; no policy applied yet."""
+  root: str
+  name: str
+  class_names: tuple
+  files: tuple          # ((path, class index, FileFacts), ...) in folder order
+  decoded: int          # files test-decoded by this survey (the others came from the manifest)
+  manifest: str = ""    # the manifest file read and written ("" with use_manifest=False)
+
+  def bad(self) -> List[Tuple[str, str]]:
+    return [(path, facts.reason) for path, _, facts in self.files if facts.reason]
+
+
+def check_image_data(path: str, data: bytes) -> Optional[str]:
+  """Why the pipeline could not use these bytes of file `path`, or None if they decode.
 
   Uses the pipeline's own decoder (tf.io.decode_image), which in TF 2.15 rejects every truncated
   JPEG, PNG, GIF and BMP we tried, down to one missing byte (it is stricter than PIL there).
@@ -34,11 +61,6 @@ def check_image_file(path: str) -> Optional[str]:
   if ext not in contract.IMAGE_EXTENSIONS:
     return (f"unsupported format ({ext or 'no extension'}); use "
             f"{', '.join(e[1:].upper() for e in contract.IMAGE_EXTENSIONS)}")
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    return f"cannot be read ({e.strerror or e})"
   if not data:
     return "empty file (0 bytes)"
   try:
@@ -49,10 +71,43 @@ def check_image_file(path: str) -> Optional[str]:
   return image_formats.bmp_palette_problem(data)
 
 
+def _read(path: str) -> Tuple[Optional[bytes], Optional[str]]:
+  try:
+    with open(path, "rb") as f:
+      return f.read(), None
+  except OSError as e:
+    return None, f"cannot be read ({e.strerror or e})"
+
+
+def check_image_file(path: str) -> Optional[str]:
+  """Why the pipeline could not use this file, or None if it decodes."""
+  return examine_image_file(path).reason
+
+
+def _header_facts(data: bytes) -> dict:
+  """Format, size, colour mode and EXIF orientation from the header (PIL reads no pixels here)."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      orientation = 1
+      if image.format == "JPEG":
+        orientation = int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
+      return {"format": image.format or "", "width": image.size[0], "height": image.size[1],
+              "mode": image.mode, "orientation": orientation}
+  except Exception:  # pylint: disable=broad-except - PIL raises many kinds; the facts are extras
+    return {}
+
+
+def examine_image_file(path: str) -> FileFacts:
+  """Reads the file once: its verdict, and the facts `inspect` reports."""
+  data, reason = _read(path)
+  if reason:
+    return FileFacts(reason=reason)
+  reason = check_image_data(path, data)
+  return FileFacts(reason=reason, sha1=hashlib.sha1(data).hexdigest(), **_header_facts(data))
+
 
 def _visible(name: str) -> bool:
   return not name.startswith(".")
-
 
 
 def _list_class_files(class_dir: str) -> list:
@@ -64,33 +119,36 @@ def _list_class_files(class_dir: str) -> list:
   return files
 
 
-
-def _check_files(paths) -> list:
-  """[(path, reason)] of the files that cannot be used, in the order of `paths`."""
+def _examine_all(paths, name: str, progress_every_s: float) -> list:
+  """FileFacts of each path, in order; a progress line every few seconds on a long scan."""
   if not paths:
     return []
   # Decoding releases the GIL, so a few threads overlap file reads and decodes.
   workers = min(8, 2 * (os.cpu_count() or 1), len(paths))
+  results = []
+  started = last_report = time.monotonic()
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    reasons = list(pool.map(check_image_file, paths))
-  return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    for facts in pool.map(examine_image_file, paths):
+      results.append(facts)
+      now = time.monotonic()
+      if now - last_report >= progress_every_s and len(results) < len(paths):
+        last_report = now
+        rate = progress.steps_per_second(len(results), now - started)
+        eta = (len(paths) - len(results)) / rate if rate else float("nan")
+        logger.info("Checking the %s images: %d of %d files (%.0f files/s, ETA %s)", name,
+                    len(results), len(paths), rate or 0.0, progress.format_seconds(eta))
+  return results
 
 
+def _stat_key(path: str):
+  try:
+    return manifest_lib.file_key(os.stat(path))
+  except OSError:
+    return None  # gone or unreadable: examined (and reported) like any other file
 
-def _bad_files_message(root: str, name: str, bad: list) -> str:
-  lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
-  return (f"{len(bad)} file(s) in the {name} folder {root} cannot be used:\n{lines}\n"
-          "Fix or remove them, or pass --bad_images=skip to train without them.")
 
-
-
-def scan_image_folder(root: str, name: str, bad_images: str = "fail") -> Split:
-  """Lists and checks `<root>/<class>/<image>`; every image is test-decoded here, before training.
-
-  bad_images="fail" raises DataError naming every bad file; "skip" leaves them out and records
-  them in `Split.skipped`.
-  """
-  config_lib.check_choice("bad_images", bad_images, config_lib.BAD_IMAGE_POLICIES, DataError)
+def _check_folder_root(root: str, name: str) -> Tuple[str, tuple]:
+  """The absolute root and its class names; DataError when it is not an image-folder layout."""
   flag = f"--{name}_dir"
   if not root:
     raise DataError(f"{flag} is empty: give the folder that holds one sub-folder per class.")
@@ -109,24 +167,77 @@ def scan_image_folder(root: str, name: str, bad_images: str = "fail") -> Split:
             "class." if loose else "")
     raise DataError(f"{flag}={root} has no class sub-folders. Expected {root}/<class name>/"
                     f"<image>, one sub-folder per class.{hint}")
+  return root, class_names
 
-  per_class = [(index, _list_class_files(os.path.join(root, c)))
-               for index, c in enumerate(class_names)]
-  candidates = [(path, index) for index, files in per_class for path in files]
-  bad = _check_files([p for p, _ in candidates])
+
+def survey_folder(root: str, name: str, cache_dir: str = "", rescan: bool = False,
+                  use_manifest: bool = True,
+                  progress_every_s: float = PROGRESS_EVERY_S) -> FolderSurvey:
+  """Lists `<root>/<class>/<image>` and checks every file: the unchanged ones from the manifest,
+  the others by decoding them (then the manifest is updated). rescan: decode every file."""
+  root, class_names = _check_folder_root(root, name)
+  listed = [(path, index) for index, class_name in enumerate(class_names)
+            for path in _list_class_files(os.path.join(root, class_name))]
+  relative = [os.path.relpath(path, root) for path, _ in listed]
+  keys = [_stat_key(path) for path, _ in listed]
+  settings = {"tensorflow": tf.__version__}
+  path = manifest_lib.manifest_path(root, cache_dir) if use_manifest else ""
+  known = (manifest_lib.load(root, path, settings) if use_manifest and not rescan
+           else manifest_lib.Manifest(root, settings))
+  facts = [known.lookup(rel, key) if key is not None else None
+           for rel, key in zip(relative, keys)]
+  unknown = [i for i, f in enumerate(facts) if f is None]
+  if len(unknown) < len(listed):
+    logger.info("%s images: %d of %d files unchanged since the last scan (manifest %s); "
+                "checking %d.", name.capitalize(), len(listed) - len(unknown), len(listed), path,
+                len(unknown))
+  examined_now = _examine_all([listed[i][0] for i in unknown], name, progress_every_s)
+  for i, examined in zip(unknown, examined_now):
+    facts[i] = examined
+    if keys[i] is not None:
+      known.record(relative[i], keys[i], examined)
+  if use_manifest and (unknown or len(known) != len(listed)):
+    known.keep_only(relative)
+    try:
+      known.save(path)
+    except OSError as e:
+      logger.warning("Could not save the scan manifest %s (%s): the next start checks every file "
+                     "again. Point --scan_cache_dir at a writable folder.", path,
+                     e.strerror or e)
+  return FolderSurvey(root=root, name=name, class_names=class_names,
+                      files=tuple((p, i, f) for (p, i), f in zip(listed, facts)),
+                      decoded=len(unknown), manifest=path)
+
+
+def _bad_files_message(root: str, name: str, bad: list) -> str:
+  lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+  return (f"{len(bad)} file(s) in the {name} folder {root} cannot be used:\n{lines}\n"
+          "Fix or remove them, or pass --bad_images=skip to train without them.")
+
+
+def scan_image_folder(root: str, name: str, bad_images: str = "fail", cache_dir: str = "",
+                      rescan: bool = False) -> Split:
+  """Lists and checks `<root>/<class>/<image>` (survey_folder), then applies the bad-file policy.
+
+  bad_images="fail" raises DataError naming every bad file; "skip" leaves them out and records
+  them in `Split.skipped`. A class left without images is a DataError either way.
+  """
+  config_lib.check_choice("bad_images", bad_images, config_lib.BAD_IMAGE_POLICIES, DataError)
+  survey = survey_folder(root, name, cache_dir, rescan)
+  root, class_names = survey.root, survey.class_names
+  bad = survey.bad()
   if bad and bad_images == "fail":
     raise DataError(_bad_files_message(root, name, bad))
-  bad_paths = {p for p, _ in bad}
-  kept = [(p, i) for p, i in candidates if p not in bad_paths]
+  kept = [(p, i, f) for p, i, f in survey.files if not f.reason]
   if bad:
     shown = "\n".join(f"  {p}: {r}" for p, r in bad[:_MAX_LOGGED_BAD_FILES])
     more = len(bad) - _MAX_LOGGED_BAD_FILES
     logger.warning("Skipping %d bad file(s) of %d in the %s folder %s (--bad_images=skip):\n%s%s",
-                   len(bad), len(candidates), name, root, shown,
+                   len(bad), len(survey.files), name, root, shown,
                    f"\n  ... and {more} more" if more > 0 else "")
 
   counts = [0] * len(class_names)
-  for _, index in kept:
+  for _, index, _ in kept:
     counts[index] += 1
   empty = [os.path.join(root, c) for c, n in zip(class_names, counts) if n == 0]
   if empty:
@@ -135,5 +246,5 @@ def scan_image_folder(root: str, name: str, bad_images: str = "fail") -> Split:
                     f"{', '.join(empty)}. Add images ({', '.join(contract.IMAGE_EXTENSIONS)}) or "
                     "remove the folder.")
   return Split(name=name, class_names=class_names, num_examples=len(kept),
-               paths=tuple(p for p, _ in kept), labels=tuple(i for _, i in kept),
-               skipped=tuple(bad))
+               paths=tuple(p for p, _, _ in kept), labels=tuple(i for _, i, _ in kept),
+               skipped=tuple(bad), content_hashes=tuple(f.sha1 for _, _, f in kept))

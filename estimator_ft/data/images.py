@@ -26,11 +26,9 @@ def decode_rgb(image_bytes) -> tf.Tensor:
   return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
 
 
-
 def decode_image(image_bytes, image_size: int) -> tf.Tensor:
   """Scalar string (JPEG, PNG, GIF, BMP) -> float32 [size, size, 3] RGB with values in 0..255."""
   return resize_image(decode_rgb(image_bytes), image_size)
-
 
 
 def to_rgb(image) -> tf.Tensor:
@@ -46,7 +44,6 @@ def to_rgb(image) -> tf.Tensor:
   return image
 
 
-
 def resize_image(image, image_size: int) -> tf.Tensor:
   """Any [h, w, 1|3|4] image -> float32 [size, size, 3], the resize every source goes through."""
   # Bilinear, no antialias: what tf.keras' image_dataset_from_directory does too. It never
@@ -54,7 +51,6 @@ def resize_image(image, image_size: int) -> tf.Tensor:
   image = tf.image.resize(to_rgb(image), [image_size, image_size])
   image = tf.ensure_shape(image, [image_size, image_size, 3])
   return tf.cast(image, tf.float32)
-
 
 
 def preprocess_for_model(images) -> tf.Tensor:
@@ -67,7 +63,6 @@ def preprocess_for_model(images) -> tf.Tensor:
   """
   images = tf.cast(images, tf.float32)
   return tf.reverse(images, axis=[-1]) - tf.constant(IMAGENET_MEAN_BGR, tf.float32)
-
 
 
 def augment_image(image, seed, image_size: int) -> tf.Tensor:
@@ -94,7 +89,6 @@ def augment_image(image, seed, image_size: int) -> tf.Tensor:
   # Flip after the crop: the same distribution as before it, on image_size² pixels only.
   image = tf.image.stateless_random_flip_left_right(image, seed=seeds[0])
   return tf.ensure_shape(tf.cast(image, tf.float32), [image_size, image_size, 3])
-
 
 
 def decode_and_preprocess(image_bytes, image_size: int) -> tf.Tensor:

@@ -3,9 +3,10 @@
 import logging
 import os
 
+from estimator_ft.data import checks
 from estimator_ft.data import folders
 from estimator_ft.data import tfds_source
-from estimator_ft.data.split import DataError, Splits
+from estimator_ft.data.split import DataError, Split, Splits
 
 logger = logging.getLogger("estimator_ft")
 
@@ -21,8 +22,10 @@ def load_splits(config) -> Splits:
     validation = tfds_source.tfds_split(config, "validation")
     source = f"TFDS {config.tfds_name}"
   else:
-    train = folders.scan_image_folder(config.train_dir, "train", config.bad_images)
-    validation = folders.scan_image_folder(config.validation_dir, "validation", config.bad_images)
+    train = folders.scan_image_folder(config.train_dir, "train", config.bad_images,
+                                      config.scan_cache_dir, config.rescan)
+    validation = folders.scan_image_folder(config.validation_dir, "validation", config.bad_images,
+                                           config.scan_cache_dir, config.rescan)
     if os.path.realpath(config.train_dir) == os.path.realpath(config.validation_dir):
       logger.warning("--train_dir and --validation_dir are the same folder: validation results "
                      "will not measure generalisation.")
@@ -41,6 +44,22 @@ def load_splits(config) -> Splits:
   if config.batch_size > train.num_examples:
     raise DataError(f"The train split has {train.num_examples} images, smaller than "
                     f"--batch_size={config.batch_size}; lower --batch_size.")
+  _warn_about_the_data_set(train, validation)
   logger.info("Data from %s: %d train and %d validation images, %d classes.", source,
               train.num_examples, validation.num_examples, len(train.class_names))
   return Splits(train=train, validation=validation, class_names=train.class_names)
+
+
+def _warn_about_the_data_set(train: Split, validation: Split) -> None:
+  """What `estimator-ft inspect` would flag, said before a run starts: imbalance, leakage."""
+  for split in (train, validation):
+    if split.labels:
+      counts = checks.class_counts(split.labels, len(split.class_names))
+      warning = checks.imbalance_warning(split.name, split.class_names, counts)
+      if warning:
+        logger.warning(warning)
+  if train.content_hashes and validation.content_hashes:
+    warning = checks.leakage_warning(checks.shared_files(
+        train.paths, train.content_hashes, validation.paths, validation.content_hashes))
+    if warning:
+      logger.warning(warning)

@@ -20,6 +20,8 @@ class Split:
   paths: tuple = ()
   labels: tuple = ()
   skipped: tuple = ()
+  # SHA-1 of each file's bytes, aligned with `paths` (folder sources): leakage checks.
+  content_hashes: tuple = ()
   tfds_name: str = ""
   tfds_split: str = ""
   tfds_data_dir: str = ""

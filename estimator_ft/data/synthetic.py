@@ -39,7 +39,6 @@ def synthetic_dataset(config, num_classes: int, mode: str, num_examples: int = 6
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-
 def make_synthetic_input_fn(config, num_classes: int, mode: str, num_examples: int = 64):
   check_mode(mode)
 

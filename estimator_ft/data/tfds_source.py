@@ -28,7 +28,6 @@ def _tfds_image_is_encoded(builder, image_key: str) -> bool:
   return isinstance(builder.info.features[image_key], _tfds().features.Image)
 
 
-
 def _tfds_as_dataset(builder, split: str, image_key: str) -> tf.data.Dataset:
   """The raw TFDS examples, images still encoded when TFDS stores them encoded.
 

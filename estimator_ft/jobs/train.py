@@ -30,7 +30,6 @@ def _warn_about_inexact_resume(config: Config) -> None:
                    "uninterrupted one exactly only with --dropout=0.")
 
 
-
 def run(config: Config, initial_weights: str = "") -> dict:
   """The train job for either path; returns the results dict also written to results.json.
 
@@ -38,7 +37,6 @@ def run(config: Config, initial_weights: str = "") -> dict:
   """
   with runtime.op_determinism(config.deterministic):
     return _run(config, initial_weights)
-
 
 
 def _run(config: Config, initial_weights: str) -> dict:
@@ -79,7 +77,6 @@ def _run(config: Config, initial_weights: str) -> dict:
     }
     model_dir_lib.write_results(config, results)
   return results
-
 
 
 def run_cluster_member(config: Config, task: "cluster_lib.Task", initial_weights: str = "") -> dict:

@@ -113,7 +113,6 @@ def ensure_writable_dir(path: str, flag: str = "--model_dir") -> None:
                      "or fix its permissions / free disk space; nothing was written.") from e
 
 
-
 @contextlib.contextmanager
 def run_lock(model_dir: str):
   """An exclusive lock on model_dir for the life of this process.
@@ -142,7 +141,6 @@ def run_lock(model_dir: str):
     handle.close()
 
 
-
 def prepare_model_dir(config: Config, class_names) -> bool:
   """Checks model_dir is writable and holds nothing foreign; writes config.json.
 
@@ -158,10 +156,8 @@ def prepare_model_dir(config: Config, class_names) -> bool:
   return resuming
 
 
-
 def _has_checkpoint(model_dir: str) -> bool:
   return os.path.exists(os.path.join(model_dir, "checkpoint"))
-
 
 
 def initial_weights_prefix(config: Config, num_classes: int) -> str:
@@ -220,7 +216,6 @@ def wait_for_chief(model_dir: str, prefix: str, role: str, timeout_s: float = CH
       logger.info("%s waits for the chief to prepare %s", role, model_dir)
       logged = True
     time.sleep(poll_s)
-
 
 
 def _checkpoint_complete(prefix: str) -> bool:
