@@ -220,6 +220,8 @@ def _define_bench():
   flags.DEFINE_integer("scan_files", 0, "If > 0, measure only the folder scan instead: a first "
                        "and a second start on this many generated 224-px JPEGs (the scan "
                        "manifest's speed-up).", lower_bound=0)
+  flags.DEFINE_boolean("compare_onednn", False, "Run the bench twice, in two processes: with "
+                       "TF_ENABLE_ONEDNN_OPTS=0 and =1, and report both and their ratios.")
 
 
 def _run_bench(argv):
@@ -227,6 +229,11 @@ def _run_bench(argv):
   from estimator_ft.bench import runner
   if FLAGS.scan_files:
     runner.run_scan_bench(FLAGS.scan_files, FLAGS.output)
+    return 0
+  if FLAGS.compare_onednn:
+    settings = ("image_size", "batch_size", "steps", "repeats", "quick", "precision", "jit",
+                "data_dir", "accuracy_steps")
+    runner.run_onednn_comparison([FLAGS[name].serialize() for name in settings], FLAGS.output)
     return 0
   runner.run_bench(image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
                   repeats=FLAGS.repeats, quick=FLAGS.quick, precision=FLAGS.precision, jit=FLAGS.jit,

@@ -150,7 +150,11 @@ class Config:
       False, "Deterministic TensorFlow ops (enable_op_determinism): with --exact_resume and "
       "--dropout=0 a killed and resumed run ends with an uninterrupted run's weights.")
   export_during_training: bool = _setting(
-      True, "Export SavedModels (export/latest, export/best) after each evaluation.")
+      True, "Export SavedModels during training: export/best whenever validation improves, "
+      "export/latest of the final weights.")
+  export_latest_every_epoch: bool = _setting(
+      False, "Also export every evaluated checkpoint to export/latest (one more SavedModel per "
+      "epoch), not only the final one.")
   export_best_metric: str = _setting(
       "loss", "Validation metric that picks the 'best' export (loss: lowest; else highest).",
       EXPORT_METRICS)

@@ -12,6 +12,8 @@ import os
 import time
 
 import tensorflow as tf
+# Estimator.evaluate's own summary writers: InProcessEvaluator's event files are the same records.
+from tensorflow_estimator.python.estimator import estimator as tf_estimator_impl
 
 from estimator_ft import export as export_lib
 from estimator_ft import model_fn as model_fn_lib
@@ -107,6 +109,7 @@ class ProgressHook(tf.estimator.SessionRunHook):
     self._last_step = None
     self._restart_window = False
     self._previous = None  # (step, time) of the previous after_run
+    self._pauses = progress.PauseTimer()
 
   def before_run(self, run_context):
     if self._restart_window:
@@ -123,6 +126,10 @@ class ProgressHook(tf.estimator.SessionRunHook):
       # checkpoint inside it: time the window up to the previous step, and start the next window
       # at the next step, so the line reports training speed, not "0.2 img/s" at each epoch end.
       if previous is not None:
+        rate = self._rate(*previous)
+        # This step's own time beyond one training step was the checkpoint's evaluation/export.
+        if rate:
+          self._pauses.add(now - previous[1] - 1 / rate)
         self._log(step, loss_sum, size, *previous)
       self._restart_window, self._last_step = True, step
       return
@@ -133,14 +140,21 @@ class ProgressHook(tf.estimator.SessionRunHook):
       return
     self._log(step, loss_sum, size, step, now)
 
+  def _rate(self, window_end_step, window_end_time):
+    if self._last_time is None:
+      return None
+    return progress.steps_per_second(window_end_step - self._last_step,
+                                     window_end_time - self._last_time)
+
   def _log(self, step, loss_sum, size, window_end_step, window_end_time):
     if self._last_time is None:
       return
-    rate = progress.steps_per_second(window_end_step - self._last_step,
-                                     window_end_time - self._last_time)
+    rate = self._rate(window_end_step, window_end_time)
     epoch = min(math.ceil(step / self._steps_per_epoch), math.ceil(self._max_steps / self._steps_per_epoch))
-    logger.info(progress.progress_line(epoch, step, self._max_steps, rate, self._batch_size,
-                                       float(loss_sum) / max(int(size), 1)))
+    logger.info(progress.progress_line(
+        epoch, step, self._max_steps, rate, self._batch_size, float(loss_sum) / max(int(size), 1),
+        pause_s=self._pauses.mean,
+        pauses_ahead=progress.pauses_left(step, self._max_steps, self._checkpoint_every)))
     self._last_time, self._last_step = window_end_time, window_end_step
 
 
@@ -201,6 +215,89 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     model_dir_lib.write_history(self._model_dir, model_dir_lib.TRAIN_HISTORY_FILE, self._history)
     self._epoch_before = epoch
     self._reset()
+
+
+class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
+  """Evaluates each checkpoint right after the training process saves it, then runs the exporters.
+
+  What `train_and_evaluate` does on one machine, without its per-evaluation costs: it calls
+  `Estimator.evaluate`, which builds the evaluation graph again (ResNet50 and the input
+  pipeline: about 4 s on 2 cores) and opens a new session for every checkpoint. Here the graph
+  is built once, on the first evaluation, and kept with its session; each evaluation restores
+  the checkpoint into it, resets the metrics and makes one full pass over the validation set.
+  The metrics (the model_fn's eval_metric_ops plus the mean `loss`, as Estimator.evaluate adds)
+  and their event file in model_dir/eval are what Estimator.evaluate writes (tested), so the
+  history, the exporters and TensorBoard see no difference. A TF_CONFIG cluster keeps
+  train_and_evaluate: its evaluator task evaluates checkpoints as they appear.
+  """
+
+  def __init__(self, estimator, model_fn, config: Config, validation_split, exporters,
+               max_steps: int):
+    self._estimator = estimator
+    self._model_fn = model_fn
+    self._config = config
+    self._split = validation_split
+    self._exporters = exporters
+    self._max_steps = max_steps
+    self._eval_dir = os.path.join(config.model_dir, EVAL_DIR)
+    self._graph = None
+
+  def _build(self):
+    self._graph = tf.Graph()
+    with self._graph.as_default():
+      global_step = tf.compat.v1.train.create_global_step()
+      tf.compat.v1.random.set_random_seed(self._config.seed)
+      iterator = tf.compat.v1.data.make_initializable_iterator(
+          pipeline.make_dataset(self._split, self._config, "eval"))
+      features, labels = iterator.get_next()
+      spec = self._model_fn(features, labels, tf.estimator.ModeKeys.EVAL)
+      metrics = dict(spec.eval_metric_ops)
+      # The per-batch mean loss that Estimator.evaluate adds as "loss" (model_fn reports the
+      # per-example one as example_loss).
+      metrics["loss"] = tf.compat.v1.metrics.mean(spec.loss)
+      self._values = {name: value for name, (value, _) in metrics.items()}
+      self._values[tf.compat.v1.GraphKeys.GLOBAL_STEP] = global_step
+      self._update = tf.group([update for _, update in metrics.values()])
+      self._reset = tf.group(tf.compat.v1.local_variables_initializer(), iterator.initializer)
+      self._saver = tf.compat.v1.train.Saver(sharded=True)
+    self._session = tf.compat.v1.Session(graph=self._graph,
+                                         config=self._estimator.config.session_config)
+
+  def evaluate(self, checkpoint_path: str) -> dict:
+    """The eval metrics of `checkpoint_path`, also written to model_dir/eval for its step."""
+    if self._graph is None:
+      self._build()
+    # Its own graph as the default: a saver built in graph mode would otherwise restore eagerly.
+    with self._graph.as_default():
+      self._session.run(self._reset)
+      self._saver.restore(self._session, checkpoint_path)
+      while True:
+        try:
+          self._session.run(self._update)
+        except tf.errors.OutOfRangeError:
+          break
+      results = self._session.run(self._values)
+      step = int(results[tf.compat.v1.GraphKeys.GLOBAL_STEP])
+      tf_estimator_impl._write_dict_to_summary(self._eval_dir, results, step)  # pylint: disable=protected-access
+      tf_estimator_impl._write_checkpoint_path_to_summary(self._eval_dir, checkpoint_path, step)  # pylint: disable=protected-access
+    return results
+
+  def after_save(self, session, global_step_value):
+    # Step 0 is the starting point, which train_and_evaluate does not evaluate either.
+    if global_step_value == 0:
+      return
+    checkpoint = tf.train.latest_checkpoint(self._config.model_dir)
+    metrics = self.evaluate(checkpoint)
+    logger.info("Evaluation at step %d: %s", global_step_value, ", ".join(
+        f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k != "global_step"))
+    export_root = os.path.join(self._config.model_dir, export_lib.EXPORT_DIR)
+    for exporter in self._exporters:
+      exporter.export(self._estimator, os.path.join(export_root, exporter.name), checkpoint,
+                      metrics, is_the_final_export=global_step_value >= self._max_steps)
+
+  def end(self, session, global_step_value):
+    if self._graph is not None:
+      self._session.close()
 
 
 def build_history(model_dir, steps_per_epoch, epochs):
@@ -267,12 +364,17 @@ def train(config: Config, splits, initial_weights: str) -> dict:
       start_delay_secs=0,
       throttle_secs=EVALUATOR_POLL_S if estimator.config.task_type == "evaluator" else 0)
   _log_run_plan(config, splits, steps_per_epoch)
+  in_cluster = bool(estimator.config.cluster_spec.as_dict())
   if is_chief:
     summaries.write_config_summary(config, class_names)
-    if not estimator.config.cluster_spec.as_dict():  # a cluster's evaluator catches up by itself
+    if not in_cluster:  # a cluster's evaluator catches up by itself
       finish_interrupted_evaluation(estimator, eval_spec)
   try:
-    tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+    if in_cluster:
+      tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+    else:
+      _train_and_evaluate_in_process(estimator, config, class_names, splits.validation,
+                                     train_spec, initial_weights, steps_per_epoch)
   except tf.compat.v1.train.NanLossDuringTrainingError as e:
     raise errors.nan_loss_error(config, "the training loss became NaN") from e
   except tf.errors.InvalidArgumentError as e:
@@ -303,6 +405,23 @@ def train(config: Config, splits, initial_weights: str) -> dict:
       "final_evaluation": final_evaluation,
       "export_path": export_lib.latest_export_path(config.model_dir),
   }
+
+
+def _train_and_evaluate_in_process(estimator, config: Config, class_names, validation_split,
+                                   train_spec, initial_weights: str, steps_per_epoch: int) -> None:
+  """train_and_evaluate on one machine: each checkpoint evaluated and exported in this process,
+  from an evaluation graph and a serving graph built once (InProcessEvaluator)."""
+  model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights)
+  writer = export_lib.EstimatorSavedModelWriter(model_fn, config,
+                                                estimator.config.session_config)
+  evaluator = InProcessEvaluator(estimator, model_fn, config, validation_split,
+                                 export_lib.make_exporters(config, class_names, writer),
+                                 train_spec.max_steps)
+  try:
+    estimator.train(train_spec.input_fn, max_steps=train_spec.max_steps, hooks=train_spec.hooks,
+                    saving_listeners=[evaluator])
+  finally:
+    writer.close()
 
 
 def exact_resume_batch(config: Config, estimator) -> int:

@@ -24,8 +24,10 @@ into a hidden staging folder beside it and renamed into place once complete, so 
 is never half-written; staging folders left by killed exports are removed by the next export.
 Each version records `assets.extra/export_info.json` (global step, checkpoint, validation metrics).
 
-Estimator exporters (in train_and_evaluate): `export/latest` after every evaluation; `export/best`
-when the validation metric `--export_best_metric` beats every version already in `export/best`.
+Estimator exporters (after each evaluation during training): `export/best` when the validation
+metric `--export_best_metric` beats every version already in `export/best`; `export/latest` for
+the final checkpoint (every evaluated one with --export_latest_every_epoch). In the training
+process they share an EstimatorSavedModelWriter, whose serving graph is built once.
 The comparison uses the metrics recorded in those versions, so a resumed run never publishes a
 worse model as the newest (= served) "best". Each keeps `--exports_to_keep` versions.
 """
@@ -45,6 +47,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 # The fingerprint writer that tf.saved_model.save uses (TF 2.15 has no public one); called directly
 # because its Python wrapper logs an INFO line through absl on every export.
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting as fingerprinting_pywrap  # pylint: disable=g-direct-tensorflow-import
+# The signature-def builders Estimator.export_saved_model uses (EstimatorSavedModelWriter).
+from tensorflow_estimator.python.estimator.export import export_lib as estimator_export_lib
 
 from estimator_ft import contract
 from estimator_ft import model_fn as model_fn_lib
@@ -279,14 +283,77 @@ def _export_info(config: Config, class_names, global_step, checkpoint_path, metr
 
 # ---------------------------------------------------------------- Estimator path
 
+class EstimatorSavedModelWriter:
+  """Writes Estimator-path SavedModels of checkpoints from one serving graph, built once.
+
+  `Estimator.export_saved_model` builds the serving graph (ResNet50 and the decode pipelines)
+  anew for every export: about 4 s on 2 cores, twice per epoch with the latest and best
+  exporters. This builds the same graph once - the same receiver, the model_fn's PREDICT spec,
+  the signature defs `Estimator._add_meta_graph_for_mode` builds, its sharded saver and
+  local-init main op - keeps a session on it, and per export only restores the checkpoint and
+  writes the SavedModel.
+  """
+
+  def __init__(self, model_fn, config: Config, session_config=None):
+    self._model_fn = model_fn
+    self._config = config
+    self._session_config = session_config
+    self._graph = None
+
+  def _build(self):
+    self._graph = tf.Graph()
+    with self._graph.as_default():
+      tf.compat.v1.train.create_global_step()
+      tf.compat.v1.random.set_random_seed(self._config.seed)
+      receiver = serving_input_receiver_fn(self._config.image_size)()
+      spec = self._model_fn(receiver.features, None, tf.estimator.ModeKeys.PREDICT)
+      export_outputs = estimator_export_lib.export_outputs_for_mode(
+          mode=spec.mode, serving_export_outputs=spec.export_outputs,
+          predictions=spec.predictions, loss=spec.loss, metrics=spec.eval_metric_ops)
+      self._signature_def_map = estimator_export_lib.build_all_signature_defs(
+          receiver.receiver_tensors, export_outputs, receiver.receiver_tensors_alternatives,
+          serving_only=True)
+      self._saver = tf.compat.v1.train.Saver(sharded=True)
+      self._main_op = tf.compat.v1.train.Scaffold.default_local_init_op()
+    self._session = tf.compat.v1.Session(graph=self._graph, config=self._session_config)
+
+  def write(self, staging: str, checkpoint_path: str) -> str:
+    """The SavedModel of `checkpoint_path`, written into a new folder in `staging`."""
+    if self._graph is None:
+      self._build()
+    saved_model_dir = os.path.join(staging, "saved_model")
+    # Its own graph as the default: a saver built in graph mode would otherwise restore eagerly.
+    with self._graph.as_default():
+      self._saver.restore(self._session, checkpoint_path)
+      # The builder records its main op in a graph collection, and a loader refuses a SavedModel
+      # with two: clear what the previous export left there.
+      self._graph.clear_collection(tf.compat.v1.saved_model.MAIN_OP_KEY)
+      builder = tf.compat.v1.saved_model.Builder(saved_model_dir)
+      builder.add_meta_graph_and_variables(
+          self._session, [tf.saved_model.SERVING], signature_def_map=self._signature_def_map,
+          main_op=self._main_op, saver=self._saver, strip_default_attrs=True)
+      builder.save(as_text=False)
+    return saved_model_dir
+
+  def close(self):
+    if self._graph is not None:
+      self._session.close()
+
+
 def export_estimator(estimator, config: Config, class_names, export_base: str,
-                     checkpoint_path=None, metrics=None) -> str:
-  """Exports `checkpoint_path` (default: the latest) as a new version under export_base."""
+                     checkpoint_path=None, metrics=None, writer=None) -> str:
+  """Exports `checkpoint_path` (default: the latest) as a new version under export_base.
+
+  writer: an EstimatorSavedModelWriter to write it with (no graph rebuild); without one, the
+  Estimator's own export_saved_model builds the graph for this export alone.
+  """
   checkpoint_path = checkpoint_path or estimator.latest_checkpoint()
   if checkpoint_path is None:
     raise ValueError(f"{estimator.model_dir} holds no checkpoint to export: train first.")
 
   def write(staging):
+    if writer is not None:
+      return writer.write(staging, checkpoint_path)
     written = estimator.export_saved_model(
         staging, serving_input_receiver_fn(config.image_size), checkpoint_path=checkpoint_path)
     return written.decode() if isinstance(written, bytes) else written
@@ -325,53 +392,54 @@ def improves_on_best(export_base: str, metric_key: str, lower_is_better: bool, v
 class _VersionExporter(tf.estimator.Exporter):
   """Exports after an evaluation into model_dir/export/<name>/<version>, keeping the newest N."""
 
-  def __init__(self, name: str, config: Config, class_names):
+  def __init__(self, name: str, config: Config, class_names, writer=None):
     self._name = name
     self._config = config
     self._class_names = tuple(class_names)
+    self._writer = writer
 
   @property
   def name(self):
     return self._name
 
-  def wanted(self, export_path: str, metrics: dict) -> bool:
+  def wanted(self, export_path: str, metrics: dict, is_the_final_export: bool) -> bool:
     raise NotImplementedError
 
   def export(self, estimator, export_path, checkpoint_path, eval_result, is_the_final_export):
     metrics = {key: float(value) for key, value in eval_result.items() if key != "global_step"}
-    if not self.wanted(export_path, metrics):
+    if not self.wanted(export_path, metrics, is_the_final_export):
       return None
     path = export_estimator(estimator, self._config, self._class_names, export_path,
-                            checkpoint_path, metrics)
+                            checkpoint_path, metrics, self._writer)
     remove_old_versions(export_path, self._config.exports_to_keep)
     logger.info("Exported %s model: %s", self._name, path)
     return path
 
 
 class LatestExporter(_VersionExporter):
-  """Every evaluated checkpoint."""
+  """The final checkpoint; every evaluated one with --export_latest_every_epoch."""
 
-  def wanted(self, export_path, metrics):
-    return True
+  def wanted(self, export_path, metrics, is_the_final_export):
+    return is_the_final_export or self._config.export_latest_every_epoch
 
 
 class BestExporter(_VersionExporter):
   """Checkpoints whose validation metric beats every version already exported here."""
 
-  def wanted(self, export_path, metrics):
+  def wanted(self, export_path, metrics, is_the_final_export):
     key, lower_is_better = best_metric(self._config)
     return improves_on_best(export_path, key, lower_is_better, metrics.get(key))
 
 
-def make_exporters(config: Config, class_names) -> list:
-  """The exporters train_and_evaluate runs after each evaluation: latest and best."""
+def make_exporters(config: Config, class_names, writer=None) -> list:
+  """The exporters run after each evaluation: latest and best (sharing `writer`, if given)."""
   if not config.export_during_training:
     return []
   if config.export_best_metric == "auc" and len(class_names) != 2:
     raise ValueError(f"--export_best_metric=auc needs two classes (there are {len(class_names)}); "
                      "use loss or accuracy.")
-  return [LatestExporter(LATEST_EXPORTER, config, class_names),
-          BestExporter(BEST_EXPORTER, config, class_names)]
+  return [LatestExporter(LATEST_EXPORTER, config, class_names, writer),
+          BestExporter(BEST_EXPORTER, config, class_names, writer)]
 
 
 def latest_export_path(model_dir: str):

@@ -220,6 +220,9 @@ class _Progress(tf.keras.callbacks.Callback):
     self._max_steps = config.epochs * steps_per_epoch
     self._epoch = 0
     self._last_time = self._last_step = None
+    self._previous_batch_end = None
+    self._rate = None
+    self._pauses = progress.PauseTimer()
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
@@ -227,16 +230,25 @@ class _Progress(tf.keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     step = self._epoch * self._steps_per_epoch + batch + 1
     now = time.time()
+    previous_batch_end, self._previous_batch_end = self._previous_batch_end, now
+    if batch == 0 and previous_batch_end is not None:
+      # Between the previous epoch's last step and this one: validation and the epoch-end
+      # checkpoint. Counted for the ETA, and kept out of the steps/s window.
+      if self._rate:
+        self._pauses.add(now - previous_batch_end - 1 / self._rate)
+      self._last_time, self._last_step = now, step
+      return
     if self._last_time is None:
       # The first step includes tracing the training function: not a rate worth reporting.
       self._last_time, self._last_step = now, step
       return
     if step % self._config.log_every_n_steps and step != self._max_steps:
       return
-    rate = progress.steps_per_second(step - self._last_step, now - self._last_time)
-    logger.info(progress.progress_line(self._epoch + 1, step, self._max_steps, rate,
-                                       self._config.batch_size, (logs or {}).get("loss", math.nan),
-                                       "epoch running average"))
+    self._rate = progress.steps_per_second(step - self._last_step, now - self._last_time)
+    logger.info(progress.progress_line(
+        self._epoch + 1, step, self._max_steps, self._rate, self._config.batch_size,
+        (logs or {}).get("loss", math.nan), "epoch running average", pause_s=self._pauses.mean,
+        pauses_ahead=progress.pauses_left(step, self._max_steps, self._steps_per_epoch)))
     self._last_time, self._last_step = now, step
 
 

@@ -23,12 +23,40 @@ def steps_per_second(steps: int, elapsed_s: float) -> Optional[float]:
   return steps / elapsed_s
 
 
+class PauseTimer:
+  """The mean length of the pauses training makes at each evaluation (checkpoint, validation
+  pass, exports), so the ETA can count the ones still ahead, not only the steps."""
+
+  def __init__(self):
+    self._total = 0.0
+    self._count = 0
+
+  def add(self, seconds: float) -> None:
+    if seconds is not None and math.isfinite(seconds) and seconds > 0:
+      self._total += seconds
+      self._count += 1
+
+  @property
+  def mean(self) -> Optional[float]:
+    return self._total / self._count if self._count else None
+
+
+def pauses_left(step: int, max_steps: int, steps_between_pauses: int) -> int:
+  """Evaluations still ahead of `step` when one follows every `steps_between_pauses` steps and
+  the last step."""
+  if step >= max_steps or steps_between_pauses < 1:
+    return 0
+  return math.ceil(max_steps / steps_between_pauses) - step // steps_between_pauses
+
+
 def progress_line(epoch: int, step: int, max_steps: int, rate: Optional[float], batch_size: int,
-                  loss: float, loss_note: str = "") -> str:
+                  loss: float, loss_note: str = "", pause_s: Optional[float] = None,
+                  pauses_ahead: int = 0) -> str:
   """`epoch 2  step 30/60  1.50 steps/s  48.0 img/s  loss 0.4321  ETA 0:00:20`.
 
   rate: steps/s of the last window, None when it could not be measured (e.g. the first line after
-  a resume): then the rate and the ETA read "-" and "?" rather than "nan".
+  a resume): then the rate and the ETA read "-" and "?" rather than "nan". The ETA adds
+  `pauses_ahead` evaluations of `pause_s` each once one has been timed.
   """
   if rate is None:
     speed = "- steps/s  - img/s"
@@ -36,7 +64,7 @@ def progress_line(epoch: int, step: int, max_steps: int, rate: Optional[float], 
   else:
     speed = f"{rate:.2f} steps/s  {rate * batch_size:.1f} img/s"
     # An asynchronous cluster's shared step can end past max_steps.
-    eta = format_seconds(max(max_steps - step, 0) / rate)
+    eta = format_seconds(max(max_steps - step, 0) / rate + pauses_ahead * (pause_s or 0.0))
   loss_text = f"{loss:.4f}" if loss is not None and math.isfinite(loss) else str(loss)
   note = f" ({loss_note})" if loss_note else ""
   return f"epoch {epoch}  step {step}/{max_steps}  {speed}  loss {loss_text}{note}  ETA {eta}"

@@ -1,7 +1,7 @@
 """Generates the small sample data set: horizontal vs vertical stripes, in the image-folder layout.
 
-    python -m estimator_ft.sample_data --output_dir=data/sample [--seed=0] [--train_per_class=160]
-        [--validation_per_class=40] [--image_size=96]
+    python -m estimator_ft.sample_data --output_dir=data/sample [--seed=0] [--train_per_class=400]
+        [--validation_per_class=100] [--image_size=96]
 
 (`python data/make_sample_data.py ...` is the same) writes
 <output_dir>/{train,validation}/{horizontal,vertical}/*.{png,jpg} and, last, <output_dir>/.complete.
@@ -116,8 +116,8 @@ def _write_split(directory: str, seed: int, split_index: int, per_class: int,
         image.save(os.path.join(class_dir, f"{class_name}_{index:04d}.jpg"), "JPEG", quality=90)
 
 
-def generate(output_dir: str, seed: int = 0, train_per_class: int = 160,
-             validation_per_class: int = 40, image_size: int = 96) -> str:
+def generate(output_dir: str, seed: int = 0, train_per_class: int = 400,
+             validation_per_class: int = 100, image_size: int = 96) -> str:
   """Writes the sample set into output_dir (replacing an earlier sample there); returns its path.
 
   Everything goes into a temporary sibling folder that is renamed into place at the end, so an
@@ -161,8 +161,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--output_dir", required=True, help="Where to write the sample set.")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--train_per_class", type=int, default=160)
-  parser.add_argument("--validation_per_class", type=int, default=40)
+  parser.add_argument("--train_per_class", type=int, default=400)
+  parser.add_argument("--validation_per_class", type=int, default=100)
   parser.add_argument("--image_size", type=int, default=96)
   args = parser.parse_args(argv)
   try:

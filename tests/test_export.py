@@ -72,7 +72,7 @@ from estimator_ft import cli
 cli.run_main(["estimator-ft", "predict"] + sys.argv[1:])
 """
 PREDICT_MODULES = {"estimator_ft", "estimator_ft.cli", "estimator_ft.config", "estimator_ft.serving",
-                   "estimator_ft.contract",
+                   "estimator_ft.contract", "estimator_ft.tf_environment",
                    "estimator_ft.image_formats", "estimator_ft.messages"}
 
 
@@ -380,9 +380,13 @@ def test_best_exporter_follows_export_best_metric(tmp_path):
     config = Config(export_best_metric=metric)
     latest, best = export.make_exporters(config, ("a", "b"))
     assert (latest.name, best.name) == ("latest", "best")
-    assert latest.wanted(base, better_loss_worse_accuracy)
+    # latest: the final checkpoint only, unless every evaluated one is asked for.
+    assert latest.wanted(base, better_loss_worse_accuracy, is_the_final_export=True)
+    assert not latest.wanted(base, better_loss_worse_accuracy, is_the_final_export=False)
+    every_epoch, _ = export.make_exporters(config.replace(export_latest_every_epoch=True), ("a", "b"))
+    assert every_epoch.wanted(base, better_loss_worse_accuracy, is_the_final_export=False)
     # "loss" means the per-example validation loss, not Estimator's mean of batch means.
-    assert best.wanted(base, better_loss_worse_accuracy) is wanted
+    assert best.wanted(base, better_loss_worse_accuracy, is_the_final_export=False) is wanted
 
 
 def test_auc_is_refused_as_best_metric_for_more_than_two_classes():

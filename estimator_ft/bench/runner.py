@@ -1,7 +1,10 @@
 """`estimator-ft bench`: every measurement of a plan, in one process, in phases."""
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
@@ -15,8 +18,9 @@ from estimator_ft.bench import scan
 from estimator_ft.bench.plan import BenchPlan, bench_config, make_plan
 from estimator_ft.bench.report import format_table, summarize
 from estimator_ft.bench.timing import PhaseClock
-from estimator_ft.bench.training_rates import (estimator_epoch_overhead, feed_dict_rates,
-                                               paired_training_rates, short_run_accuracy)
+from estimator_ft.bench.training_rates import (end_to_end_times, estimator_epoch_overhead,
+                                               feed_dict_rates, paired_training_rates,
+                                               short_run_accuracy)
 from estimator_ft.data import loading
 
 
@@ -57,6 +61,8 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
       folder_step_s = config.batch_size / statistics.median(training["folder"])
       overhead = estimator_epoch_overhead(
           config.replace(model_dir=os.path.join(scratch, "overhead")), splits, plan, folder_step_s)
+    with clock.phase("a complete short train on each path, end to end"):
+      end_to_end = end_to_end_times(config, plan, scratch)
     accuracy = None
     if plan.accuracy_steps:
       with clock.phase("short-run accuracy"):
@@ -65,7 +71,8 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
                           "train_images": splits.train.num_examples,
                           "validation_images": splits.validation.num_examples},
              "environment": env}
-  results.update(summarize(plan, matmul, forward_flops, loaders, training, feed_dict, overhead))
+  results.update(summarize(plan, matmul, forward_flops, loaders, training, feed_dict, overhead,
+                           end_to_end))
   if accuracy:
     results["accuracy"] = accuracy
   env["load_average_1min_after"] = os.getloadavg()[0]
@@ -92,4 +99,32 @@ def run_scan_bench(num_files: int, output: str = "") -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     files.write_json_atomic(output, results)
     print(f"\nResults written to {output}")
+  return results
+
+
+def run_onednn_comparison(bench_args, output: str = "") -> dict:
+  """`estimator-ft bench --compare_onednn ...`: the same bench with oneDNN off and on.
+
+  TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it is imported, so each setting runs in a
+  process of its own, one after the other; the figures of both and their ratios are reported.
+  """
+  runs = {}
+  with tempfile.TemporaryDirectory(prefix="estimator_ft_bench_onednn_") as scratch:
+    for name, setting in (("onednn_off", "0"), ("onednn_on", "1")):
+      path = os.path.join(scratch, f"{name}.json")
+      subprocess.run([sys.executable, "-m", "estimator_ft", "bench", *bench_args,
+                      f"--output={path}"], check=True,
+                     env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": setting})
+      with open(path) as f:
+        runs[name] = json.load(f)
+  figures = ("estimator_img_per_s", "keras_img_per_s", "fraction_of_peak")
+  results = {**runs, "on_over_off": {
+      name: runs["onednn_on"][name] / runs["onednn_off"][name] for name in figures
+      if runs["onednn_off"].get(name)}}
+  print("\noneDNN on / off (" + runs["onednn_on"]["environment"]["device"] + "): " + ", ".join(
+      f"{name} {ratio:.2f}x" for name, ratio in results["on_over_off"].items()))
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    files.write_json_atomic(output, results)
+    print(f"Results written to {output}")
   return results

@@ -23,6 +23,7 @@ from estimator_ft.data import pipeline
 from estimator_ft.data import split as split_lib
 from estimator_ft.data import synthetic
 from estimator_ft.data.split import Split, Splits
+from estimator_ft.jobs import train as train_job
 from estimator_ft.run import events
 
 
@@ -275,3 +276,22 @@ def short_run_accuracy(config: Config, splits: Splits, steps: int, scratch: str)
                 "val_loss": float(keras_metrics["loss"]),
                 "val_accuracy": float(keras_metrics["accuracy"])},
   }
+
+
+def end_to_end_times(config: Config, plan: BenchPlan, scratch: str) -> dict:
+  """Wall seconds of a short complete `train` job on each path (data check, initial weights,
+  training, every evaluation and the exports), same data and settings, one after the other.
+
+  What a user compares: the clock on the wall, not the step rate.
+  """
+  seconds = {}
+  for path in ("estimator", "keras"):
+    run_config = config.replace(
+        path=path, model_dir=os.path.join(scratch, f"end_to_end_{path}"),
+        epochs=plan.overhead_epochs, save_checkpoints_steps=0,
+        save_summary_steps=Config.save_summary_steps, export_during_training=True)
+    started = time.perf_counter()
+    train_job.run(run_config)
+    seconds[path] = time.perf_counter() - started
+  return {"wall_s": seconds, "epochs": plan.overhead_epochs,
+          "end_to_end_ratio": seconds["estimator"] / seconds["keras"]}

@@ -1,0 +1,77 @@
+"""The Estimator path's evaluation and exports inside the training process: graphs built once,
+results identical to Estimator.evaluate and Estimator.export_saved_model."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from estimator_ft import contract
+from estimator_ft import estimator as estimator_path
+from estimator_ft import export
+from estimator_ft import model_fn as model_fn_lib
+from estimator_ft.config import Config
+from estimator_ft.data import loading
+from estimator_ft.data import pipeline
+from estimator_ft.run import events
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, module_tmp_path):
+  config = Config(train_dir=str(tiny_dataset / "train"), validation_dir=str(tiny_dataset / "validation"),
+                  model_dir=str(module_tmp_path / "model"), image_size=SIZE, batch_size=6,
+                  weights="none", augment=False, batchnorm_momentum=0.9).validate()
+  splits = loading.load_splits(config)
+  estimator = estimator_path.make_estimator(config, splits.class_names, steps_per_epoch=4)
+  estimator.train(pipeline.make_input_fn(splits.train, config, "train"), max_steps=3)
+  model_fn = model_fn_lib.build_model_fn(config, splits.class_names, 4)
+  return config, splits, estimator, model_fn
+
+
+def test_in_process_evaluation_equals_estimator_evaluate(trained):
+  config, splits, estimator, model_fn = trained
+  checkpoint = estimator.latest_checkpoint()
+  reference = estimator.evaluate(pipeline.make_input_fn(splits.validation, config, "eval"),
+                                 checkpoint_path=checkpoint, name="reference")
+  evaluator = estimator_path.InProcessEvaluator(estimator, model_fn, config, splits.validation,
+                                                exporters=[], max_steps=3)
+  first, again = evaluator.evaluate(checkpoint), evaluator.evaluate(checkpoint)
+  assert set(first) == set(reference)
+  for name in reference:
+    assert first[name] == pytest.approx(reference[name], rel=1e-6), name
+    assert again[name] == first[name], name  # the metrics were reset between the two passes
+  # The same records in model_dir/eval as Estimator.evaluate writes in eval_reference.
+  written = events.scalars_by_step(os.path.join(config.model_dir, "eval"))[3]
+  expected = events.scalars_by_step(os.path.join(config.model_dir, "eval_reference"))[3]
+  assert written.keys() == expected.keys()
+  np.testing.assert_allclose([written[k] for k in sorted(written)],
+                             [expected[k] for k in sorted(expected)], rtol=1e-6)
+
+
+def test_one_serving_graph_writes_the_estimators_export_again_and_again(trained, tmp_path):
+  config, splits, estimator, model_fn = trained
+  checkpoint = estimator.latest_checkpoint()
+  writer = export.EstimatorSavedModelWriter(model_fn, config)
+  try:
+    versions = [export.export_estimator(estimator, config, splits.class_names,
+                                        str(tmp_path / "mine"), checkpoint, writer=writer)
+                for _ in range(2)]
+  finally:
+    writer.close()
+  reference = export.export_estimator(estimator, config, splits.class_names,
+                                      str(tmp_path / "estimator"), checkpoint)
+  with open(splits.validation.paths[0], "rb") as f:
+    image = f.read()
+  outputs = []
+  for path in versions + [reference]:
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {contract.SERVING_SIGNATURE, contract.IMAGES_SIGNATURE,
+                                      contract.CLASSIFY_SIGNATURE}
+    serve = loaded.signatures[contract.SERVING_SIGNATURE]
+    outputs.append(serve(**{contract.IMAGE_BYTES_INPUT: tf.constant([image])})[
+        contract.PROBABILITIES].numpy())
+  np.testing.assert_array_equal(outputs[0], outputs[2])
+  np.testing.assert_array_equal(outputs[1], outputs[2])
