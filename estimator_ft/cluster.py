@@ -152,13 +152,19 @@ def trainer_shards(shard_files: Sequence[str], task: Optional[Task]) -> List[str
   if index is None:
     return files
   count = trainers(task.cluster)
-  if len(files) < count:
+  check_enough_shards(len(files), task.cluster)
+  return files[index::count]
+
+
+def check_enough_shards(num_shards: int, cluster: Mapping[str, Sequence[str]]) -> None:
+  """Refuses a training set of fewer shards than the cluster has trainers (see trainer_shards)."""
+  count = trainers(cluster)
+  if num_shards < count:
     raise ValueError(
-        f"The training data has {len(files)} shard(s) but this cluster has {count} trainers "
+        f"The training data has {num_shards} shard(s) but this cluster has {count} trainers "
         "(chief and workers), and each trainer reads shards of its own: prepare the records again "
         f"with --num_shards={count} or more (a multiple of {count} balances them), or use fewer "
         "workers.")
-  return files[index::count]
 
 
 def check_cluster_settings(path: str, distribution: str, task: Task) -> None:

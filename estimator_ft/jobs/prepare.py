@@ -186,11 +186,12 @@ def run_prepare(train_dir: str, validation_dir: str, output_dir: str, num_shards
           "shards": shards,
           "skipped": [{"path": p, "reason": r} for p, r in split.skipped],
       }
-  description["encoding"]["reencoded_images_this_run"] = reencoded
   _write_text_atomic(description_path, json.dumps(description, indent=2, sort_keys=True) + "\n")
   tf.io.gfile.rmtree(partial)
   elapsed = time.time() - started
   logger.info("Prepared %d train shards and %d validation shards (%d images) in %s: %.1f s, "
-              "%.0f img/s.", shard_counts["train"], shard_counts["validation"], total, output_dir,
-              elapsed, total / elapsed if elapsed else 0.0)
+              "%.0f img/s%s.", shard_counts["train"], shard_counts["validation"], total, output_dir,
+              elapsed, total / elapsed if elapsed else 0.0,
+              f"; {reencoded} images written by this run re-encoded (--max_side={max_side})"
+              if max_side else "")
   return description
