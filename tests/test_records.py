@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from estimator_ft.data import pipeline
 from estimator_ft.data import records
 from estimator_ft.data.split import DataError
 from estimator_ft.jobs import prepare
+from estimator_ft.run import model_dir as model_dir_lib
 from tests import images as test_images
 
 SHARDS = 4
@@ -232,3 +234,26 @@ def test_records_written_and_read_back_on_ram_filesystem(tiny_dataset):
   assert splits.train.num_examples == description["splits"]["train"]["num_examples"] == 24
   batch = next(iter(pipeline.make_dataset(splits.train, config, "train")))
   assert batch[0]["image"].shape == (6, SIZE, SIZE, 3)
+
+
+def test_a_non_local_model_dir_is_guarded_by_a_lease(monkeypatch):
+  model_dir = "ram://estimator_ft_test/model"
+  tf.io.gfile.makedirs(model_dir)
+  lease_file = f"{model_dir}/{model_dir_lib.LOCK_FILE}"
+  with model_dir_lib.lease_lock(model_dir, renew_s=0.05, settle_s=0.01):
+    assert tf.io.gfile.exists(lease_file)
+    with pytest.raises(model_dir_lib.RunLockedError, match=r"in use by pid \d+ on .* renewed"):
+      with model_dir_lib.lease_lock(model_dir, settle_s=0.01):
+        pass
+    first = json.loads(tf.io.gfile.GFile(lease_file).read())["time"]
+    deadline = time.monotonic() + 10
+    while json.loads(tf.io.gfile.GFile(lease_file).read())["time"] == first:  # renewed
+      assert time.monotonic() < deadline, "the lease was never renewed"
+      time.sleep(0.05)
+  assert not tf.io.gfile.exists(lease_file)  # released
+  # A dead run's lease (not renewed for longer than the timeout) is taken over.
+  with tf.io.gfile.GFile(lease_file, "w") as f:
+    f.write(json.dumps({"holder": "pid 1 on gone", "time": 0.0}))
+  monkeypatch.setattr(model_dir_lib, "LEASE_SETTLE_S", 0.01)
+  with model_dir_lib.run_lock(model_dir):  # run_lock picks the lease for ram://
+    assert "pid 1" not in tf.io.gfile.GFile(lease_file).read()
