@@ -251,6 +251,8 @@ def _define_bench():
                        "--data_dir from the same weights and report validation loss/accuracy (to "
                        "compare precisions).", lower_bound=0)
   flags.DEFINE_string("output", "", "Write the results JSON here.")
+  flags.DEFINE_string("records_dir", "", "Also measure the tf.data pipeline reading these "
+                      "prepared records (estimator-ft prepare), next to the folder pipeline.")
   flags.DEFINE_integer("scan_files", 0, "If > 0, measure only the folder scan instead: a first "
                        "and a second start on this many generated 224-px JPEGs (the scan "
                        "manifest's speed-up).", lower_bound=0)
@@ -264,7 +266,8 @@ def _run_bench(argv):
     return 0
   runner.run_bench(image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
                   repeats=FLAGS.repeats, quick=FLAGS.quick, precision=FLAGS.precision, jit=FLAGS.jit,
-                  data_dir=FLAGS.data_dir, output=FLAGS.output, accuracy_steps=FLAGS.accuracy_steps)
+                  data_dir=FLAGS.data_dir, output=FLAGS.output, accuracy_steps=FLAGS.accuracy_steps,
+                  records_dir=FLAGS.records_dir)
   return 0
 
 

@@ -256,4 +256,14 @@ def test_a_non_local_model_dir_is_guarded_by_a_lease(monkeypatch):
     f.write(json.dumps({"holder": "pid 1 on gone", "time": 0.0}))
   monkeypatch.setattr(model_dir_lib, "LEASE_SETTLE_S", 0.01)
   with model_dir_lib.run_lock(model_dir):  # run_lock picks the lease for ram://
-    assert "pid 1" not in tf.io.gfile.GFile(lease_file).read()
+    content = tf.io.gfile.GFile(lease_file).read()
+    assert "pid 1" not in content, content
+
+
+def test_bench_measures_the_records_pipeline(prepared, tiny_dataset):
+  from estimator_ft.bench import loaders
+  from estimator_ft.bench import plan as bench_plan
+  plan = bench_plan.make_plan(image_size=SIZE, batch_size=4, steps=2, repeats=1, quick=True)
+  config = bench_plan.bench_config(plan, str(tiny_dataset), "/tmp/unused")
+  rates = loaders.records_pipeline_rates(str(prepared[0]), config, plan)
+  assert rates and all(r > 0 for r in rates)
