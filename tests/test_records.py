@@ -236,6 +236,11 @@ def test_records_written_and_read_back_on_ram_filesystem(tiny_dataset):
   assert batch[0]["image"].shape == (6, SIZE, SIZE, 3)
 
 
+def test_a_non_local_model_dir_is_refused_for_training_with_what_to_do():
+  with pytest.raises(ValueError, match="not supported yet .*only --records_dir"):
+    model_dir_lib.ensure_writable_dir("ram://estimator_ft_test/training")
+
+
 def test_a_non_local_model_dir_is_guarded_by_a_lease(monkeypatch):
   model_dir = "ram://estimator_ft_test/model"
   tf.io.gfile.makedirs(model_dir)

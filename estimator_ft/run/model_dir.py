@@ -98,6 +98,13 @@ def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str
 
 def ensure_writable_dir(path: str, flag: str = "--model_dir") -> None:
   """Creates `path` and proves it is writable, with a what-to-do message if not."""
+  if not is_local(path):
+    # Records may be on any TensorFlow file system; the model_dir contract (atomic config.json
+    # and results.json, the fault handling, the export publishing) still uses local-file calls,
+    # which would silently write into a local folder named after the URL's scheme.
+    raise ValueError(f"{flag}={path}: a model_dir on a non-local file system is not supported "
+                     "yet (only --records_dir may be one). Train into a local folder and copy "
+                     "it, e.g. with gsutil -m cp -r.")
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_probe_{os.getpid()}")
@@ -117,7 +124,7 @@ def ensure_writable_dir(path: str, flag: str = "--model_dir") -> None:
 
 def is_local(path: str) -> bool:
   """A path of this machine's file system (flock works), not a TensorFlow URL (gs://, ram://...)."""
-  return "://" not in path or path.startswith("file://")
+  return "://" not in path
 
 
 @contextlib.contextmanager
