@@ -169,7 +169,8 @@ class Config:
                                         ("--records_dir", bool(self.records_dir)),
                                         ("--tfds_name", bool(self.tfds_name))) if given]
     if len(sources) > 1:
-      raise error(f"Give one data source, not {' and '.join(sources)}.")
+      raise error(f"Give one data source, not {'both' if len(sources) == 2 else 'all of'} "
+                  f"{' and '.join(sources)}.")
     if not sources:
       raise error("No data given: pass --train_dir=DIR and --validation_dir=DIR (one sub-folder "
                   "per class), --records_dir=DIR (written by `estimator-ft prepare`), or "

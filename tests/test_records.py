@@ -215,7 +215,7 @@ def test_make_dataset_on_records_resumes_at_a_batch_and_evaluates_every_example(
 
 
 def test_records_dir_is_one_source_among_the_others(prepared):
-  with pytest.raises(ValueError, match="not --train_dir/--validation_dir and --records_dir"):
+  with pytest.raises(ValueError, match="not both --train_dir/--validation_dir and --records_dir"):
     Config(records_dir="r", train_dir="t", validation_dir="v").validate_data_settings()
   with pytest.raises(DataError, match="has no dataset.json"):
     loading.load_splits(Config(records_dir=str(prepared[0] / "nothing")))
