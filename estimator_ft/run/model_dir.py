@@ -211,7 +211,11 @@ def lease_lock(model_dir: str, timeout_s: Optional[float] = None, renew_s: Optio
   write()
   time.sleep(settle_s)
   lease = _read_lease(path)
-  if lease and lease["holder"] != holder:
+  if not lease:
+    raise RunLockedError(f"--model_dir={model_dir}: the run lease {path} vanished right after it "
+                         "was written; another run may be starting there. Try again, or use "
+                         "another --model_dir.")
+  if lease["holder"] != holder:
     refuse(lease)
   stop = threading.Event()
 
