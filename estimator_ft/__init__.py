@@ -7,7 +7,7 @@ Layers, each importing only from those above it in this list (tests/test_layout.
   cluster, sample_data            TF_CONFIG roles and the local launcher, the sample-data generator
   config                          the frozen run configuration: defaults, flag help, validators
   data/                           the one tf.data pipeline: split, images, folders, tfds_source,
-                                  loading, pipeline, synthetic
+                                  records (sharded TFRecords), loading, pipeline, synthetic
   model                           the one ResNet50 + head builder, initial-weights checkpoint
   model_fn                        the Estimator model_fn: training flag from mode, BN updates in
                                   the train op (and the train op the benchmark's loop reuses)
@@ -16,7 +16,7 @@ Layers, each importing only from those above it in this list (tests/test_layout.
   serving                         `predict` and the TF Serving version layout (TF + contract only)
   export                          SavedModel signatures, publishing, exporters (no training path)
   estimator, keras_path           the two training paths
-  jobs/                           train, export_checkpoint, compare
+  jobs/                           train, export_checkpoint, compare, inspect_data, prepare
   bench/                          `estimator-ft bench`: plan, timing, machine, loaders,
                                   training_rates, report, runner
   cli                             absl flags and subcommands (the only module that reads flags)

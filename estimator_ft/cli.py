@@ -142,6 +142,40 @@ def _run_inspect(argv):
                                   FLAGS.rescan, FLAGS.output)
 
 
+# ---------------------------------------------------------------- prepare
+
+def _define_prepare():
+  for name in ("train_dir", "validation_dir", "scan_cache_dir"):
+    flags.DEFINE_string(name, "", _field_help(name))
+  flags.DEFINE_boolean("rescan", False, _field_help("rescan"))
+  flags.DEFINE_enum("bad_images", "fail", config_lib.BAD_IMAGE_POLICIES, _field_help("bad_images"))
+  flags.DEFINE_string("output_dir", "", "Folder for train-*-of-*.tfrecord, validation-*.tfrecord "
+                      "and dataset.json (local, or any TensorFlow file system such as gs://).")
+  flags.DEFINE_integer("num_shards", 0, "Training shards (validation: in proportion); 0 = about "
+                       "150 MB of source images a shard. A cluster needs at least one per trainer.",
+                       lower_bound=0)
+  flags.DEFINE_integer("max_side", 0, "Re-encode (JPEG, quality 95) images whose longer side is "
+                       "larger than this, e.g. 256 for 224-px training; 0 keeps every file's bytes.",
+                       lower_bound=0)
+  flags.DEFINE_integer("seed", 0, "Seed of the random order the examples are written in.")
+
+
+def _run_prepare(argv):
+  _no_positional(argv)
+  from estimator_ft.jobs import prepare
+  if not (FLAGS.train_dir and FLAGS.validation_dir):
+    raise ValueError("Give --train_dir and --validation_dir (each with one sub-folder per class).")
+  description = prepare.run_prepare(
+      FLAGS.train_dir, FLAGS.validation_dir, FLAGS.output_dir, num_shards=FLAGS.num_shards,
+      max_side=FLAGS.max_side, bad_images=FLAGS.bad_images, seed=FLAGS.seed,
+      scan_cache_dir=FLAGS.scan_cache_dir, rescan=FLAGS.rescan)
+  splits = description["splits"]
+  print(f"Prepared {FLAGS.output_dir}: " + ", ".join(
+      f"{name} {s['num_examples']} images in {len(s['shards'])} shard(s)"
+      for name, s in splits.items()) + f". Train with --records_dir={FLAGS.output_dir}.")
+  return 0
+
+
 # ---------------------------------------------------------------- export / predict
 
 def _define_export():
@@ -217,6 +251,8 @@ def _define_bench():
                        "--data_dir from the same weights and report validation loss/accuracy (to "
                        "compare precisions).", lower_bound=0)
   flags.DEFINE_string("output", "", "Write the results JSON here.")
+  flags.DEFINE_string("records_dir", "", "Also measure the tf.data pipeline reading these "
+                      "prepared records (estimator-ft prepare), next to the folder pipeline.")
   flags.DEFINE_integer("scan_files", 0, "If > 0, measure only the folder scan instead: a first "
                        "and a second start on this many generated 224-px JPEGs (the scan "
                        "manifest's speed-up).", lower_bound=0)
@@ -237,7 +273,8 @@ def _run_bench(argv):
     return 0
   runner.run_bench(image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
                   repeats=FLAGS.repeats, quick=FLAGS.quick, precision=FLAGS.precision, jit=FLAGS.jit,
-                  data_dir=FLAGS.data_dir, output=FLAGS.output, accuracy_steps=FLAGS.accuracy_steps)
+                  data_dir=FLAGS.data_dir, output=FLAGS.output, accuracy_steps=FLAGS.accuracy_steps,
+                  records_dir=FLAGS.records_dir)
   return 0
 
 
@@ -248,6 +285,8 @@ SUBCOMMANDS = {
     "compare": (_define_compare, _run_compare, "train keras / estimator / naive side by side"),
     "inspect": (_define_inspect, _run_inspect,
                 "check an image-folder pair before training: classes, sizes, bad files, leakage"),
+    "prepare": (_define_prepare, _run_prepare,
+                "write an image-folder pair as sharded TFRecords for --records_dir"),
     "export": (_define_export, _run_export, "export a SavedModel from the latest checkpoint"),
     "predict": (_define_predict, _run_predict, "classify image files with an exported SavedModel"),
     "launch-local": (_define_launch_local, _run_launch_local,

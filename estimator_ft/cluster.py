@@ -123,6 +123,50 @@ def current_task(environ: Optional[Mapping[str, str]] = None) -> Optional[Task]:
   return parse_tf_config(environ.get(TF_CONFIG_ENV, ""))
 
 
+def trainers(cluster: Mapping[str, Sequence[str]]) -> int:
+  """How many tasks of `cluster` train: its chief and its workers (not ps, not the evaluator)."""
+  return len(cluster.get(CHIEF, ())) + len(cluster.get(WORKER, ()))
+
+
+def trainer_index(task: Task) -> Optional[int]:
+  """This trainer's place among the trainers, as tf.estimator's global_id_in_cluster numbers them:
+  the chief 0, worker i 1 + i (worker i itself when the cluster has no chief); None for a
+  parameter server or the evaluator, which train on nothing."""
+  if task.type == CHIEF:
+    return 0
+  if task.type == WORKER:
+    return task.index + len(task.cluster.get(CHIEF, ()))
+  return None
+
+
+def trainer_shards(shard_files: Sequence[str], task: Optional[Task]) -> List[str]:
+  """The training shards this task reads: trainer k of n reads shards k, k + n, k + 2n, ...
+
+  Disjoint between trainers, their union every shard, the chief and worker 0 distinct (a
+  per-worker index that forgot the chief would give them the same shards: tensorflow#23294).
+  Outside a cluster, and for the evaluator and parameter servers, every shard. Fewer shards than
+  trainers is refused: some trainer would read nothing, or two the same.
+  """
+  files = list(shard_files)
+  index = trainer_index(task) if task is not None else None
+  if index is None:
+    return files
+  count = trainers(task.cluster)
+  check_enough_shards(len(files), task.cluster)
+  return files[index::count]
+
+
+def check_enough_shards(num_shards: int, cluster: Mapping[str, Sequence[str]]) -> None:
+  """Refuses a training set of fewer shards than the cluster has trainers (see trainer_shards)."""
+  count = trainers(cluster)
+  if num_shards < count:
+    raise ValueError(
+        f"The training data has {num_shards} shard(s) but this cluster has {count} trainers "
+        "(chief and workers), and each trainer reads shards of its own: prepare the records again "
+        f"with --num_shards={count} or more (a multiple of {count} balances them), or use fewer "
+        "workers.")
+
+
 def check_cluster_settings(path: str, distribution: str, task: Task) -> None:
   """Refuses a training path / strategy / cluster combination that TensorFlow 2.15 cannot run.
 

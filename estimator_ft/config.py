@@ -73,6 +73,9 @@ class Config:
   train_dir: str = _setting(
       "", "Training images: one sub-folder per class (<dir>/<class>/*.jpg|png|gif|bmp).")
   validation_dir: str = _setting("", "Validation images, same classes and layout as --train_dir.")
+  records_dir: str = _setting(
+      "", "Sharded TFRecords written by `estimator-ft prepare` (train-*-of-*.tfrecord, "
+      "validation-*, dataset.json) instead of folders; any TensorFlow file system (gs://...).")
   tfds_name: str = _setting(
       "", "TFDS dataset name (e.g. cats_vs_dogs) instead of folders; needs prepared data offline.")
   tfds_data_dir: str = _setting(
@@ -88,7 +91,8 @@ class Config:
   augment: bool = _setting(True, "Random flip and crop/scale while training (never in evaluation).")
   shuffle_buffer: int = _setting(
       1024, "Shuffle buffer of decoded images behind --cache (the file order itself is a full "
-      "permutation of the split every epoch, whatever this is).")
+      "permutation of the split every epoch, whatever this is); with --records_dir, also the "
+      "buffer of encoded records behind the per-epoch shard order.")
   cache: bool = _setting(False, "Cache decoded, resized images in memory (before augmentation).")
   bad_images: str = _setting(
       "fail", "What to do with files that cannot be decoded: fail (list them and stop) or skip them.",
@@ -165,11 +169,16 @@ class Config:
   def validate_data_settings(self, error=ValueError) -> None:
     """The settings the data loader relies on: one source, a usable image and batch size."""
     has_folders = bool(self.train_dir or self.validation_dir)
-    if has_folders and self.tfds_name:
-      raise error("Give either --train_dir/--validation_dir or --tfds_name, not both.")
-    if not has_folders and not self.tfds_name:
+    sources = [name for name, given in (("--train_dir/--validation_dir", has_folders),
+                                        ("--records_dir", bool(self.records_dir)),
+                                        ("--tfds_name", bool(self.tfds_name))) if given]
+    if len(sources) > 1:
+      raise error(f"Give one data source, not {'both' if len(sources) == 2 else 'all of'} "
+                  f"{' and '.join(sources)}.")
+    if not sources:
       raise error("No data given: pass --train_dir=DIR and --validation_dir=DIR (one sub-folder "
-                  "per class), or --tfds_name=NAME for a TFDS dataset. `make demo` shows an example.")
+                  "per class), --records_dir=DIR (written by `estimator-ft prepare`), or "
+                  "--tfds_name=NAME for a TFDS dataset. `make demo` shows an example.")
     if has_folders and not (self.train_dir and self.validation_dir):
       raise error("Give both --train_dir and --validation_dir (each with one sub-folder per class).")
     check_image_size(self.image_size, error)

@@ -15,11 +15,13 @@ import tensorflow as tf
 # Estimator.evaluate's own summary writers: InProcessEvaluator's event files are the same records.
 from tensorflow_estimator.python.estimator import estimator as tf_estimator_impl
 
+from estimator_ft import cluster as cluster_lib
 from estimator_ft import export as export_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
 from estimator_ft.config import Config
 from estimator_ft.data import pipeline
+from estimator_ft.data import records
 from estimator_ft.data import split as split_lib
 from estimator_ft.run import errors
 from estimator_ft.run import events
@@ -354,7 +356,7 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   trainer_id = estimator.config.global_id_in_cluster or 0
   train_config = config.replace(seed=config.seed + trainer_id)
   train_spec = tf.estimator.TrainSpec(
-      input_fn=pipeline.make_input_fn(splits.train, train_config, "train",
+      input_fn=pipeline.make_input_fn(trainer_train_split(splits.train), train_config, "train",
                                       start_batch=exact_resume_batch(config, estimator)),
       max_steps=max_steps, hooks=hooks)
   eval_spec = tf.estimator.EvalSpec(
@@ -422,6 +424,23 @@ def _train_and_evaluate_in_process(estimator, config: Config, class_names, valid
                     saving_listeners=[evaluator])
   finally:
     writer.close()
+
+
+def trainer_train_split(split):
+  """The training data this process reads: with records in a TF_CONFIG cluster, this trainer's
+  own shards (cluster.trainer_shards: disjoint, together every shard), logged by name; else all.
+
+  Folder and TFDS sources cannot be split by file, so there every trainer reads the whole split
+  with its own seed. The evaluator reads the validation split whole either way.
+  """
+  task = cluster_lib.current_task()
+  if not split.is_records or task is None or cluster_lib.trainer_index(task) is None:
+    return split
+  own = records.trainer_split(split, task)
+  logger.info("%s reads %d of the %d training shards (%d of %d examples): %s", task.name,
+              len(own.record_files), len(split.record_files), own.num_examples,
+              split.num_examples, ", ".join(records.describe_shards(own.record_files)))
+  return own
 
 
 def exact_resume_batch(config: Config, estimator) -> int:

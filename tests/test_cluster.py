@@ -20,6 +20,7 @@ from estimator_ft import estimator as estimator_lib
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft.config import Config
+from estimator_ft.jobs import prepare
 from estimator_ft.run import model_dir as model_dir_lib
 from estimator_ft.run import events as events_lib
 
@@ -394,10 +395,16 @@ def _moving_statistics_changed(model_dir):
 
 @pytest.mark.slow
 def test_local_cluster_trains_checkpoints_and_evaluates(tiny_dataset, tmp_path):
+  # From sharded records (what a real cluster reads), so the same run shows each trainer reading
+  # shards of its own; the failure test below reads folders.
+  records_dir = tmp_path / "records"
+  prepare.run_prepare(str(tiny_dataset / "train"), str(tiny_dataset / "validation"),
+                      str(records_dir), num_shards=4)
   model_dir = tmp_path / "model"
+  train_args = [f"--records_dir={records_dir}"] + _train_flags(tiny_dataset, model_dir)[2:]
   out = io.StringIO()
   code = cluster.launch_local(
-      workers=1, ps=1, evaluator=True, train_args=_train_flags(tiny_dataset, model_dir),
+      workers=1, ps=1, evaluator=True, train_args=train_args,
       timeout_s=CLUSTER_TIMEOUT_S,
       # TensorFlow's own INFO lines include the evaluator's "Saving dict for global step N".
       role_args={"evaluator": ["--verbosity=1"]}, out=out)
@@ -406,6 +413,13 @@ def test_local_cluster_trains_checkpoints_and_evaluates(tiny_dataset, tmp_path):
   for role in ("chief", "worker:0", "evaluator"):
     assert f"[{role}] Done:" in log
   assert "stopping the parameter servers" in log
+  # Each trainer names the shards it reads: disjoint, together all four, chief != worker 0.
+  read = {role: set(re.search(rf"\[{role}\] .* reads 2 of the 4 training shards \(12 of 24 "
+                              r"examples\): (.*)", log).group(1).strip().split(", "))
+          for role in ("chief", "worker:0")}
+  assert read["chief"] == {"train-00000-of-00004.tfrecord", "train-00002-of-00004.tfrecord"}
+  assert read["worker:0"] == {"train-00001-of-00004.tfrecord", "train-00003-of-00004.tfrecord"}
+  assert "[evaluator]" not in "".join(l for l in log.splitlines() if "training shards" in l)
 
   # Chief and worker update one shared global step asynchronously. Each stops once it sees
   # max_steps, so steps already in flight (and a step started on a stale read of the global step)

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from estimator_ft.jobs import compare
+from estimator_ft.jobs import prepare
 from estimator_ft.run import events as events_lib
 
 SIZE = 32
@@ -109,9 +110,25 @@ def test_plot_is_a_readable_png_of_exactly_the_recorded_curves(compared):
         np.testing.assert_allclose(line.get_ydata(), [h[key] for h in history], rtol=1e-12)
 
 
-@pytest.mark.slow
-def test_keras_and_estimator_agree_to_float32_round_off(compared):
-  _, comparison, _ = compared
+@pytest.fixture(scope="module")
+def compared_on_records(tiny_dataset, module_tmp_path):
+  """keras and estimator only, 1 epoch, on records (3 train shards: interleaved reads) written by
+  `estimator-ft prepare` from the same tiny folders."""
+  records_dir = module_tmp_path / "records"
+  prepare.run_prepare(str(tiny_dataset / "train"), str(tiny_dataset / "validation"),
+                      str(records_dir), num_shards=3)
+  output_dir = module_tmp_path / "out_records"
+  command = [sys.executable, "-m", "estimator_ft", "compare", f"--records_dir={records_dir}",
+             f"--output_dir={output_dir}", f"--image_size={SIZE}", f"--batch_size={BATCH}",
+             "--epochs=1", "--weights=none", "--seed=5", "--batchnorm_momentum=0.9",
+             "--paths=keras,estimator", "--shuffle_buffer=8"]
+  finished = subprocess.run(command, capture_output=True, text=True, timeout=COMPARE_TIMEOUT_S)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  with open(output_dir / compare.COMPARISON_JSON) as f:
+    return json.load(f)
+
+
+def _assert_keras_and_estimator_agree(comparison):
   absolute = comparison["max_abs_diff"]["keras_vs_estimator"]
   relative = comparison["max_rel_diff"]["keras_vs_estimator"]
   assert absolute["val_loss"] < CURVE_TOLERANCE
@@ -121,9 +138,22 @@ def test_keras_and_estimator_agree_to_float32_round_off(compared):
   assert relative["bn_moving_statistics"] < BN_RELATIVE_TOLERANCE
   assert relative["trainable_weights"] < TRAINABLE_RELATIVE_TOLERANCE
   assert relative["head_weights"] < TRAINABLE_RELATIVE_TOLERANCE
+
+
+@pytest.mark.slow
+def test_keras_and_estimator_agree_to_float32_round_off(compared):
+  _, comparison, _ = compared
+  _assert_keras_and_estimator_agree(comparison)
   # Both trained: the agreement is not that of two untouched copies of the initial weights.
   histories = [comparison["paths"][name]["history"] for name in ("keras", "estimator")]
   assert all(h[0]["val_loss"] != h[-1]["val_loss"] for h in histories)
+
+
+@pytest.mark.slow
+def test_keras_and_estimator_agree_on_records_as_on_folders(compared_on_records):
+  # Records: both paths read the same stream (seeded shard order, interleave, buffer).
+  _assert_keras_and_estimator_agree(compared_on_records)
+  assert set(compared_on_records["paths"]) == {"keras", "estimator"}
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from estimator_ft.bench.timing import time_iterations, window_rates
 from estimator_ft.config import Config
 from estimator_ft.data import images as images_lib
 from estimator_ft.data import pipeline
+from estimator_ft.data import records
 from estimator_ft.data.split import Split
 
 logger = logging.getLogger("estimator_ft")
@@ -106,3 +107,14 @@ def input_loader_rates(split: Split, config: Config, plan: BenchPlan) -> dict:
   rate = lambda timestamps: window_rates(timestamps, plan.warmup_steps, plan.loader_batches,
                                          plan.repeats, config.batch_size)
   return {"pipeline": rate(tf_data), "python_loader": rate(python_loader)}
+
+
+def records_pipeline_rates(records_dir: str, config: Config, plan: BenchPlan) -> list:
+  """img/s of the same tf.data pipeline reading the train split of prepared records instead."""
+  split = records.records_split(records_dir, "train")
+  count = plan.warmup_steps + plan.loader_batches * plan.repeats
+  dataset_iterator = iter(pipeline.make_dataset(split, config.replace(
+      train_dir="", validation_dir="", records_dir=records_dir), "train"))
+  timestamps = time_iterations(lambda: next(dataset_iterator), count)
+  return window_rates(timestamps, plan.warmup_steps, plan.loader_batches, plan.repeats,
+                      config.batch_size)

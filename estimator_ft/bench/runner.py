@@ -11,7 +11,7 @@ import time
 
 from estimator_ft import estimator as estimator_path
 from estimator_ft import files
-from estimator_ft.bench.loaders import input_loader_rates, resolve_data_dir
+from estimator_ft.bench.loaders import input_loader_rates, records_pipeline_rates, resolve_data_dir
 from estimator_ft.bench.machine import (compute_dtype, cpu_environment, environment,
                                         forward_flops_per_image, matmul_gflops)
 from estimator_ft.bench import scan
@@ -26,13 +26,15 @@ from estimator_ft.data import loading
 
 def run_bench(image_size: int = 64, batch_size: int = 32, steps: int = 20, repeats: int = 3,
               quick: bool = False, precision: str = "float32", jit: bool = False,
-              data_dir: str = "data/sample", output: str = "", accuracy_steps: int = 0) -> dict:
+              data_dir: str = "data/sample", output: str = "", accuracy_steps: int = 0,
+              records_dir: str = "") -> dict:
   """`estimator-ft bench`: every measurement; prints a table, writes `output` (JSON) if given."""
   plan = make_plan(image_size, batch_size, steps, repeats, quick, precision, jit, accuracy_steps)
-  return run_plan(plan, data_dir, output, quick=quick)
+  return run_plan(plan, data_dir, output, quick=quick, records_dir=records_dir)
 
 
-def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = False) -> dict:
+def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = False,
+             records_dir: str = "") -> dict:
   """Runs `plan`; returns the results dict that run_bench prints and writes."""
   started = time.time()
   with tempfile.TemporaryDirectory(prefix="estimator_ft_bench_") as scratch:
@@ -53,6 +55,10 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
       forward_flops = forward_flops_per_image(config, num_classes)
     with clock.phase("tf.data pipeline vs Python loader"):
       loaders = input_loader_rates(splits.train, config, plan)
+    records_rates = None
+    if records_dir:
+      with clock.phase("tf.data pipeline on records"):
+        records_rates = records_pipeline_rates(records_dir, config, plan)
     with clock.phase("Estimator and Keras fit in turn, then Estimator on folder input"):
       training = paired_training_rates(config, splits, plan)
     with clock.phase("feed_dict loop"):
@@ -75,10 +81,18 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
                            end_to_end))
   if accuracy:
     results["accuracy"] = accuracy
+  if records_rates:
+    median = statistics.median(records_rates)
+    results["records_pipeline_img_per_s"] = {"median": median, "all": records_rates,
+                                             "records_dir": records_dir}
+    results["records_over_folder_pipeline"] = median / statistics.median(loaders["pipeline"])
   env["load_average_1min_after"] = os.getloadavg()[0]
   results["phases"] = clock.phases
   results["wall_time_s"] = time.time() - started
   print(format_table(results))
+  if records_rates:
+    print(f"records pipeline ({records_dir}): {results['records_pipeline_img_per_s']['median']:.1f} "
+          f"img/s, {results['records_over_folder_pipeline']:.2f}x the folder pipeline")
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     files.write_json_atomic(output, results)

@@ -8,6 +8,7 @@ never come from a difference in decoding, resizing, augmentation or preprocessin
   images      decode, resize, augment, preprocess: pure functions of their arguments
   folders     the image-folder scan and its bad-file checks
   tfds_source TFDS datasets as a source
+  records     sharded TFRecords (estimator-ft prepare) as a source: reading, per-epoch order
   loading     load_splits: resolve and check both splits before any model is built
   pipeline    make_dataset / make_input_fn: a resolved Split -> batches
   synthetic   random in-memory batches of the same structure (tests, benchmarks)

@@ -5,6 +5,7 @@ import os
 
 from estimator_ft.data import checks
 from estimator_ft.data import folders
+from estimator_ft.data import records
 from estimator_ft.data import tfds_source
 from estimator_ft.data.split import DataError, Split, Splits
 
@@ -21,6 +22,10 @@ def load_splits(config) -> Splits:
     train = tfds_source.tfds_split(config, "train")
     validation = tfds_source.tfds_split(config, "validation")
     source = f"TFDS {config.tfds_name}"
+  elif config.records_dir:
+    train = records.records_split(config.records_dir, "train")
+    validation = records.records_split(config.records_dir, "validation")
+    source = f"--records_dir={config.records_dir}"
   else:
     train = folders.scan_image_folder(config.train_dir, "train", config.bad_images,
                                       config.scan_cache_dir, config.rescan)

@@ -1,7 +1,8 @@
 """`make_dataset`: one resolved `Split` -> batches of `({"image": float32 [b, s, s, 3]}, int32 [b])`.
 
 The order of the steps, and why:
-  1. the order of examples - train: a fresh uniform permutation of the whole split every epoch,
+  1. the order of examples - train: a fresh uniform permutation of the whole split every epoch
+     (records: shard order, interleave and buffer, seeded the same way; see data/records.py),
      drawn from (seed, epoch) alone, so neither the folder layout (classes listed one after the
      other) nor the split's size decides which classes a batch holds, and a replayed stream is
      the same stream (--exact_resume); eval/predict: the split's own order, once;
@@ -17,6 +18,7 @@ import tensorflow as tf
 
 from estimator_ft import contract
 from estimator_ft.data import images
+from estimator_ft.data import records
 from estimator_ft.data import tfds_source
 from estimator_ft.data.split import DataError, Split
 
@@ -120,6 +122,17 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     examples, load = tfds_source.source_dataset(split)
     if training:
       examples = tfds_source.shuffled_stream(examples, split, config)
+  elif split.is_records:
+    # Serialized records in the order of data/records.py (shard order, interleaved reads and a
+    # buffer, all seeded by (seed, epoch)), parsed to (encoded bytes, label) once in that order.
+    load = images.decode_rgb
+    if training and not config.cache:
+      serialized = records.training_stream(split, seed, config.shuffle_buffer, start_example)
+    elif training:
+      serialized = records.epoch_records(split, seed, 0, config.shuffle_buffer)
+    else:
+      serialized = records.in_order(split)
+    examples = serialized.map(records.parse_record, **parallel)
   else:
     paths, labels = _folder_items(split)
     load = _load_file

@@ -13,7 +13,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One resolved split (train or validation) of a folder or TFDS source."""
+  """One resolved split (train or validation) of a folder, TFDS or records source."""
   name: str
   class_names: tuple
   num_examples: int
@@ -27,10 +27,17 @@ class Split:
   tfds_data_dir: str = ""
   tfds_image_key: str = "image"
   tfds_label_key: str = "label"
+  # A records source (data/records.py): the shard files and the examples in each.
+  record_files: tuple = ()
+  record_counts: tuple = ()
 
   @property
   def is_tfds(self) -> bool:
     return bool(self.tfds_name)
+
+  @property
+  def is_records(self) -> bool:
+    return bool(self.record_files)
 
 
 @dataclasses.dataclass(frozen=True)

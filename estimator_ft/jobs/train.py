@@ -30,6 +30,15 @@ def _warn_about_inexact_resume(config: Config) -> None:
                    "uninterrupted one exactly only with --dropout=0.")
 
 
+def _check_cluster_shards(config: Config, splits, task) -> None:
+  """Records on the Estimator path's cluster: every trainer needs shards of its own (refused in
+  every role, before anything starts, when there are fewer shards than trainers). The Keras
+  path's synchronous cluster splits each global batch between the workers instead
+  (tf.distribute's DATA sharding), so there every worker reads every shard."""
+  if task is not None and splits.train.is_records and config.path == "estimator":
+    cluster_lib.check_enough_shards(len(splits.train.record_files), task.cluster)
+
+
 def run(config: Config, initial_weights: str = "") -> dict:
   """The train job for either path; returns the results dict also written to results.json.
 
@@ -51,6 +60,7 @@ def _run(config: Config, initial_weights: str) -> dict:
       return run_cluster_member(config, task, initial_weights)
   started = time.time()
   splits = loading.load_splits(config)
+  _check_cluster_shards(config, splits, task)
   class_names = tuple(splits.class_names)
   model_dir_lib.ensure_writable_dir(config.model_dir)
   with model_dir_lib.run_lock(config.model_dir), faults.explained_write_failures(config.model_dir):
@@ -88,6 +98,7 @@ def run_cluster_member(config: Config, task: "cluster_lib.Task", initial_weights
   holds variables, so it starts at once (the chief's session waits for it).
   """
   splits = loading.load_splits(config)
+  _check_cluster_shards(config, splits, task)
   prefix = initial_weights or os.path.join(config.model_dir, model_dir_lib.INITIAL_WEIGHTS_PREFIX)
   if task.type != cluster_lib.PS:
     model_dir_lib.wait_for_chief(config.model_dir, prefix, task.name)

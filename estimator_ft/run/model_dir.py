@@ -1,6 +1,7 @@
 """The model_dir contract both training paths keep: what is in it, who may write it, and when.
 
-  .estimator_ft.lock   the run lock (flock: released by the kernel when the process dies)
+  .estimator_ft.lock   the run lock (flock: released by the kernel when the process dies; a
+                       renewed lease on a non-local file system, see lease_lock)
   config.json          the resolved Config and class names, written before training starts;
                        a later run with other checkpoint-defining settings is refused
   initial_weights/     the starting weights, written once (both paths start from them)
@@ -16,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from typing import Optional, Tuple
 
@@ -96,6 +98,13 @@ def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str
 
 def ensure_writable_dir(path: str, flag: str = "--model_dir") -> None:
   """Creates `path` and proves it is writable, with a what-to-do message if not."""
+  if not is_local(path):
+    # Records may be on any TensorFlow file system; the model_dir contract (atomic config.json
+    # and results.json, the fault handling, the export publishing) still uses local-file calls,
+    # which would silently write into a local folder named after the URL's scheme.
+    raise ValueError(f"{flag}={path}: a model_dir on a non-local file system is not supported "
+                     "yet (only --records_dir may be one). Train into a local folder and copy "
+                     "it, e.g. with gsutil -m cp -r.")
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_probe_{os.getpid()}")
@@ -113,13 +122,24 @@ def ensure_writable_dir(path: str, flag: str = "--model_dir") -> None:
                      "or fix its permissions / free disk space; nothing was written.") from e
 
 
+def is_local(path: str) -> bool:
+  """A path of this machine's file system (flock works), not a TensorFlow URL (gs://, ram://...)."""
+  return "://" not in path
+
+
 @contextlib.contextmanager
 def run_lock(model_dir: str):
   """An exclusive lock on model_dir for the life of this process.
 
   flock is released by the kernel when the process dies (even by kill -9), so a crashed run never
-  leaves a stale lock behind; the file only records who held it last.
+  leaves a stale lock behind; the file only records who held it last. A model_dir on another
+  TensorFlow file system (gs://, hdfs://, ram://) cannot be flocked: there a lease guards it
+  (lease_lock).
   """
+  if not is_local(model_dir):
+    with lease_lock(model_dir):
+      yield
+    return
   path = os.path.join(model_dir, LOCK_FILE)
   handle = open(path, "a+")
   try:
@@ -139,6 +159,80 @@ def run_lock(model_dir: str):
   finally:
     fcntl.flock(handle, fcntl.LOCK_UN)
     handle.close()
+
+
+# A lease older than this is a dead run's (its holder renews it every LEASE_RENEW_S).
+LEASE_TIMEOUT_S = 120.0
+LEASE_RENEW_S = 30.0
+# After writing its lease, a run waits this long and reads it back: of two runs that started
+# together, only the last writer finds its own lease there.
+LEASE_SETTLE_S = 2.0
+
+
+def _read_lease(path: str) -> Optional[dict]:
+  try:
+    with tf.io.gfile.GFile(path, "r") as f:
+      return json.loads(f.read())
+  except (tf.errors.NotFoundError, ValueError):
+    return None
+
+
+@contextlib.contextmanager
+def lease_lock(model_dir: str, timeout_s: Optional[float] = None, renew_s: Optional[float] = None,
+               settle_s: Optional[float] = None):
+  """The run lock of a non-local model_dir: a lease file (holder, time) the holder renews.
+
+  A run refuses a model_dir whose lease is younger than timeout_s; a lease older than that is a
+  dead run's and is taken over. Weaker than flock: it relies on roughly synchronised clocks, and
+  a run frozen (not dead) for longer than timeout_s loses its lease. Released (deleted) on exit.
+  """
+  timeout_s = LEASE_TIMEOUT_S if timeout_s is None else timeout_s
+  renew_s = LEASE_RENEW_S if renew_s is None else renew_s
+  settle_s = LEASE_SETTLE_S if settle_s is None else settle_s
+  path = f"{model_dir.rstrip('/')}/{LOCK_FILE}"
+  holder = f"pid {os.getpid()} on {os.uname().nodename} ({time.time_ns()})"
+
+  def refuse(lease):
+    raise RunLockedError(f"--model_dir={model_dir} is in use by {lease['holder']} (its lease was "
+                         f"renewed {time.time() - lease['time']:.0f} s ago). Wait for that run to "
+                         "finish (or stop it), or use another --model_dir.")
+
+  def write():
+    # Written beside it and renamed over it: a reader never sees half a lease (and TF 2.15's
+    # ram:// file system appends to, rather than replaces, a file opened for writing).
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      f.write(json.dumps({"holder": holder, "time": time.time()}))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+  lease = _read_lease(path)
+  if lease and time.time() - lease["time"] < timeout_s:
+    refuse(lease)
+  write()
+  time.sleep(settle_s)
+  lease = _read_lease(path)
+  if not lease:
+    raise RunLockedError(f"--model_dir={model_dir}: the run lease {path} vanished right after it "
+                         "was written; another run may be starting there. Try again, or use "
+                         "another --model_dir.")
+  if lease["holder"] != holder:
+    refuse(lease)
+  stop = threading.Event()
+
+  def renew():
+    while not stop.wait(renew_s):
+      write()
+
+  renewer = threading.Thread(target=renew, name="estimator_ft-lease", daemon=True)
+  renewer.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    renewer.join()
+    lease = _read_lease(path)
+    if lease and lease["holder"] == holder:
+      tf.io.gfile.remove(path)
 
 
 def prepare_model_dir(config: Config, class_names) -> bool:
