@@ -241,7 +241,7 @@ def test_a_non_local_model_dir_is_refused_for_training_with_what_to_do():
     model_dir_lib.ensure_writable_dir("ram://estimator_ft_test/training")
 
 
-def test_a_non_local_model_dir_is_guarded_by_a_lease(monkeypatch):
+def test_a_non_local_model_dir_is_guarded_by_a_lease():
   model_dir = "ram://estimator_ft_test/model"
   tf.io.gfile.makedirs(model_dir)
   lease_file = f"{model_dir}/{model_dir_lib.LOCK_FILE}"
@@ -259,10 +259,11 @@ def test_a_non_local_model_dir_is_guarded_by_a_lease(monkeypatch):
   # A dead run's lease (not renewed for longer than the timeout) is taken over.
   with tf.io.gfile.GFile(lease_file, "w") as f:
     f.write(json.dumps({"holder": "pid 1 on gone", "time": 0.0}))
-  monkeypatch.setattr(model_dir_lib, "LEASE_SETTLE_S", 0.01)
-  with model_dir_lib.run_lock(model_dir):  # run_lock picks the lease for ram://
-    content = tf.io.gfile.GFile(lease_file).read()
-    assert "pid 1" not in content, content
+  with model_dir_lib.lease_lock(model_dir, settle_s=0.01):
+    holder = json.loads(tf.io.gfile.GFile(lease_file).read())["holder"]
+    assert holder.startswith(f"pid {os.getpid()} on "), holder
+  # run_lock takes a lease, not flock, on a non-local file system.
+  assert not model_dir_lib.is_local(model_dir) and model_dir_lib.is_local("/tmp/model")
 
 
 def test_bench_measures_the_records_pipeline(prepared, tiny_dataset):
