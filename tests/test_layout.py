@@ -12,6 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "estimator_ft"
 LAYERS = (
     ("contract", "files", "progress", "messages", "image_formats", "cluster", "sample_data"),
     ("config",),
+    ("reports",),
     ("data",),
     ("model",),
     ("model_fn",),

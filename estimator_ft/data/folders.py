@@ -77,18 +77,18 @@ def _check_files(paths) -> list:
 
 
 
-def _bad_files_message(root: str, name: str, bad: list) -> str:
+def _bad_files_message(root: str, name: str, bad: list, job: str = "train") -> str:
   lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
   return (f"{len(bad)} file(s) in the {name} folder {root} cannot be used:\n{lines}\n"
-          "Fix or remove them, or pass --bad_images=skip to train without them.")
+          f"Fix or remove them, or pass --bad_images=skip to {job} without them.")
 
 
 
-def scan_image_folder(root: str, name: str, bad_images: str = "fail") -> Split:
+def scan_image_folder(root: str, name: str, bad_images: str = "fail", job: str = "train") -> Split:
   """Lists and checks `<root>/<class>/<image>`; every image is test-decoded here, before training.
 
   bad_images="fail" raises DataError naming every bad file; "skip" leaves them out and records
-  them in `Split.skipped`.
+  them in `Split.skipped`. `job` (train, evaluate) is what the message says skipping lets run.
   """
   config_lib.check_choice("bad_images", bad_images, config_lib.BAD_IMAGE_POLICIES, DataError)
   flag = f"--{name}_dir"
@@ -115,7 +115,7 @@ def scan_image_folder(root: str, name: str, bad_images: str = "fail") -> Split:
   candidates = [(path, index) for index, files in per_class for path in files]
   bad = _check_files([p for p, _ in candidates])
   if bad and bad_images == "fail":
-    raise DataError(_bad_files_message(root, name, bad))
+    raise DataError(_bad_files_message(root, name, bad, job))
   bad_paths = {p for p, _ in bad}
   kept = [(p, i) for p, i in candidates if p not in bad_paths]
   if bad:

@@ -3,5 +3,7 @@
   train              train either path into a model_dir (and a TF_CONFIG cluster's other roles)
   export_checkpoint  export a SavedModel from a model_dir's latest checkpoint, either path
   compare            keras vs estimator vs the broken loop, same start, same batches
+  evaluate           the report on a checkpoint or SavedModel: per-class figures, confusion
+                     matrix, ROC/PR and thresholds, calibration, the misclassified images
 The benchmarks (`estimator_ft.bench`) and `predict` (`estimator_ft.serving`) live beside them.
 """
