@@ -3,7 +3,10 @@
 Each path trains into `<output_dir>/<path>/` through the train job (so each is an ordinary,
 resumable model_dir with its own results.json), starting from one initial-weights checkpoint
 written once in `<output_dir>/initial_weights/`, on the same batches in the same order.
-The comparison then reads what the runs recorded and writes comparison.json/.csv/.png.
+The comparison then reads what the runs recorded and writes comparison.json/.csv/.png;
+comparison.json also says what it ran on (class names, images per split and class). In
+TensorBoard (`--logdir <output_dir>`) each path is one run, its model_dir, and the paths share
+the common tags of run/summaries.py at the global step, so they overlay in the same cards.
 
 Which figures mean what (the original question mixed them up):
   loss, accuracy          training, running averages over the epoch while the weights change -

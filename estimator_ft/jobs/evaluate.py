@@ -291,8 +291,10 @@ def run_evaluate(output_dir: str, validation_dir: str = "", model_dir: str = "",
   model = resolve_model(model_dir, checkpoint, saved_model)
   folder = validation_dir or model.validation_dir
   if not folder:
-    raise ValueError("--validation_dir is required with --saved_model: the image folder to "
-                     "evaluate on (one sub-folder per class).")
+    source = ("with --saved_model" if model.kind == "saved_model"
+              else "here: the run trained on TFDS, not on a folder")
+    raise ValueError(f"--validation_dir is required {source}: give the image folder to evaluate "
+                     "on (one sub-folder per class of the model).")
   if not validation_dir:
     logger.info("Evaluating on the run's validation folder %s (--validation_dir picks another).",
                 folder)
