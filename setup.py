@@ -23,6 +23,8 @@ setup(
         "absl-py>=1.0",
         "pillow>=9",
         "matplotlib>=3.5",
+        # evaluate's statistics; 1.3 added zero_division=nan (0/0 left out of the averages).
+        "scikit-learn>=1.3,<2",
     ],
     extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
     entry_points={"console_scripts": ["estimator-ft=estimator_ft.cli:run_main"]},

@@ -6,6 +6,8 @@ Layers, each importing only from those above it in this list (tests/test_layout.
   messages, image_formats,        writes, the progress line, one-line TF errors, format checks,
   cluster, sample_data            TF_CONFIG roles and the local launcher, the sample-data generator
   config                          the frozen run configuration: defaults, flag help, validators
+  reports/                        classification statistics (scikit-learn) and their plots
+                                  (matplotlib): metrics, plots; no TensorFlow
   data/                           the one tf.data pipeline: split, images, folders, tfds_source,
                                   records (sharded TFRecords), loading, pipeline, synthetic
   model                           the one ResNet50 + head builder, initial-weights checkpoint
@@ -16,7 +18,8 @@ Layers, each importing only from those above it in this list (tests/test_layout.
   serving                         `predict` and the TF Serving version layout (TF + contract only)
   export                          SavedModel signatures, publishing, exporters (no training path)
   estimator, keras_path           the two training paths
-  jobs/                           train, export_checkpoint, compare, inspect_data, prepare
+  jobs/                           train, export_checkpoint, compare, inspect_data, prepare,
+                                  evaluate
   bench/                          `estimator-ft bench`: plan, timing, machine, loaders,
                                   training_rates, report, runner
   cli                             absl flags and subcommands (the only module that reads flags)

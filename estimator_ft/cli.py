@@ -211,6 +211,53 @@ def _run_predict(argv):
   return serving.predict_cli(FLAGS.saved_model, argv[1:], FLAGS.predict_batch_size)
 
 
+# ---------------------------------------------------------------- evaluate
+
+# The defaults of reports/metrics.py, spelled out here so `--help` needs no scikit-learn import.
+_DEFAULT_THRESHOLDS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9")
+
+
+def _define_evaluate():
+  flags.DEFINE_string("model_dir", "", "A training model_dir: evaluate one of its checkpoints "
+                      "(see --checkpoint). Or give --saved_model.")
+  flags.DEFINE_string("checkpoint", "latest", "With --model_dir: latest, best (the checkpoint "
+                      "export/best holds; Estimator path) or a checkpoint PATH (e.g. "
+                      "model.ckpt-120 or ckpt-120, relative to --model_dir or absolute).")
+  flags.DEFINE_string("saved_model", "", "An exported SavedModel instead of --model_dir: a "
+                      "version folder or an export base such as MODEL_DIR/export/best.")
+  flags.DEFINE_string("validation_dir", "", "The images to evaluate on, one sub-folder per class "
+                      "of the model (a validation or test folder); default: the run's own "
+                      "--validation_dir.")
+  flags.DEFINE_string("output_dir", "", "Folder for report.json, per_class.csv, misclassified.csv "
+                      "and the PNG plots.")
+  flags.DEFINE_enum("bad_images", "fail", config_lib.BAD_IMAGE_POLICIES, _field_help("bad_images"))
+  flags.DEFINE_integer("batch_size", 32, "Images per model call.", lower_bound=1)
+  flags.DEFINE_list("thresholds", list(_DEFAULT_THRESHOLDS), "Two classes: the thresholds on "
+                    "p(positive class) of the threshold table (the F1-best one is added).")
+  flags.DEFINE_integer("calibration_bins", 10, "Equal-width confidence bins of the calibration "
+                       "error and the reliability diagram.", lower_bound=1)
+
+
+def _parse_thresholds(values):
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError:
+    raise ValueError(f"--thresholds={','.join(values)}: give comma-separated probabilities, e.g. "
+                     "--thresholds=0.3,0.5,0.7.") from None
+
+
+def _run_evaluate(argv):
+  _no_positional(argv)
+  from estimator_ft.jobs import evaluate
+  report = evaluate.run_evaluate(
+      FLAGS.output_dir, validation_dir=FLAGS.validation_dir, model_dir=FLAGS.model_dir,
+      checkpoint=FLAGS.checkpoint, saved_model=FLAGS.saved_model, bad_images=FLAGS.bad_images,
+      batch_size=FLAGS.batch_size, thresholds=_parse_thresholds(FLAGS.thresholds),
+      calibration_bins=FLAGS.calibration_bins)
+  print(evaluate.format_report(report))
+  return 0
+
+
 # ---------------------------------------------------------------- launch-local
 
 def _define_launch_local():
@@ -289,6 +336,8 @@ SUBCOMMANDS = {
                 "write an image-folder pair as sharded TFRecords for --records_dir"),
     "export": (_define_export, _run_export, "export a SavedModel from the latest checkpoint"),
     "predict": (_define_predict, _run_predict, "classify image files with an exported SavedModel"),
+    "evaluate": (_define_evaluate, _run_evaluate,
+                 "the report on a checkpoint or SavedModel: per class, confusion, ROC/PR, calibration"),
     "launch-local": (_define_launch_local, _run_launch_local,
                      "run a TF_CONFIG cluster on 127.0.0.1: launch-local [flags] -- <train flags>"),
     "bench": (_define_bench, _run_bench, "measure training and input-pipeline throughput"),

@@ -2,6 +2,9 @@
 
 Evaluation runs on every checkpoint, and a checkpoint is written at every epoch end (unless
 --save_checkpoints_steps says otherwise), so the whole validation set is evaluated once per epoch.
+TensorBoard gets the common curves of run/summaries.py in model_dir (training from
+EpochMetricsHook, validation and its confusion matrix from ValidationCurvesHook, which every
+evaluation runs), through the Estimator's own cached writer of model_dir: one event file.
 The training input is one infinite, reshuffled stream, so epochs are counted in steps:
 `steps_per_epoch = ceil(train examples / batch size)` - the same count the Keras path gives `fit`.
 """
@@ -84,9 +87,34 @@ def _session_config(config: Config):
   return session_config
 
 
-def make_estimator(config: Config, class_names, steps_per_epoch: int, initial_weights: str = ""):
+def estimator_model_fn(config: Config, class_names, steps_per_epoch: int,
+                       initial_weights: str = ""):
+  """model_fn.build_model_fn's model_fn, whose evaluations also write the validation curves."""
+  class_names = tuple(class_names)
   model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights)
-  return tf.estimator.Estimator(model_fn=model_fn, config=make_run_config(config, steps_per_epoch))
+
+  def model_fn_with_validation_curves(features, labels, mode):
+    spec = model_fn(features, labels, mode)
+    if mode != tf.estimator.ModeKeys.EVAL:
+      return spec
+    metrics = {name: value for name, (value, _) in spec.eval_metric_ops.items()}
+    hook = ValidationCurvesHook(config.model_dir, class_names, metrics)
+    return spec._replace(evaluation_hooks=tuple(spec.evaluation_hooks) + (hook,))
+
+  return model_fn_with_validation_curves
+
+
+def make_estimator(config: Config, class_names, steps_per_epoch: int, initial_weights: str = ""):
+  """The Estimator of estimator_model_fn."""
+  return tf.estimator.Estimator(
+      model_fn=estimator_model_fn(config, class_names, steps_per_epoch, initial_weights),
+      config=make_run_config(config, steps_per_epoch))
+
+
+def _summary_writer(model_dir: str):
+  """The Estimator's own cached writer of model_dir (its SummarySaverHook writes through it too):
+  one event file per process in that folder, which TensorBoard's live reload needs."""
+  return tf.compat.v1.summary.FileWriterCache.get(model_dir)
 
 
 # ---------------------------------------------------------------- hooks
@@ -167,14 +195,19 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
   model that kept changing, not a measurement of the final weights (that is validation's job).
   Written to `train_history.json` at each epoch end, so a resumed run keeps earlier epochs.
 
+  With `curves_every_n_steps`, the same running averages and the learning rate also go to
+  TensorBoard as the common train/* curves (run/summaries.py), every that many steps and at
+  each epoch end.
+
   In an asynchronous cluster the shared global step also advances with the workers' steps, so the
   chief sees it jump: an epoch ends at the chief's first step past its boundary, and the averages
   cover the chief's own batches (`train_steps_averaged` says how many).
   """
 
-  def __init__(self, model_dir, steps_per_epoch):
+  def __init__(self, model_dir, steps_per_epoch, curves_every_n_steps=0):
     self._model_dir = model_dir
     self._steps_per_epoch = steps_per_epoch
+    self._curves_every = curves_every_n_steps
 
   def begin(self):
     graph = tf.compat.v1.get_default_graph()
@@ -182,6 +215,11 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
         graph.get_tensor_by_name(name + ":0") for name in
         (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_CORRECT_TENSOR,
          model_fn_lib.BATCH_SIZE_TENSOR)]
+    self._writer = None
+    if self._curves_every:
+      self._fetches.append(graph.get_tensor_by_name(model_fn_lib.LEARNING_RATE_TENSOR + ":0"))
+      self._writer = _summary_writer(self._model_dir)
+    self._last_step = None
     self._history = model_dir_lib.read_history(self._model_dir, model_dir_lib.TRAIN_HISTORY_FILE)
     # The epoch the run starts in, from the checkpoint it resumes (not from the first step seen:
     # in a cluster the other workers may already have ended that epoch).
@@ -196,12 +234,20 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     return tf.estimator.SessionRunArgs(self._fetches)
 
   def after_run(self, run_context, run_values):
-    step_before, loss_sum, correct, size = run_values.results
+    step_before, loss_sum, correct, size = run_values.results[:4]
     self._loss += float(loss_sum)
     self._correct += float(correct)
     self._count += float(size)
     self._steps_seen += 1
-    self._maybe_end_epoch(int(step_before) + 1)
+    step = int(step_before) + 1
+    if self._writer is not None and summaries.due(step, self._last_step, self._curves_every,
+                                                  self._steps_per_epoch):
+      scalars = summaries.training_scalars(self._loss / self._count, self._correct / self._count,
+                                           run_values.results[4])
+      self._writer.add_summary(summaries.curve_summary(scalars).SerializeToString(), step)
+      self._writer.flush()
+    self._last_step = step
+    self._maybe_end_epoch(step)
 
   def _maybe_end_epoch(self, step):
     epoch = step // self._steps_per_epoch
@@ -217,6 +263,38 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     model_dir_lib.write_history(self._model_dir, model_dir_lib.TRAIN_HISTORY_FILE, self._history)
     self._epoch_before = epoch
     self._reset()
+
+
+class ValidationCurvesHook(tf.estimator.SessionRunHook):
+  """Every evaluation: the validation curves and the confusion matrix into TensorBoard.
+
+  Runs the model_fn's confusion-matrix update with each evaluation batch, and at the end writes
+  validation/<metric> (run/summaries.py) and the confusion heat map at the evaluated checkpoint's
+  global step, into model_dir beside the training curves.
+  """
+
+  def __init__(self, model_dir: str, class_names, metric_values: dict):
+    self._model_dir = model_dir
+    self._class_names = tuple(class_names)
+    self._metric_values = metric_values
+
+  def begin(self):
+    graph = tf.compat.v1.get_default_graph()
+    self._update = graph.get_operation_by_name(model_fn_lib.EVAL_CONFUSION_UPDATE_OP)
+    self._matrix = graph.get_tensor_by_name(model_fn_lib.EVAL_CONFUSION_MATRIX_TENSOR + ":0")
+    self._global_step = tf.compat.v1.train.get_global_step()
+
+  def before_run(self, run_context):
+    return tf.estimator.SessionRunArgs(self._update)
+
+  def end(self, session):
+    metrics, matrix, step = session.run([self._metric_values, self._matrix, self._global_step])
+    summary = summaries.curve_summary(
+        summaries.validation_scalars(metrics),
+        {summaries.CONFUSION_MATRIX_IMAGE: summaries.confusion_matrix_png(matrix, self._class_names)})
+    writer = _summary_writer(self._model_dir)
+    writer.add_summary(summary.SerializeToString(), int(step))
+    writer.flush()
 
 
 class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
@@ -262,6 +340,11 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
       self._update = tf.group([update for _, update in metrics.values()])
       self._reset = tf.group(tf.compat.v1.local_variables_initializer(), iterator.initializer)
       self._saver = tf.compat.v1.train.Saver(sharded=True)
+      # The spec's evaluation hooks (the validation curves) run as in Estimator.evaluate: their
+      # fetches with every batch, their end() after each pass.
+      self._hooks = list(spec.evaluation_hooks)
+      for hook in self._hooks:
+        hook.begin()
     self._session = tf.compat.v1.Session(graph=self._graph,
                                          config=self._estimator.config.session_config)
 
@@ -273,12 +356,17 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
     with self._graph.as_default():
       self._session.run(self._reset)
       self._saver.restore(self._session, checkpoint_path)
+      context = tf.estimator.SessionRunContext(
+          original_args=tf.estimator.SessionRunArgs(self._update), session=self._session)
       while True:
+        hook_args = [hook.before_run(context) for hook in self._hooks]
         try:
-          self._session.run(self._update)
+          self._session.run([self._update] + [args.fetches for args in hook_args if args])
         except tf.errors.OutOfRangeError:
           break
       results = self._session.run(self._values)
+      for hook in self._hooks:
+        hook.end(self._session)
       step = int(results[tf.compat.v1.GraphKeys.GLOBAL_STEP])
       tf_estimator_impl._write_dict_to_summary(self._eval_dir, results, step)  # pylint: disable=protected-access
       tf_estimator_impl._write_checkpoint_path_to_summary(self._eval_dir, checkpoint_path, step)  # pylint: disable=protected-access
@@ -349,7 +437,8 @@ def train(config: Config, splits, initial_weights: str) -> dict:
                         config.save_checkpoints_steps or steps_per_epoch)]
   if is_chief:
     # One writer of train_history.json: in a cluster, the workers' averages would overwrite it.
-    hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch))
+    hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch,
+                                  curves_every_n_steps=config.save_summary_steps))
   # Each trainer of a cluster (chief 0, workers 1..) shuffles and augments with its own seed:
   # with the same one, every worker would train on the very batches the chief trains on. (The
   # evaluator has no id and does not train.)
@@ -413,7 +502,7 @@ def _train_and_evaluate_in_process(estimator, config: Config, class_names, valid
                                    train_spec, initial_weights: str, steps_per_epoch: int) -> None:
   """train_and_evaluate on one machine: each checkpoint evaluated and exported in this process,
   from an evaluation graph and a serving graph built once (InProcessEvaluator)."""
-  model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights)
+  model_fn = estimator_model_fn(config, class_names, steps_per_epoch, initial_weights)
   writer = export_lib.EstimatorSavedModelWriter(model_fn, config,
                                                 estimator.config.session_config)
   evaluator = InProcessEvaluator(estimator, model_fn, config, validation_split,

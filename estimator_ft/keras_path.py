@@ -10,7 +10,9 @@ moving statistics inside the training call.
 What this path leaves in model_dir, beside training.py's config.json and results.json:
   checkpoint, ckpt-<step>.*   model, optimizer and epoch counter, written at every epoch end
   keras_history.json          the per-epoch history, written as each epoch ends (survives resume)
-  train/, validation/         TensorBoard events (the Keras callback's layout); config/ the config
+  events.out.tfevents.*       TensorBoard: the common curves both paths write (run/summaries.py:
+                              train/*, learning_rate, validation/* and the confusion matrix, at
+                              the global step); config/ the config
   export/keras/<version>/     the SavedModel of the final weights (export.py's serving layout)
 Checkpoints are per epoch: a resumed run restarts the interrupted epoch from the last epoch end.
 """
@@ -23,6 +25,7 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
 import tensorflow as tf
 
 from estimator_ft import export as export_lib
@@ -50,6 +53,9 @@ TRAINING_HISTORY_KEYS = ("loss", "accuracy")
 AUC_THRESHOLDS = 200
 BINARY_THRESHOLD = 0.5  # model_fn.predicted_class: a sigmoid output above this is class 1
 MAX_TOP_K = 5
+# The compiled metric holding the confusion matrix of an epoch's validation pass (a [C, C] value in
+# the logs, so it is kept out of the history and the evaluation figures).
+CONFUSION_MATRIX_METRIC = "confusion_matrix"
 
 
 # ---------------------------------------------------------------- model
@@ -78,16 +84,54 @@ def compile_metrics(num_classes: int) -> list:
           tf.keras.metrics.SparseTopKCategoricalAccuracy(k=top_k, name=f"top_{top_k}_accuracy")]
 
 
+class ConfusionMatrix(tf.keras.metrics.Metric):
+  """The confusion matrix (rows: true class, columns: predicted class) of the batches seen.
+
+  A compiled metric, so Keras accumulates and resets it like the others - over the whole
+  validation pass at each epoch end, summed over replicas and workers - and hands its value to the
+  callbacks as `val_confusion_matrix`. Counts are float32: exact up to 2^24 per cell.
+  """
+
+  def __init__(self, num_classes: int, name: str = CONFUSION_MATRIX_METRIC, **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.num_classes = num_classes
+    self.matrix = self.add_weight("matrix", shape=(num_classes, num_classes), initializer="zeros",
+                                  dtype=tf.float32)
+
+  def update_state(self, y_true, y_pred, sample_weight=None):
+    del sample_weight
+    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+    classes = model_fn_lib.predicted_class(y_pred, self.num_classes)
+    self.matrix.assign_add(tf.math.confusion_matrix(labels, classes, num_classes=self.num_classes,
+                                                    dtype=tf.float32))
+
+  def result(self):
+    return tf.identity(self.matrix)
+
+  def reset_state(self):
+    self.matrix.assign(tf.zeros_like(self.matrix))
+
+  def get_config(self):
+    return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def _scalar_logs(logs) -> dict:
+  """The logs without the confusion matrix (the only non-scalar metric)."""
+  return {k: v for k, v in (logs or {}).items()
+          if k not in (CONFUSION_MATRIX_METRIC, "val_" + CONFUSION_MATRIX_METRIC)}
+
+
 def _strategy_scope(strategy):
   return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def build_compiled_model(config: Config, num_classes: int, initial_weights: str = "",
-                         steps_total: int = 0) -> tf.keras.Model:
+                         steps_total: int = 0, confusion_matrix: bool = False) -> tf.keras.Model:
   """The shared model, optionally loaded from an initial-weights checkpoint, compiled for `fit`.
 
   Built under `config.distribution`'s strategy when there is one (fit then trains with it).
   `steps_total` (epochs x steps per epoch) is only needed by --lr_schedule=cosine.
+  `confusion_matrix` adds the ConfusionMatrix metric (training draws it for TensorBoard).
   """
   if config.lr_schedule == "cosine" and steps_total < 1:
     raise ValueError("build_compiled_model needs steps_total (epochs x steps per epoch) for "
@@ -96,9 +140,11 @@ def build_compiled_model(config: Config, num_classes: int, initial_weights: str 
     model = model_lib.build_model(config, num_classes)
     if initial_weights:
       model_lib.load_initial_weights(model, initial_weights)
+    metrics = compile_metrics(num_classes)
+    if confusion_matrix:
+      metrics.append(ConfusionMatrix(num_classes))
     model.compile(optimizer=model_fn_lib.make_optimizer(config, steps_total),
-                  loss=compile_loss(num_classes), metrics=compile_metrics(num_classes),
-                  jit_compile=bool(config.jit))
+                  loss=compile_loss(num_classes), metrics=metrics, jit_compile=bool(config.jit))
   return model
 
 
@@ -120,12 +166,17 @@ def latest_checkpoint(model_dir: str):
   return tf.train.latest_checkpoint(model_dir)
 
 
-def checkpoint_weights(config: Config, num_classes: int, checkpoint_path: str) -> list:
-  """The weights of a Keras-path checkpoint as numpy arrays, in `model.weights` order."""
+def restored_model(config: Config, num_classes: int, checkpoint_path: str) -> tf.keras.Model:
+  """The shared model with the weights of a Keras-path checkpoint (optimizer state left out)."""
   model = model_lib.build_model(config, num_classes)
   status = tf.train.Checkpoint(model=model).restore(checkpoint_path)
   status.expect_partial().assert_existing_objects_matched()
-  return model.get_weights()
+  return model
+
+
+def checkpoint_weights(config: Config, num_classes: int, checkpoint_path: str) -> list:
+  """The weights of a Keras-path checkpoint as numpy arrays, in `model.weights` order."""
+  return restored_model(config, num_classes, checkpoint_path).get_weights()
 
 
 def read_history(model_dir: str) -> list:
@@ -196,7 +247,7 @@ class _EpochEnd(tf.keras.callbacks.Callback):
     epochs_done = epoch + 1
     entry = {"epoch": epochs_done, "step": int(self.model.optimizer.iterations.numpy())}
     entry.update({k: float(logs[k]) for k in TRAINING_HISTORY_KEYS if k in logs})
-    entry.update({k: float(v) for k, v in logs.items() if k.startswith("val_")})
+    entry.update({k: float(v) for k, v in _scalar_logs(logs).items() if k.startswith("val_")})
     self.history = [h for h in self.history if h["epoch"] != epochs_done] + [entry]
     if self._writes_outputs:
       model_dir_lib.write_history(self._config.model_dir, HISTORY_FILE, self.history)
@@ -252,6 +303,67 @@ class _Progress(tf.keras.callbacks.Callback):
     self._last_time, self._last_step = now, step
 
 
+def learning_rate_of_step(optimizer, step: int) -> float:
+  """The learning rate the optimizer applied in step `step` (1-based): the schedule's value at
+  `step - 1` iterations, as the Estimator's train op reads it before the step (model_fn)."""
+  inner = getattr(optimizer, "inner_optimizer", optimizer)
+  rate = inner._get_hyper("learning_rate")  # pylint: disable=protected-access
+  if isinstance(rate, tf.keras.optimizers.schedules.LearningRateSchedule):
+    rate = rate(max(step - 1, 0))
+  return float(tf.keras.backend.get_value(rate))
+
+
+class _Curves(tf.keras.callbacks.Callback):
+  """The common TensorBoard curves (run/summaries.py) at the global step, as the Estimator writes.
+
+  Every process takes part (reading the step and the logs is cheap and collective-free); only the
+  one that writes outputs (the chief) writes. Logs hold Keras' running averages over the epoch
+  (training) and the whole validation pass, confusion matrix included (epoch end).
+  """
+
+  def __init__(self, config: Config, class_names, steps_per_epoch: int, writes_outputs: bool):
+    super().__init__()
+    self._config = config
+    self._class_names = tuple(class_names)
+    self._steps_per_epoch = steps_per_epoch
+    self._writer = summaries.CurveWriter(config.model_dir) if writes_outputs else None
+    self._last_step = None
+
+  def _step(self) -> int:
+    return int(self.model.optimizer.iterations.numpy())
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = self._step()
+    due = summaries.due(step, self._last_step, self._config.save_summary_steps,
+                        self._steps_per_epoch)
+    self._last_step = step
+    logs = logs or {}
+    if self._writer is None or not due or "loss" not in logs:
+      return
+    scalars = summaries.training_scalars(
+        logs["loss"], logs.get("accuracy", math.nan),
+        learning_rate_of_step(self.model.optimizer, step))
+    self._writer.write(step, summaries.curve_summary(scalars))
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs or {}
+    if self._writer is None:
+      return
+    images = {}
+    matrix = logs.get("val_" + CONFUSION_MATRIX_METRIC)
+    if matrix is not None:
+      images[summaries.CONFUSION_MATRIX_IMAGE] = summaries.confusion_matrix_png(
+          np.rint(np.asarray(matrix)).astype(np.int64), self._class_names)
+    validation = {k: v for k, v in _scalar_logs(logs).items() if k.startswith("val_")}
+    self._writer.write(self._step(), summaries.curve_summary(
+        summaries.validation_scalars(validation), images))
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
 class _StopOnNaN(tf.keras.callbacks.Callback):
   """Raises NaNLossError at the first non-finite loss, before anything is checkpointed."""
 
@@ -274,7 +386,7 @@ def _final_evaluation(model, history, epochs_trained, validation, global_step) -
     values = {k[len("val_"):]: v for k, v in history[-1].items() if k.startswith("val_")}
   else:
     measured = model.evaluate(validation, verbose=0, return_dict=True)
-    values = {k: float(v) for k, v in measured.items()}
+    values = {k: float(v) for k, v in _scalar_logs(measured).items()}
   # Keras' validation loss is already the per-example mean the Estimator path calls example_loss.
   values[model_fn_lib.EXAMPLE_LOSS] = values.get("loss")
   values["global_step"] = global_step
@@ -295,9 +407,10 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   _warn_about_estimator_only_settings(config)
   resuming = latest_checkpoint(config.model_dir) is not None
   model = build_compiled_model(config, num_classes, "" if resuming else initial_weights,
-                               steps_total=config.epochs * steps_per_epoch)
+                               steps_total=config.epochs * steps_per_epoch, confusion_matrix=True)
   writes_outputs = _writes_outputs(model)
   checkpoints = _EpochCheckpoints(model, config, writes_outputs)
+  curves = None
   try:
     epochs_done = checkpoints.restore_latest()
     history = [h for h in read_history(config.model_dir) if h["epoch"] <= epochs_done]
@@ -305,19 +418,20 @@ def train(config: Config, splits, initial_weights: str) -> dict:
     validation = pipeline.make_dataset(splits.validation, config, "eval")
     epoch_end = _EpochEnd(config, checkpoints, history, steps_per_epoch, writes_outputs)
     if epochs_done < config.epochs:
-      callbacks = [_StopOnNaN(config), epoch_end, _Progress(config, steps_per_epoch)]
+      # No Keras TensorBoard callback: its tags (epoch_loss at the epoch index...) would not
+      # overlay the Estimator's; _Curves writes the common ones at the global step.
+      curves = _Curves(config, class_names, steps_per_epoch, writes_outputs)
+      callbacks = [_StopOnNaN(config), epoch_end, curves, _Progress(config, steps_per_epoch)]
       if writes_outputs:
         summaries.write_config_summary(config, class_names)
-        callbacks.append(tf.keras.callbacks.TensorBoard(
-            log_dir=config.model_dir, update_freq=config.save_summary_steps, profile_batch=0,
-            # The ResNet50 graph adds megabytes per run and nothing to a comparison of curves.
-            write_graph=False))
       start_batch = epochs_done * steps_per_epoch if config.exact_resume else 0
       model.fit(training_dataset(splits.train, config, start_batch), epochs=config.epochs,
                 initial_epoch=epochs_done, steps_per_epoch=steps_per_epoch,
                 validation_data=validation, callbacks=callbacks, verbose=0)
   finally:
     checkpoints.close()
+    if curves is not None:
+      curves.close()
 
   global_step = int(model.optimizer.iterations.numpy())
   history = epoch_end.history

@@ -39,6 +39,13 @@ NON_FINITE_OUTPUTS = "estimator_ft: the model's outputs are not finite"
 BATCH_LOSS_TENSOR = "train_batch/loss_sum"
 BATCH_CORRECT_TENSOR = "train_batch/correct"
 BATCH_SIZE_TENSOR = "train_batch/size"
+# The learning rate of the step a train op runs (read before the step increments the counter).
+LEARNING_RATE_TENSOR = "train_batch/learning_rate"
+# The confusion matrix an evaluation accumulates (int64 [C, C], rows: true class), and the op that
+# adds a batch to it: the evaluation hook of estimator.py runs one with every batch and draws the
+# other for TensorBoard. Not an eval metric: eval results must stay scalars (exporters, history).
+EVAL_CONFUSION_MATRIX_TENSOR = "eval_confusion_matrix/value"
+EVAL_CONFUSION_UPDATE_OP = "eval_confusion_matrix/update"
 
 
 def make_optimizer(config: Config, steps_total: int):
@@ -110,6 +117,7 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
     correct = tf.cast(tf.equal(classes, labels), tf.float32)
 
     if mode == ModeKeys.EVAL:
+      confusion_matrix_accumulator(labels, classes, num_classes)
       # A checkpoint saved right after the step that blew the weights up holds NaNs; without this
       # check the AUC metric would fail with an obscure assertion instead.
       probabilities = tf.debugging.check_numerics(probabilities, NON_FINITE_OUTPUTS)
@@ -118,8 +126,8 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
           eval_metric_ops=_eval_metrics(labels, probabilities, all_probabilities, classes,
                                         example_losses + regularization, num_classes))
 
-    train_op, optimizer = make_train_op(config, model, images, loss, steps_total,
-                                        tf.compat.v1.train.get_or_create_global_step())
+    train_op, _ = make_train_op(config, model, images, loss, steps_total,
+                                tf.compat.v1.train.get_or_create_global_step())
 
     # Fetched by the epoch-metrics hook: Keras-style running averages are per example.
     batch_size = tf.shape(labels)[0]
@@ -127,8 +135,8 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
                 name=BATCH_LOSS_TENSOR)
     tf.identity(tf.reduce_sum(correct), name=BATCH_CORRECT_TENSOR)
     tf.identity(batch_size, name=BATCH_SIZE_TENSOR)
-    tf.compat.v1.summary.scalar("accuracy", tf.reduce_mean(correct))
-    tf.compat.v1.summary.scalar("learning_rate", _current_learning_rate(optimizer))
+    # Training accuracy, loss and learning rate go to TensorBoard as the common curves both paths
+    # write (run/summaries.py, from estimator.EpochMetricsHook), not as per-batch summaries here.
     tf.compat.v1.summary.image("input_images", _viewable(images), max_outputs=3)
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op)
 
@@ -154,7 +162,9 @@ def make_train_op(config: Config, model: tf.keras.Model, images, loss, steps_tot
   if global_step is not None:
     optimizer.iterations = global_step
   bn_updates = batchnorm_updates(model, images) if config.update_ops == "apply" else []
-  with tf.control_dependencies(bn_updates):
+  # Read before the step: the rate this step applies (Keras' schedule(iterations before the step)).
+  learning_rate = tf.identity(_current_learning_rate(optimizer), name=LEARNING_RATE_TENSOR)
+  with tf.control_dependencies(bn_updates + [learning_rate]):
     train_op = optimizer.get_updates(loss, model.trainable_weights)[0]
   return train_op, optimizer
 
@@ -177,6 +187,21 @@ def _viewable(images):
   mean_bgr = tf.constant(images_lib.IMAGENET_MEAN_BGR, tf.float32)
   rgb = tf.reverse(tf.cast(images, tf.float32) + mean_bgr, axis=[-1])
   return tf.cast(tf.clip_by_value(rgb, 0.0, 255.0), tf.uint8)
+
+
+def confusion_matrix_accumulator(labels, classes, num_classes: int):
+  """(value, update op) of a confusion matrix over an evaluation, named for the evaluation hook.
+
+  A local metric variable, so every evaluation starts from zeros like the eval metrics.
+  """
+  with tf.compat.v1.name_scope(None):
+    matrix = tf.compat.v1.Variable(
+        tf.zeros([num_classes, num_classes], tf.int64), trainable=False, name="eval_confusion_matrix",
+        collections=[tf.compat.v1.GraphKeys.LOCAL_VARIABLES, tf.compat.v1.GraphKeys.METRIC_VARIABLES])
+    batch = tf.math.confusion_matrix(labels, classes, num_classes=num_classes, dtype=tf.int64)
+    update = tf.identity(matrix.assign_add(batch), name=EVAL_CONFUSION_UPDATE_OP)
+    value = tf.identity(matrix.read_value(), name=EVAL_CONFUSION_MATRIX_TENSOR)
+  return value, update
 
 
 def _eval_metrics(labels, probabilities, all_probabilities, classes, example_losses, num_classes):

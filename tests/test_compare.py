@@ -17,10 +17,11 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
 
 from estimator_ft.jobs import compare
 from estimator_ft.jobs import prepare
-from estimator_ft.run import events as events_lib
+from estimator_ft.run import summaries
 
 SIZE = 32
 # tiny_dataset: 8 validation images -> batches of 6 and 2, the uneven last batch that a mean of
@@ -180,15 +181,60 @@ def test_report_names_running_averages_and_full_passes(compared):
   assert f"tensorboard --logdir {output_dir}" in stdout
 
 
+def _tensorboard_run(folder):
+  """TensorBoard's own reader of one run folder, keeping every event (no sampling)."""
+  accumulator = event_accumulator.EventAccumulator(
+      str(folder), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+  return accumulator.Reload()
+
+
 @pytest.mark.slow
-def test_tensorboard_runs_of_every_path_share_one_root(compared):
-  # Every path's validation curve is in its TensorBoard run under the one output_dir, with the
-  # values the comparison reports.
+def test_tensorboard_overlays_every_path_in_the_same_cards(compared):
+  # One --logdir: each path is one run (its model_dir) holding the same tags at the same global
+  # steps, so TensorBoard draws the paths in one card per figure; the values are the ones the
+  # comparison reports.
   output_dir, comparison, _ = compared
-  for name, folder, loss_tag in (("keras", "validation", "epoch_loss"),
-                                 ("estimator", "eval", "example_loss"),
-                                 ("naive", "eval", "example_loss")):
-    by_step = events_lib.scalars_by_step(str(output_dir / name / folder))
-    logged = [by_step[step][loss_tag] for step in sorted(by_step) if loss_tag in by_step[step]]
-    recorded = [h["val_loss"] for h in comparison["paths"][name]["history"]]
-    np.testing.assert_allclose(logged[-len(recorded):], recorded, rtol=1e-6, err_msg=name)
+  common = {summaries.TRAIN_LOSS, summaries.TRAIN_ACCURACY, summaries.LEARNING_RATE,
+            summaries.VALIDATION_LOSS, summaries.VALIDATION_ACCURACY, "validation/auc",
+            "validation/precision", "validation/recall"}
+  steps_per_epoch = comparison["paths"]["keras"]["global_step"] // EPOCHS
+  epoch_ends = [epoch * steps_per_epoch for epoch in range(1, EPOCHS + 1)]
+  curves = {}
+  for name in PATHS:
+    run = _tensorboard_run(output_dir / name)
+    assert common <= set(run.Tags()["scalars"]), name
+    curves[name] = {tag: {e.step: e.value for e in run.Scalars(tag)} for tag in common}
+    history = comparison["paths"][name]["history"]
+    for key, tag in (("val_loss", summaries.VALIDATION_LOSS),
+                     ("val_accuracy", summaries.VALIDATION_ACCURACY),
+                     ("loss", summaries.TRAIN_LOSS), ("accuracy", summaries.TRAIN_ACCURACY)):
+      np.testing.assert_allclose([curves[name][tag][step] for step in epoch_ends],
+                                 [h[key] for h in history], rtol=1e-6, err_msg=f"{name} {tag}")
+    # Each evaluation's confusion matrix, as an image, at the evaluated step.
+    images = run.Images(summaries.CONFUSION_MATRIX_IMAGE)
+    assert [image.step for image in images] == epoch_ends, name
+    assert images[-1].encoded_image_string.startswith(b"\x89PNG")
+  # The same x positions in every path, and keras on top of estimator within round-off.
+  for tag in common:
+    assert set(curves["keras"][tag]) == set(curves["estimator"][tag]) == set(curves["naive"][tag]), tag
+    for step, value in curves["estimator"][tag].items():
+      assert curves["keras"][tag][step] == pytest.approx(value, abs=CURVE_TOLERANCE), (tag, step)
+  # The Keras callback's own tags, on their own x-axis, are no longer written.
+  assert not os.path.exists(output_dir / "keras" / "validation")
+
+
+@pytest.mark.slow
+def test_comparison_json_says_what_it_ran_on(compared, tiny_dataset):
+  _, comparison, stdout = compared
+  data = comparison["data"]
+  class_names = sorted(os.listdir(tiny_dataset / "train"))
+  assert data["class_names"] == class_names
+  for split, per_class in (("train", 12), ("validation", 4)):
+    assert data["splits"][split]["examples"] == per_class * len(class_names)
+    assert data["splits"][split]["per_class"] == {name: per_class for name in class_names}
+    assert data["splits"][split]["skipped_images"] == 0
+  # As each run recorded it.
+  for name in PATHS:
+    with open(os.path.join(comparison["paths"][name]["model_dir"], "config.json")) as f:
+      assert json.load(f)["class_names"] == class_names
+  assert f"2 classes ({', '.join(class_names)}); 24 train / 8 validation images" in stdout

@@ -17,6 +17,7 @@ from estimator_ft.jobs import train as train_job
 from estimator_ft.run import events as events_lib
 from estimator_ft.run import errors as errors_lib
 from estimator_ft.run import model_dir as model_dir_lib
+from estimator_ft.run import summaries
 
 SIZE = 32
 # tiny_dataset: 24 train images -> 4 steps per epoch; 8 validation images -> batches of 6 and 2.
@@ -73,10 +74,14 @@ def test_results_json_follows_the_training_contract(resumed_run):
   assert final["loss"] == final["example_loss"] == epoch["val_loss"]
   assert final["global_step"] == STEPS_PER_EPOCH
   assert os.path.isfile(os.path.join(first["export_path"], "saved_model.pb"))
-  # TensorBoard's validation run holds the epoch's validation loss as the history has it.
-  validation = events_lib.scalars_by_step(os.path.join(config.model_dir, "validation"))
-  assert validation[0]["epoch_loss"] == pytest.approx(epoch["val_loss"], rel=1e-6)
-  assert events_lib.scalars_by_step(os.path.join(config.model_dir, "train"))
+  # TensorBoard: the common curves in model_dir at the global step, as the history has them.
+  curves = events_lib.scalars_by_step(config.model_dir)[STEPS_PER_EPOCH]
+  assert curves[summaries.VALIDATION_LOSS] == pytest.approx(epoch["val_loss"], rel=1e-6)
+  assert curves[summaries.VALIDATION_ACCURACY] == pytest.approx(epoch["val_accuracy"], rel=1e-6)
+  assert curves[summaries.TRAIN_LOSS] == pytest.approx(epoch["loss"], rel=1e-6)
+  assert curves[summaries.LEARNING_RATE] == pytest.approx(config.learning_rate)
+  # Keras' own TensorBoard layout (train/, validation/ runs, epoch_* tags) is gone.
+  assert not os.path.exists(os.path.join(config.model_dir, "validation"))
 
 
 @pytest.mark.slow

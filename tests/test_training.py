@@ -15,6 +15,7 @@ from estimator_ft.jobs import train as train_job
 from estimator_ft.run import errors as errors_lib
 from estimator_ft.run import events as events_lib
 from estimator_ft.run import model_dir as model_dir_lib
+from estimator_ft.run import summaries
 
 HISTORY_KEYS = {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
 
@@ -80,21 +81,32 @@ def test_resume_continues_the_global_step_and_keeps_history(resumed_run):
 def test_tensorboard_layout(resumed_run):
   model_dir, _, second = resumed_run
   train_tags = event_tags(str(model_dir))
-  assert {"loss", "accuracy", "learning_rate"} <= train_tags
+  # The common curves (run/summaries.py) beside the Estimator's own per-batch loss.
+  assert {"loss", summaries.TRAIN_LOSS, summaries.TRAIN_ACCURACY, summaries.LEARNING_RATE,
+          summaries.VALIDATION_LOSS, summaries.VALIDATION_ACCURACY, "validation/auc",
+          summaries.CONFUSION_MATRIX_IMAGE} <= train_tags
   assert any(tag.startswith("input_images") for tag in train_tags)
   eval_tags = event_tags(str(model_dir / "eval"))
   assert {"accuracy", "example_loss", "loss", "auc"} <= eval_tags
   assert "run_config" in event_tags(str(model_dir / "config"))
   # The values, not only the tags: every epoch's validation figures as results.json has them,
-  # and the constant learning rate at every summarised step.
+  # in the Estimator's eval run and in the common curves, and the training running averages at
+  # each epoch end as the history has them.
   evaluations = events_lib.scalars_by_step(str(model_dir / "eval"))
+  curves = events_lib.scalars_by_step(str(model_dir))
   for epoch in second["history"]:
-    at_epoch_end = evaluations[epoch["epoch"] * second["steps_per_epoch"]]
-    assert at_epoch_end["example_loss"] == pytest.approx(epoch["val_loss"], rel=1e-6)
-    assert at_epoch_end["accuracy"] == pytest.approx(epoch["val_accuracy"], rel=1e-6)
-  training = events_lib.scalars_by_step(str(model_dir))
-  rates = [values["learning_rate"] for values in training.values() if "learning_rate" in values]
-  assert rates and rates == pytest.approx([Config().learning_rate] * len(rates))
+    end = epoch["epoch"] * second["steps_per_epoch"]
+    assert evaluations[end]["example_loss"] == pytest.approx(epoch["val_loss"], rel=1e-6)
+    assert evaluations[end]["accuracy"] == pytest.approx(epoch["val_accuracy"], rel=1e-6)
+    assert curves[end][summaries.VALIDATION_LOSS] == pytest.approx(epoch["val_loss"], rel=1e-6)
+    assert curves[end][summaries.VALIDATION_ACCURACY] == pytest.approx(epoch["val_accuracy"], rel=1e-6)
+    assert curves[end][summaries.TRAIN_LOSS] == pytest.approx(epoch["loss"], rel=1e-6)
+    assert curves[end][summaries.TRAIN_ACCURACY] == pytest.approx(epoch["accuracy"], rel=1e-6)
+  # save_summary_steps=1: the training curves at every step, with the constant learning rate.
+  rates = {step: values[summaries.LEARNING_RATE] for step, values in curves.items()
+           if summaries.LEARNING_RATE in values}
+  assert sorted(rates) == list(range(1, second["global_step"] + 1))
+  assert list(rates.values()) == pytest.approx([Config().learning_rate] * len(rates))
 
 
 def test_a_model_dir_of_another_configuration_is_refused(tmp_path):

@@ -209,25 +209,26 @@ def survey_folder(root: str, name: str, cache_dir: str = "", rescan: bool = Fals
                       decoded=len(unknown), manifest=path)
 
 
-def _bad_files_message(root: str, name: str, bad: list) -> str:
+def _bad_files_message(root: str, name: str, bad: list, job: str = "train") -> str:
   lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
   return (f"{len(bad)} file(s) in the {name} folder {root} cannot be used:\n{lines}\n"
-          "Fix or remove them, or pass --bad_images=skip to train without them.")
+          f"Fix or remove them, or pass --bad_images=skip to {job} without them.")
 
 
 def scan_image_folder(root: str, name: str, bad_images: str = "fail", cache_dir: str = "",
-                      rescan: bool = False) -> Split:
+                      rescan: bool = False, job: str = "train") -> Split:
   """Lists and checks `<root>/<class>/<image>` (survey_folder), then applies the bad-file policy.
 
   bad_images="fail" raises DataError naming every bad file; "skip" leaves them out and records
-  them in `Split.skipped`. A class left without images is a DataError either way.
+  them in `Split.skipped`. A class left without images is a DataError either way. `job` (train,
+  evaluate) is what the message says skipping lets run.
   """
   config_lib.check_choice("bad_images", bad_images, config_lib.BAD_IMAGE_POLICIES, DataError)
   survey = survey_folder(root, name, cache_dir, rescan)
   root, class_names = survey.root, survey.class_names
   bad = survey.bad()
   if bad and bad_images == "fail":
-    raise DataError(_bad_files_message(root, name, bad))
+    raise DataError(_bad_files_message(root, name, bad, job))
   kept = [(p, i, f) for p, i, f in survey.files if not f.reason]
   if bad:
     shown = "\n".join(f"  {p}: {r}" for p, r in bad[:_MAX_LOGGED_BAD_FILES])

@@ -3,7 +3,10 @@
 Each path trains into `<output_dir>/<path>/` through the train job (so each is an ordinary,
 resumable model_dir with its own results.json), starting from one initial-weights checkpoint
 written once in `<output_dir>/initial_weights/`, on the same batches in the same order.
-The comparison then reads what the runs recorded and writes comparison.json/.csv/.png.
+The comparison then reads what the runs recorded and writes comparison.json/.csv/.png;
+comparison.json also says what it ran on (class names, images per split and class). In
+TensorBoard (`--logdir <output_dir>`) each path is one run, its model_dir, and the paths share
+the common tags of run/summaries.py at the global step, so they overlay in the same cards.
 
 Which figures mean what (the original question mixed them up):
   loss, accuracy          training, running averages over the epoch while the weights change -
@@ -110,6 +113,7 @@ def run_compare(config: Config, output_dir: str, paths) -> dict:
 
   comparison = {
       "output_dir": output_dir,
+      "data": data_summary(splits),
       "settings": {k: getattr(config, k) for k in (
           "dropout", "augment", "epochs", "batch_size", "image_size", "seed", "weights",
           "fine_tune_from", "optimizer", "learning_rate", "momentum", "batchnorm_momentum")},
@@ -129,6 +133,24 @@ def run_compare(config: Config, output_dir: str, paths) -> dict:
   write_csv(comparison, comparison["files"]["csv"])
   plot(comparison, comparison["files"]["png"])
   return comparison
+
+
+def _split_counts(split) -> dict:
+  """{"examples": n, "per_class": {class: n} (folder sources; None for TFDS, which lists no labels)}."""
+  per_class = None
+  if split.labels:
+    per_class = {name: 0 for name in split.class_names}
+    for label in split.labels:
+      per_class[split.class_names[label]] += 1
+  return {"examples": split.num_examples, "per_class": per_class,
+          "skipped_images": len(split.skipped)}
+
+
+def data_summary(splits) -> dict:
+  """What the comparison ran on: the class names (label i is class_names[i]) and each split's counts."""
+  return {"class_names": list(splits.class_names),
+          "splits": {"train": _split_counts(splits.train),
+                     "validation": _split_counts(splits.validation)}}
 
 
 # ---------------------------------------------------------------- differences
@@ -311,6 +333,12 @@ def format_report(comparison: dict) -> str:
       f"augmentation {'on' if settings['augment'] else 'off'} (compare defaults: 0 and off, "
       "which parity needs)",
   ]
+  data = comparison.get("data")
+  if data:
+    splits = data["splits"]
+    lines.append(f"  data: {len(data['class_names'])} classes ({', '.join(data['class_names'])}); "
+                 f"{splits['train']['examples']} train / {splits['validation']['examples']} "
+                 "validation images")
   lines += [f"  {name:10s} {comparison['paths'][name]['description']}" for name in names]
   if "naive" in names and "estimator" in names:
     lines.append("  naive trains exactly like estimator (training normalises with batch "
@@ -331,5 +359,6 @@ def format_report(comparison: dict) -> str:
               f"  weights: {weights}"]
   files = comparison["files"]
   lines += ["", f"Written: {files['json']}, {files['csv']}, {files['png']}",
-            f"TensorBoard (all paths overlaid): tensorboard --logdir {comparison['output_dir']}"]
+            f"TensorBoard (all paths overlaid in the train/*, validation/* and learning_rate cards, "
+            f"one run per path): tensorboard --logdir {comparison['output_dir']}"]
   return "\n".join(lines)

@@ -5,6 +5,7 @@
   events       the one reader of TensorFlow event files
   errors       NaNLossError and its message
   runtime      process-wide TensorFlow state of a run: distribution strategy, op determinism
-  summaries    the run's config as a TensorBoard text summary
+  summaries    what both paths write for TensorBoard: the run's config, and the common curves
+               (same tags at the global step, so the paths overlay in one card)
   faults       damaged checkpoints and failed writes, made into clear messages
 """

@@ -1,14 +1,50 @@
-"""The run's resolved configuration as a TensorBoard text summary (TEXT tab), both paths."""
+"""What both paths write for TensorBoard: the run's config, and the common training curves.
+
+The common curves - the same tags, at the same x (the global step), in each path's model_dir
+itself - let one `tensorboard --logdir` overlay the paths in one card per figure (run names: the
+model_dirs, e.g. keras, estimator, naive under a `compare` output):
+
+  train/loss, train/accuracy   running averages over the epoch so far (what Keras' progress bar
+                               shows), every --save_summary_steps steps and at each epoch end
+  learning_rate                the rate of the step that just ran, at the same steps
+  validation/loss, validation/accuracy, validation/<metric>
+                               one full validation pass (per example) at each evaluation
+  validation/confusion_matrix  its confusion matrix as a heat map with the class names (image)
+
+The paths' own summaries stay where they were (the Estimator's `loss` per batch and its eval/
+folder, which the history is read from), under other tags.
+"""
 
 import json
 import os
+import struct
 import time
+from typing import Dict, Optional
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
+from estimator_ft import model_fn as model_fn_lib
+from estimator_ft.reports import plots
+
 CONFIG_SUMMARY_DIR = "config"
+
+TRAIN_LOSS = "train/loss"
+TRAIN_ACCURACY = "train/accuracy"
+LEARNING_RATE = "learning_rate"
+VALIDATION_PREFIX = "validation/"
+VALIDATION_LOSS = VALIDATION_PREFIX + "loss"
+VALIDATION_ACCURACY = VALIDATION_PREFIX + "accuracy"
+CONFUSION_MATRIX_IMAGE = VALIDATION_PREFIX + "confusion_matrix"
+# TensorBoard shows images at their size: this keeps a 2-class heat map about 500 px wide, and
+# no heat map wider than about 1200 px (rendering time grows with the pixels).
+CONFUSION_MATRIX_DPI = 80
+CONFUSION_MATRIX_MAX_PIXELS = 1200
+# A PNG's width and height, big-endian, in its IHDR chunk right after the 8-byte signature.
+_PNG_SIZE = struct.Struct(">II")
+_PNG_SIZE_OFFSET = 16
+_RGBA = 4
 
 
 def write_config_summary(config, class_names) -> None:
@@ -28,3 +64,76 @@ def write_config_summary(config, class_names) -> None:
   writer.add_event(event_pb2.Event(wall_time=time.time(), step=0,
                                    summary=summary_pb2.Summary(value=[value])))
   writer.close()
+
+
+# ---------------------------------------------------------------- the common curves
+
+def due(step: int, previous_step: Optional[int], every_n_steps: int, steps_per_epoch: int) -> bool:
+  """Whether the training curves are written at `step`: a multiple of every_n_steps or an epoch
+  end was reached since `previous_step` (an asynchronous cluster's shared step can jump over one)."""
+  if previous_step is None:
+    previous_step = step - 1
+  return any(step // n > previous_step // n for n in (every_n_steps, steps_per_epoch) if n > 0)
+
+
+def training_scalars(loss: float, accuracy: float, learning_rate: float) -> Dict[str, float]:
+  return {TRAIN_LOSS: float(loss), TRAIN_ACCURACY: float(accuracy),
+          LEARNING_RATE: float(learning_rate)}
+
+
+def validation_scalars(metrics: dict) -> Dict[str, float]:
+  """{validation/<name>: value} from either path's validation metrics.
+
+  Estimator: its eval metrics (example_loss is the per-example validation loss). Keras: the
+  epoch logs' val_* entries (val_loss is already per example). Non-scalar entries are left out.
+  """
+  scalars = {}
+  for name, value in metrics.items():
+    if name.startswith("val_"):
+      name = name[len("val_"):]
+    elif name == "loss":
+      continue  # the Estimator's own "loss" is a mean of per-batch means; example_loss is the loss
+    if name == model_fn_lib.EXAMPLE_LOSS:
+      name = "loss"
+    try:
+      scalars[VALIDATION_PREFIX + name] = float(value)
+    except (TypeError, ValueError):
+      continue
+  return scalars
+
+
+def confusion_matrix_png(matrix, class_names) -> bytes:
+  """The validation confusion matrix as the heat map `estimator-ft evaluate` draws, as a PNG."""
+  figure = plots.confusion_matrix_figure(matrix, class_names, title="Validation confusion matrix")
+  dpi = min(CONFUSION_MATRIX_DPI, CONFUSION_MATRIX_MAX_PIXELS / max(figure.get_size_inches()))
+  return plots.png_bytes(figure, dpi=dpi)
+
+
+def curve_summary(scalars: Dict[str, float], images: Optional[Dict[str, bytes]] = None
+                  ) -> summary_pb2.Summary:
+  """One Summary of scalars (simple values) and PNG images, as TensorBoard's readers expect them."""
+  values = [summary_pb2.Summary.Value(tag=tag, simple_value=value)
+            for tag, value in sorted(scalars.items())]
+  for tag, png in sorted((images or {}).items()):
+    width, height = _PNG_SIZE.unpack_from(png, _PNG_SIZE_OFFSET)
+    values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
+        height=height, width=width, colorspace=_RGBA, encoded_image_string=png)))
+  return summary_pb2.Summary(value=values)
+
+
+class CurveWriter:
+  """Writes the common curves into one model_dir with TensorBoard's own event writer (Keras path).
+
+  The Estimator path writes the same summaries through the Estimator's own writer of model_dir
+  instead (estimator.py), so that folder has one event file per process, not two growing ones.
+  """
+
+  def __init__(self, model_dir: str):
+    self._writer = EventFileWriter(model_dir)
+
+  def write(self, step: int, summary: summary_pb2.Summary) -> None:
+    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
