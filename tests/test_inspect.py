@@ -54,7 +54,8 @@ def test_a_second_scan_decodes_nothing_and_a_changed_file_is_checked_again(tmp_p
   assert folders_lib.survey_folder(str(train), "train", cache, rescan=True).decoded == 7
 
 
-@pytest.mark.parametrize("damage", ["garbage", "other_version", "other_settings", "bad_entry"])
+@pytest.mark.parametrize("damage", ["garbage", "other_version", "other_settings", "bad_entry",
+                                    "short_column"])
 def test_a_damaged_or_foreign_manifest_is_ignored_with_a_warning(tmp_path, caplog, damage):
   train, _ = write_clean_pair(tmp_path / "data")
   cache = str(tmp_path / "cache")
@@ -67,10 +68,12 @@ def test_a_damaged_or_foreign_manifest_is_ignored_with_a_warning(tmp_path, caplo
       record["version"] = manifest_lib.VERSION + 1
     elif damage == "other_settings":
       record["settings"] = {"tensorflow": "1.0"}
+    elif damage == "bad_entry":
+      # One entry's key no longer parses: that file alone is checked again.
+      record["files"]["size"][0] = "broken"
     else:
-      # One entry claims a bad file is fine: its key no longer parses, so it is re-checked.
-      first = sorted(record["entries"])[0]
-      record["entries"][first] = ["broken"]
+      # Columns that no longer line up: nothing in the manifest can be trusted.
+      record["files"]["sha1"].pop()
     text = json.dumps(record)
   with open(path, "w") as f:
     f.write(text)

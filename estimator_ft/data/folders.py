@@ -178,7 +178,9 @@ def survey_folder(root: str, name: str, cache_dir: str = "", rescan: bool = Fals
   root, class_names = _check_folder_root(root, name)
   listed = [(path, index) for index, class_name in enumerate(class_names)
             for path in _list_class_files(os.path.join(root, class_name))]
-  relative = [os.path.relpath(path, root) for path, _ in listed]
+  # Every listed path starts with root + "/": slicing is what os.path.relpath computes, at a
+  # fraction of its cost (it was half of a 20,000-file second start).
+  relative = [path[len(root) + 1:] for path, _ in listed]
   keys = [_stat_key(path) for path, _ in listed]
   settings = {"tensorflow": tf.__version__}
   path = manifest_lib.manifest_path(root, cache_dir) if use_manifest else ""

