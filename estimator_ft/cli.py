@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from estimator_ft import config as config_lib
+from estimator_ft import interrupts
 from estimator_ft.config import Config
 
 FLAGS = flags.FLAGS
@@ -226,6 +227,32 @@ def _no_positional(argv):
     raise ValueError(f"Unexpected arguments {argv[1:]}: every setting is a --flag (see --help).")
 
 
+# absl's app.run answers these with its main module's flags only - none, since __main__ defines
+# none - and "Try --helpfull", exit 1. Answered here with the subcommand's own flags, exit 0.
+HELP_ARGUMENTS = ("-h", "-help", "--help", "--helpshort", "-?")
+FULL_HELP_ARGUMENTS = ("-helpfull", "--helpfull")
+
+
+def _help_wanted(arguments) -> str:
+  """"full", "short" or "" for the help flags among the subcommand's own arguments (those after
+  `--` belong to launch-local's training command)."""
+  own = arguments[:arguments.index("--")] if "--" in arguments else arguments
+  if any(a in FULL_HELP_ARGUMENTS for a in own):
+    return "full"
+  return "short" if any(a in HELP_ARGUMENTS for a in own) else ""
+
+
+def _subcommand_help(name: str) -> str:
+  """`estimator-ft NAME --help`: what NAME does and every flag it defines, with its help."""
+  text = FLAGS.module_help(sys.modules[__name__])
+  # absl heads the list with the module's name ("estimator_ft.cli:").
+  lines = [line for line in text.splitlines()
+           if line.strip() and not (line[0] != " " and line.rstrip().endswith(":"))]
+  return "\n".join([f"usage: estimator-ft {name} [--flags]", "", SUBCOMMANDS[name][2], "",
+                    "flags:", *lines, "",
+                    "(--helpfull also lists absl's own flags, such as --verbosity.)"])
+
+
 def _usage():
   lines = ["usage: estimator-ft SUBCOMMAND [--flags]   (estimator-ft SUBCOMMAND --help for its flags)", ""]
   lines += [f"  {name:13s} {help_text}" for name, (_, _, help_text) in SUBCOMMANDS.items()]
@@ -251,10 +278,14 @@ def _main_for(run_fn):
   def main(argv):
     _configure_logging()
     try:
-      return run_fn(argv)
+      with interrupts.stop_on_signals():
+        return run_fn(argv)
     except ValueError as e:  # user errors: one clear message, no traceback
       print(f"estimator-ft: error: {e}", file=sys.stderr)
       return EXIT_USER_ERROR
+    except interrupts.Interrupted as e:  # Ctrl-C, SIGTERM: where it stopped, no traceback
+      print(f"estimator-ft: {e.detail or f'interrupted ({e.signal_name})'}", file=sys.stderr)
+      return e.exit_status
   return main
 
 
@@ -272,4 +303,9 @@ def run_main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   define_flags, run_fn, _ = SUBCOMMANDS[name]
   define_flags()
+  wanted = _help_wanted(argv[2:])
+  if wanted:
+    print(_subcommand_help(name) if wanted == "short" else
+          f"usage: estimator-ft {name} [--flags]\n\n{FLAGS.get_help().strip()}")
+    sys.exit(0)
   app.run(_main_for(run_fn), argv=[f"estimator-ft {name}"] + argv[2:])

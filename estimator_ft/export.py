@@ -47,6 +47,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting as fingerprinting_pywrap  # pylint: disable=g-direct-tensorflow-import
 
 from estimator_ft import contract
+from estimator_ft import image_formats
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import serving
 from estimator_ft.config import Config
@@ -58,7 +59,7 @@ EXPORT_DIR = "export"
 LATEST_EXPORTER = "latest"
 BEST_EXPORTER = "best"
 MANUAL_EXPORT = "manual"  # `estimator-ft export` without --export_dir
-EXPORT_INFO_FILE = os.path.join("assets.extra", "export_info.json")
+EXPORT_INFO_FILE = contract.EXPORT_INFO_FILE
 FINGERPRINT_FILE = "fingerprint.pb"
 
 EXAMPLES_INPUT = "examples"
@@ -87,9 +88,16 @@ _PUBLISH_ATTEMPTS = 5
 
 # ---------------------------------------------------------------- input pipelines of the signatures
 
-def preprocess_image_bytes(image_bytes, image_size: int) -> tf.Tensor:
-  """string [b] of encoded images -> float32 [b, size, size, 3]: the evaluation pipeline's path."""
-  return tf.map_fn(lambda encoded: images_lib.decode_and_preprocess(encoded, image_size), image_bytes,
+def preprocess_image_bytes(image_bytes, image_size: int,
+                           max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
+  """string [b] of encoded images -> float32 [b, size, size, 3]: the evaluation pipeline's path.
+
+  An image whose header declares more than `max_pixels` pixels fails the whole request with
+  InvalidArgumentError ("image of W x H pixels is over the limit ...") before anything of it is
+  decoded: one request cannot make the server allocate gigabytes.
+  """
+  return tf.map_fn(lambda encoded: images_lib.decode_and_preprocess(encoded, image_size, max_pixels),
+                   image_bytes,
                    fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
 
 
@@ -107,7 +115,8 @@ def image_bytes_from_examples(serialized_examples) -> tf.Tensor:
   return tf.io.parse_example(serialized_examples, features)[contract.EXAMPLE_IMAGE_FEATURE]
 
 
-def serving_input_receiver_fn(image_size: int):
+def serving_input_receiver_fn(image_size: int,
+                              max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS):
   """The Estimator's receiver: encoded bytes by default; decoded images and tf.Examples besides."""
 
   def receiver_fn():
@@ -120,7 +129,7 @@ def serving_input_receiver_fn(image_size: int):
         image_bytes_from_examples(examples), [None], name=contract.IMAGE_BYTES_INPUT)
     images = tf.compat.v1.placeholder_with_default(
         tf.zeros([0, image_size, image_size, 3]), [None, None, None, 3], name=contract.IMAGES_INPUT)
-    features = tf.concat([preprocess_image_bytes(image_bytes, image_size),
+    features = tf.concat([preprocess_image_bytes(image_bytes, image_size, max_pixels),
                           preprocess_images(images, image_size)], axis=0)
     return tf.estimator.export.ServingInputReceiver(
         features={contract.FEATURE_KEY: features},
@@ -270,6 +279,8 @@ def _export_info(config: Config, class_names, global_step, checkpoint_path, metr
       "path": config.path,
       "class_names": list(class_names),
       "image_size": config.image_size,
+      # What the signatures refuse (serving.Predictor checks files against it before decoding).
+      contract.MAX_IMAGE_PIXELS_INFO: config.max_image_pixels,
       "global_step": global_step,
       "checkpoint": checkpoint_path,
       "metrics": metrics,
@@ -288,7 +299,8 @@ def export_estimator(estimator, config: Config, class_names, export_base: str,
 
   def write(staging):
     written = estimator.export_saved_model(
-        staging, serving_input_receiver_fn(config.image_size), checkpoint_path=checkpoint_path)
+        staging, serving_input_receiver_fn(config.image_size, config.max_image_pixels),
+        checkpoint_path=checkpoint_path)
     return written.decode() if isinstance(written, bytes) else written
 
   info = _export_info(config, class_names, checkpoint_step(checkpoint_path), checkpoint_path,
@@ -400,7 +412,7 @@ def export_keras_model(model: tf.keras.Model, config: Config, class_names, expor
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES_INPUT)])
   def predict_image_bytes(image_bytes):
-    return predictions(preprocess_image_bytes(image_bytes, size))
+    return predictions(preprocess_image_bytes(image_bytes, size, config.max_image_pixels))
 
   @tf.function(input_signature=[
       tf.TensorSpec([None, None, None, 3], tf.float32, name=contract.IMAGES_INPUT)])
@@ -410,7 +422,8 @@ def export_keras_model(model: tf.keras.Model, config: Config, class_names, expor
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, name=tf.saved_model.CLASSIFY_INPUTS)])
   def classify(inputs):
-    outputs = predictions(preprocess_image_bytes(image_bytes_from_examples(inputs), size))
+    outputs = predictions(preprocess_image_bytes(image_bytes_from_examples(inputs), size,
+                                                 config.max_image_pixels))
     return {tf.saved_model.CLASSIFY_OUTPUT_CLASSES: outputs[contract.ALL_CLASS_NAMES],
             tf.saved_model.CLASSIFY_OUTPUT_SCORES: outputs[contract.PROBABILITIES]}
 

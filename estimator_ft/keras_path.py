@@ -226,6 +226,7 @@ class _Progress(tf.keras.callbacks.Callback):
 
   def on_train_batch_end(self, batch, logs=None):
     step = self._epoch * self._steps_per_epoch + batch + 1
+    progress.record_step(step)
     now = time.time()
     if self._last_time is None:
       # The first step includes tracing the training function: not a rate worth reporting.
@@ -267,6 +268,11 @@ def _final_evaluation(model, history, epochs_trained, validation, global_step) -
   values[model_fn_lib.EXAMPLE_LOSS] = values.get("loss")
   values["global_step"] = global_step
   return values
+
+
+def check_settings(config: Config, class_names) -> None:
+  """What this path refuses, before the train job writes anything: nothing beyond Config's."""
+  del config, class_names
 
 
 def _warn_about_estimator_only_settings(config: Config) -> None:

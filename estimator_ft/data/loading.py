@@ -21,8 +21,10 @@ def load_splits(config) -> Splits:
     validation = tfds_source.tfds_split(config, "validation")
     source = f"TFDS {config.tfds_name}"
   else:
-    train = folders.scan_image_folder(config.train_dir, "train", config.bad_images)
-    validation = folders.scan_image_folder(config.validation_dir, "validation", config.bad_images)
+    train = folders.scan_image_folder(config.train_dir, "train", config.bad_images,
+                                      config.max_image_pixels)
+    validation = folders.scan_image_folder(config.validation_dir, "validation", config.bad_images,
+                                           config.max_image_pixels)
     if os.path.realpath(config.train_dir) == os.path.realpath(config.validation_dir):
       logger.warning("--train_dir and --validation_dir are the same folder: validation results "
                      "will not measure generalisation.")
