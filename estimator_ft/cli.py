@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from estimator_ft import cluster
 from estimator_ft import config as config_lib
 from estimator_ft import interrupts
 from estimator_ft.config import Config
@@ -172,7 +173,6 @@ def _define_launch_local():
 
 
 def _run_launch_local(argv):
-  from estimator_ft import cluster
   return cluster.launch_local(workers=FLAGS.workers, ps=FLAGS.ps, evaluator=FLAGS.evaluator,
                               train_args=list(argv[1:]), timeout_s=FLAGS.timeout_s)
 
@@ -274,11 +274,22 @@ def _configure_logging():
     absl_logging.set_verbosity(absl_logging.WARNING)  # e.g. SavedModel's "Writing fingerprint"
 
 
+def _stops_cleanly_on_signals() -> bool:
+  """False for a parameter server of a TF_CONFIG cluster: it waits inside TensorFlow's C++
+  server.join(), where a Python signal handler never runs, so SIGINT and SIGTERM must keep their
+  default action (end the process) or the launcher's and a scheduler's SIGTERM would not stop it."""
+  try:
+    task = cluster.current_task()
+  except ValueError:
+    return True  # a malformed TF_CONFIG: the train job reports it
+  return task is None or task.type != cluster.PS
+
+
 def _main_for(run_fn):
   def main(argv):
     _configure_logging()
     try:
-      with interrupts.stop_on_signals():
+      with interrupts.stop_on_signals(enabled=_stops_cleanly_on_signals()):
         return run_fn(argv)
     except ValueError as e:  # user errors: one clear message, no traceback
       print(f"estimator-ft: error: {e}", file=sys.stderr)

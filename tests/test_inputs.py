@@ -576,6 +576,41 @@ def test_the_first_progress_lines_after_a_resume_have_no_nan(monkeypatch, caplog
   assert any("- steps/s  - img/s" in line and "ETA ?" in line for line in lines), lines
 
 
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+_BLOCKED_IN_CPP = """
+import sys
+import tensorflow as tf
+from estimator_ft import interrupts
+server = tf.distribute.Server.create_local_server()
+with interrupts.stop_on_signals(force_exit_after_s=1):
+  print("ready", flush=True)
+  server.join()  # C++: the Python handler never gets to run
+"""
+
+
+def test_a_signal_the_main_thread_cannot_notice_still_ends_the_process(monkeypatch):
+  process = subprocess.Popen([sys.executable, "-c", _BLOCKED_IN_CPP], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert process.returncode == 143
+  assert err.strip().splitlines()[-1].startswith(
+      "estimator-ft: interrupted (SIGTERM); still running 1 s later")
+  # A parameter server waits in server.join() for good: it keeps the default actions.
+  monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["127.0.0.1:1"],
+                                                          "ps": ["127.0.0.1:2"]},
+                                              "task": {"type": "ps", "index": 0}}))
+  assert not cli._stops_cleanly_on_signals()  # pylint: disable=protected-access
+  monkeypatch.delenv("TF_CONFIG")
+  assert cli._stops_cleanly_on_signals()  # pylint: disable=protected-access
+
+
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM, end to end
 
 def _train_command(tiny_dataset, model_dir):
