@@ -104,8 +104,6 @@ def _interrupted_detail(config: Config, interrupted: "interrupts.Interrupted") -
 
 def _run(config: Config, initial_weights: str) -> dict:
   task = cluster_lib.current_task()
-  if task is None or task.type != cluster_lib.PS:
-    check_memory(config)
   if task is not None:
     cluster_lib.check_cluster_settings(config.path, config.distribution, task)
     if config.distribution == "multi_worker_mirrored":
@@ -114,6 +112,7 @@ def _run(config: Config, initial_weights: str) -> dict:
       runtime.distribution_strategy(config)
     if not task.is_chief:
       return run_cluster_member(config, task, initial_weights)
+  check_memory(config)  # after the strategy: nothing may run an op before collectives are set up
   started = time.time()
   splits = loading.load_splits(config)
   class_names = tuple(splits.class_names)
@@ -171,6 +170,8 @@ def run_cluster_member(config: Config, task: "cluster_lib.Task", initial_weights
   instead and refuse to start with settings that differ from the chief's. A parameter server only
   holds variables, so it starts at once (the chief's session waits for it).
   """
+  if task.type != cluster_lib.PS:
+    check_memory(config)
   splits = loading.load_splits(config)
   prefix = initial_weights or os.path.join(config.model_dir, model_dir_lib.INITIAL_WEIGHTS_PREFIX)
   if task.type != cluster_lib.PS:
