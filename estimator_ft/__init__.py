@@ -3,8 +3,10 @@
 Layers, each importing only from those above it in this list (tests/test_layout.py checks it):
 
   contract, files, progress,      standard library only: the serving contract's names, atomic
-  messages, image_formats,        writes, the progress line, one-line TF errors, format checks,
-  cluster, sample_data            TF_CONFIG roles and the local launcher, the sample-data generator
+  messages, image_formats,        writes, the progress line, one-line TF errors, header checks
+  cluster, sample_data,           (sizes, pixel limit, EXIF, non-regular files), TF_CONFIG roles
+  memory, interrupts              and the local launcher, the sample-data generator, the memory
+                                  estimate, Ctrl-C/SIGTERM as a clean stop
   config                          the frozen run configuration: defaults, flag help, validators
   reports/                        classification statistics (scikit-learn) and their plots
                                   (matplotlib): metrics, plots; no TensorFlow

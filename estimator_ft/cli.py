@@ -16,8 +16,10 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from estimator_ft import cluster
 from estimator_ft import config as config_lib
 from estimator_ft import tf_environment
+from estimator_ft import interrupts
 from estimator_ft.config import Config
 
 FLAGS = flags.FLAGS
@@ -272,7 +274,6 @@ def _define_launch_local():
 
 
 def _run_launch_local(argv):
-  from estimator_ft import cluster
   return cluster.launch_local(workers=FLAGS.workers, ps=FLAGS.ps, evaluator=FLAGS.evaluator,
                               train_args=list(argv[1:]), timeout_s=FLAGS.timeout_s)
 
@@ -349,6 +350,32 @@ def _no_positional(argv):
     raise ValueError(f"Unexpected arguments {argv[1:]}: every setting is a --flag (see --help).")
 
 
+# absl's app.run answers these with its main module's flags only - none, since __main__ defines
+# none - and "Try --helpfull", exit 1. Answered here with the subcommand's own flags, exit 0.
+HELP_ARGUMENTS = ("-h", "-help", "--help", "--helpshort", "-?")
+FULL_HELP_ARGUMENTS = ("-helpfull", "--helpfull")
+
+
+def _help_wanted(arguments) -> str:
+  """"full", "short" or "" for the help flags among the subcommand's own arguments (those after
+  `--` belong to launch-local's training command)."""
+  own = arguments[:arguments.index("--")] if "--" in arguments else arguments
+  if any(a in FULL_HELP_ARGUMENTS for a in own):
+    return "full"
+  return "short" if any(a in HELP_ARGUMENTS for a in own) else ""
+
+
+def _subcommand_help(name: str) -> str:
+  """`estimator-ft NAME --help`: what NAME does and every flag it defines, with its help."""
+  text = FLAGS.module_help(sys.modules[__name__])
+  # absl heads the list with the module's name ("estimator_ft.cli:").
+  lines = [line for line in text.splitlines()
+           if line.strip() and not (line[0] != " " and line.rstrip().endswith(":"))]
+  return "\n".join([f"usage: estimator-ft {name} [--flags]", "", SUBCOMMANDS[name][2], "",
+                    "flags:", *lines, "",
+                    "(--helpfull also lists absl's own flags, such as --verbosity.)"])
+
+
 def _usage():
   lines = ["usage: estimator-ft SUBCOMMAND [--flags]   (estimator-ft SUBCOMMAND --help for its flags)", ""]
   lines += [f"  {name:13s} {help_text}" for name, (_, _, help_text) in SUBCOMMANDS.items()]
@@ -370,16 +397,31 @@ def _configure_logging():
     absl_logging.set_verbosity(absl_logging.WARNING)  # e.g. SavedModel's "Writing fingerprint"
 
 
+def _stops_cleanly_on_signals() -> bool:
+  """False for a parameter server of a TF_CONFIG cluster: it waits inside TensorFlow's C++
+  server.join(), where a Python signal handler never runs, so SIGINT and SIGTERM must keep their
+  default action (end the process) or the launcher's and a scheduler's SIGTERM would not stop it."""
+  try:
+    task = cluster.current_task()
+  except ValueError:
+    return True  # a malformed TF_CONFIG: the train job reports it
+  return task is None or task.type != cluster.PS
+
+
 def _main_for(run_fn, startup_note=None):
   def main(argv):
     _configure_logging()
     if startup_note:
       logger.info(startup_note)
     try:
-      return run_fn(argv)
+      with interrupts.stop_on_signals(enabled=_stops_cleanly_on_signals()):
+        return run_fn(argv)
     except ValueError as e:  # user errors: one clear message, no traceback
       print(f"estimator-ft: error: {e}", file=sys.stderr)
       return EXIT_USER_ERROR
+    except interrupts.Interrupted as e:  # Ctrl-C, SIGTERM: where it stopped, no traceback
+      print(f"estimator-ft: {e.detail or f'interrupted ({e.signal_name})'}", file=sys.stderr)
+      return e.exit_status
   return main
 
 
@@ -398,4 +440,9 @@ def run_main(argv=None):
   onednn_note = tf_environment.enable_onednn_unless_set()
   define_flags, run_fn, _ = SUBCOMMANDS[name]
   define_flags()
+  wanted = _help_wanted(argv[2:])
+  if wanted:
+    print(_subcommand_help(name) if wanted == "short" else
+          f"usage: estimator-ft {name} [--flags]\n\n{FLAGS.get_help().strip()}")
+    sys.exit(0)
   app.run(_main_for(run_fn, onednn_note), argv=[f"estimator-ft {name}"] + argv[2:])

@@ -15,6 +15,8 @@ import math
 import os
 from typing import Sequence
 
+from estimator_ft import image_formats
+
 # ResNet50's native resolution; the smallest it accepts with include_top=False is 32.
 RESNET50_NATIVE_IMAGE_SIZE = 224
 RESNET50_MIN_IMAGE_SIZE = 32
@@ -97,6 +99,11 @@ class Config:
   bad_images: str = _setting(
       "fail", "What to do with files that cannot be decoded: fail (list them and stop) or skip them.",
       BAD_IMAGE_POLICIES)
+  max_image_pixels: int = _setting(
+      image_formats.DEFAULT_MAX_IMAGE_PIXELS,
+      "Largest image accepted, in pixels (width x height, x frames for a GIF), read from the file "
+      "header before decoding: larger files are bad files in the scan, and are refused by the "
+      "exported model. The default is Pillow's decompression-bomb limit (about 9459 x 9459).")
   seed: int = _setting(42, "Seed for initial weights, shuffling, augmentation and dropout.")
   scan_cache_dir: str = _setting(
       "", "Folder for the scan manifests that let a later start re-check only new or changed "
@@ -147,6 +154,10 @@ class Config:
   distribution: str = _setting(
       "none", "none (default; also for TF_CONFIG clusters with parameter servers), mirrored, or "
       "multi_worker_mirrored.", DISTRIBUTIONS)
+  check_memory: bool = _setting(
+      True, "Refuse an --image_size and --batch_size whose training would not fit in this "
+      "machine's available memory (an estimate for ResNet50 on the CPU; the error names the "
+      "sizes that fit).")
   exact_resume: bool = _setting(
       False, "Resume the input stream exactly where the checkpoint left it (replayed from the "
       "seed), so a resumed run sees exactly the batches an uninterrupted one would.")
@@ -184,6 +195,9 @@ class Config:
     check_image_size(self.image_size, error)
     check_at_least("batch_size", self.batch_size, 1, error=error)
     check_choice("bad_images", self.bad_images, BAD_IMAGE_POLICIES, error)
+    check_at_least("max_image_pixels", self.max_image_pixels, 1,
+                   f"The default, {image_formats.DEFAULT_MAX_IMAGE_PIXELS}, is Pillow's limit.",
+                   error)
 
   def validate(self, require_model_dir: bool = True) -> "Config":
     """Raises ValueError naming the bad setting and what to do; returns self."""

@@ -5,6 +5,8 @@ its signatures and its prediction outputs through these constants. `predict` imp
 the training code, so they live in this dependency-free module rather than in model_fn or export.
 """
 
+import os
+
 # The model's input, and the feature key of every dataset the pipeline yields.
 FEATURE_KEY = "image"
 
@@ -30,3 +32,6 @@ CLASS_NAME = "class_name"
 ALL_CLASS_NAMES = "all_class_names"
 
 SAVED_MODEL_FILE = "saved_model.pb"
+# Where an export records what it was made with, and the pixel limit its signatures enforce.
+EXPORT_INFO_FILE = os.path.join("assets.extra", "export_info.json")
+MAX_IMAGE_PIXELS_INFO = "max_image_pixels"

@@ -43,7 +43,8 @@ EVAL_DIR = "eval"
 EVALUATOR_POLL_S = 2
 
 
-def make_run_config(config: Config, steps_per_epoch: int) -> tf.estimator.RunConfig:
+def check_settings(config: Config, class_names) -> None:
+  """Raises ValueError for what this path refuses, before the train job writes anything."""
   if config.distribution == "multi_worker_mirrored":
     # Measured with TF 2.15: the Estimator's distribute coordinator fails with
     # "/job:chief/replica:0/task:0/device:CPU:0 unknown device" (and a TF_CONFIG-built strategy with
@@ -55,6 +56,12 @@ def make_run_config(config: Config, steps_per_epoch: int) -> tf.estimator.RunCon
         "launch-local --workers=N --ps=M); for synchronous multi-worker training use "
         "--path=keras --distribution=multi_worker_mirrored; for several devices on one machine, "
         "--distribution=mirrored.")
+  export_lib.make_exporters(config, class_names)  # e.g. --export_best_metric=auc needs 2 classes
+
+
+def make_run_config(config: Config, steps_per_epoch: int) -> tf.estimator.RunConfig:
+  if config.distribution == "multi_worker_mirrored":
+    check_settings(config, ())
   strategy = runtime.distribution_strategy(config)
   return tf.estimator.RunConfig(
       model_dir=config.model_dir,
@@ -149,6 +156,7 @@ class ProgressHook(tf.estimator.SessionRunHook):
   def after_run(self, run_context, run_values):
     step_before, loss_sum, size = run_values.results
     step = int(step_before) + 1
+    progress.record_step(step)
     now = time.time()
     previous, self._previous = self._previous, (step, now)
     if self._checkpoint_every and step % self._checkpoint_every == 0:

@@ -51,6 +51,7 @@ from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting as f
 from tensorflow_estimator.python.estimator.export import export_lib as estimator_export_lib
 
 from estimator_ft import contract
+from estimator_ft import image_formats
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import serving
 from estimator_ft.config import Config
@@ -62,7 +63,7 @@ EXPORT_DIR = "export"
 LATEST_EXPORTER = "latest"
 BEST_EXPORTER = "best"
 MANUAL_EXPORT = "manual"  # `estimator-ft export` without --export_dir
-EXPORT_INFO_FILE = os.path.join("assets.extra", "export_info.json")
+EXPORT_INFO_FILE = contract.EXPORT_INFO_FILE
 FINGERPRINT_FILE = "fingerprint.pb"
 
 EXAMPLES_INPUT = "examples"
@@ -91,9 +92,16 @@ _PUBLISH_ATTEMPTS = 5
 
 # ---------------------------------------------------------------- input pipelines of the signatures
 
-def preprocess_image_bytes(image_bytes, image_size: int) -> tf.Tensor:
-  """string [b] of encoded images -> float32 [b, size, size, 3]: the evaluation pipeline's path."""
-  return tf.map_fn(lambda encoded: images_lib.decode_and_preprocess(encoded, image_size), image_bytes,
+def preprocess_image_bytes(image_bytes, image_size: int,
+                           max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
+  """string [b] of encoded images -> float32 [b, size, size, 3]: the evaluation pipeline's path.
+
+  An image whose header declares more than `max_pixels` pixels fails the whole request with
+  InvalidArgumentError ("image of W x H pixels is over the limit ...") before anything of it is
+  decoded: one request cannot make the server allocate gigabytes.
+  """
+  return tf.map_fn(lambda encoded: images_lib.decode_and_preprocess(encoded, image_size, max_pixels),
+                   image_bytes,
                    fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
 
 
@@ -111,7 +119,8 @@ def image_bytes_from_examples(serialized_examples) -> tf.Tensor:
   return tf.io.parse_example(serialized_examples, features)[contract.EXAMPLE_IMAGE_FEATURE]
 
 
-def serving_input_receiver_fn(image_size: int):
+def serving_input_receiver_fn(image_size: int,
+                              max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS):
   """The Estimator's receiver: encoded bytes by default; decoded images and tf.Examples besides."""
 
   def receiver_fn():
@@ -124,7 +133,7 @@ def serving_input_receiver_fn(image_size: int):
         image_bytes_from_examples(examples), [None], name=contract.IMAGE_BYTES_INPUT)
     images = tf.compat.v1.placeholder_with_default(
         tf.zeros([0, image_size, image_size, 3]), [None, None, None, 3], name=contract.IMAGES_INPUT)
-    features = tf.concat([preprocess_image_bytes(image_bytes, image_size),
+    features = tf.concat([preprocess_image_bytes(image_bytes, image_size, max_pixels),
                           preprocess_images(images, image_size)], axis=0)
     return tf.estimator.export.ServingInputReceiver(
         features={contract.FEATURE_KEY: features},
@@ -274,6 +283,8 @@ def _export_info(config: Config, class_names, global_step, checkpoint_path, metr
       "path": config.path,
       "class_names": list(class_names),
       "image_size": config.image_size,
+      # What the signatures refuse (serving.Predictor checks files against it before decoding).
+      contract.MAX_IMAGE_PIXELS_INFO: config.max_image_pixels,
       "global_step": global_step,
       "checkpoint": checkpoint_path,
       "metrics": metrics,
@@ -355,7 +366,8 @@ def export_estimator(estimator, config: Config, class_names, export_base: str,
     if writer is not None:
       return writer.write(staging, checkpoint_path)
     written = estimator.export_saved_model(
-        staging, serving_input_receiver_fn(config.image_size), checkpoint_path=checkpoint_path)
+        staging, serving_input_receiver_fn(config.image_size, config.max_image_pixels),
+        checkpoint_path=checkpoint_path)
     return written.decode() if isinstance(written, bytes) else written
 
   info = _export_info(config, class_names, checkpoint_step(checkpoint_path), checkpoint_path,
@@ -468,7 +480,7 @@ def export_keras_model(model: tf.keras.Model, config: Config, class_names, expor
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES_INPUT)])
   def predict_image_bytes(image_bytes):
-    return predictions(preprocess_image_bytes(image_bytes, size))
+    return predictions(preprocess_image_bytes(image_bytes, size, config.max_image_pixels))
 
   @tf.function(input_signature=[
       tf.TensorSpec([None, None, None, 3], tf.float32, name=contract.IMAGES_INPUT)])
@@ -478,7 +490,8 @@ def export_keras_model(model: tf.keras.Model, config: Config, class_names, expor
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, name=tf.saved_model.CLASSIFY_INPUTS)])
   def classify(inputs):
-    outputs = predictions(preprocess_image_bytes(image_bytes_from_examples(inputs), size))
+    outputs = predictions(preprocess_image_bytes(image_bytes_from_examples(inputs), size,
+                                                 config.max_image_pixels))
     return {tf.saved_model.CLASSIFY_OUTPUT_CLASSES: outputs[contract.ALL_CLASS_NAMES],
             tf.saved_model.CLASSIFY_OUTPUT_SCORES: outputs[contract.PROBABILITIES]}
 

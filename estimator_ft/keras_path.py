@@ -280,6 +280,7 @@ class _Progress(tf.keras.callbacks.Callback):
 
   def on_train_batch_end(self, batch, logs=None):
     step = self._epoch * self._steps_per_epoch + batch + 1
+    progress.record_step(step)
     now = time.time()
     previous_batch_end, self._previous_batch_end = self._previous_batch_end, now
     if batch == 0 and previous_batch_end is not None:
@@ -391,6 +392,11 @@ def _final_evaluation(model, history, epochs_trained, validation, global_step) -
   values[model_fn_lib.EXAMPLE_LOSS] = values.get("loss")
   values["global_step"] = global_step
   return values
+
+
+def check_settings(config: Config, class_names) -> None:
+  """What this path refuses, before the train job writes anything: nothing beyond Config's."""
+  del config, class_names
 
 
 def _warn_about_estimator_only_settings(config: Config) -> None:

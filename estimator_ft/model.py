@@ -9,6 +9,7 @@ gives the Estimator and Keras paths bit-identical starting points.
 """
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Sequence
@@ -24,6 +25,8 @@ logger = logging.getLogger("estimator_ft")
 
 IMAGENET_NOTOP_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _INITIAL_WEIGHT_KEY = "initial_weights/w{:04d}"
+# The input size at which check_fine_tune_from lists the layers (they do not depend on it).
+RESNET50_CHECK_SIZE = 32
 
 
 class WeightsError(ValueError):
@@ -107,12 +110,16 @@ def freeze_base_layers(model: tf.keras.Model, base: tf.keras.Model, fine_tune_fr
   else:
     names = [l.name for l in base_layers]
     if fine_tune_from not in names:
-      stage_starts = [n for n in names if n.endswith("_block1_1_conv")]
-      raise ValueError(f"--fine_tune_from={fine_tune_from!r} is not a ResNet50 layer. Use all, "
-                       f"none, or a layer name such as: {', '.join(stage_starts)}.")
+      raise ValueError(_unknown_layer_message(fine_tune_from, names))
     first_trainable = names.index(fine_tune_from)
   for index, layer in enumerate(base_layers):
     layer.trainable = index >= first_trainable
+
+
+def _unknown_layer_message(fine_tune_from: str, names) -> str:
+  stage_starts = [n for n in names if n.endswith("_block1_1_conv")]
+  return (f"--fine_tune_from={fine_tune_from!r} is not a ResNet50 layer. Use all, none, or a "
+          f"layer name such as: {', '.join(stage_starts)}.")
 
 
 def _explain_weights_failure(weights: str, error: Exception) -> WeightsError:
@@ -129,18 +136,51 @@ def _explain_weights_failure(weights: str, error: Exception) -> WeightsError:
 
 # ---------------------------------------------------------------- the initial-weights checkpoint
 
-def save_initial_weights(config: Config, num_classes: int, prefix: str) -> str:
-  """Builds the model eagerly once (seeded, with `config.weights`) and writes its weights.
+def initial_weight_values(config: Config, num_classes: int) -> list:
+  """The run's starting weights: the model built eagerly once, seeded, with `config.weights`.
 
-  Returns the checkpoint prefix. Written under a temporary prefix and renamed, so a crash never
-  leaves a partial checkpoint that a later run would trust.
+  Building it is also what proves the model settings work (--fine_tune_from names a layer,
+  --weights loads and fits, the precision policy exists), so the train job calls this before
+  anything is written into model_dir.
   """
   tf.keras.utils.set_random_seed(config.seed)
   model = build_model(config, num_classes, weights=config.weights)
-  values = [np.asarray(w) for w in model.get_weights()]
+  return [np.asarray(w) for w in model.get_weights()]
+
+
+def write_initial_weights(config: Config, values: Sequence[np.ndarray], prefix: str) -> str:
+  """Writes initial_weight_values' result as the initial-weights checkpoint; returns the prefix.
+
+  Written under a temporary prefix and renamed, so a crash never leaves a partial checkpoint
+  that a later run would trust.
+  """
   _write_weight_checkpoint(prefix, values)
   logger.info("Initial weights (%s, %d tensors) written to %s", config.weights, len(values), prefix)
   return prefix
+
+
+def save_initial_weights(config: Config, num_classes: int, prefix: str) -> str:
+  """Builds the model eagerly once (seeded, with `config.weights`) and writes its weights."""
+  return write_initial_weights(config, initial_weight_values(config, num_classes), prefix)
+
+
+@functools.lru_cache(maxsize=1)
+def resnet50_layer_names() -> tuple:
+  """The layer names --fine_tune_from may name (the same at every image size)."""
+  base = tf.keras.applications.ResNet50(include_top=False, weights=None,
+                                        input_shape=(RESNET50_CHECK_SIZE, RESNET50_CHECK_SIZE, 3))
+  names = tuple(l.name for l in base.layers if not isinstance(l, tf.keras.layers.InputLayer))
+  return names
+
+
+def check_fine_tune_from(fine_tune_from: str) -> None:
+  """Raises freeze_base_layers' ValueError for a --fine_tune_from that is not a ResNet50 layer,
+  without building the model at the run's size."""
+  if fine_tune_from in ("all", "none"):
+    return
+  names = resnet50_layer_names()
+  if fine_tune_from not in names:
+    raise ValueError(_unknown_layer_message(fine_tune_from, names))
 
 
 def _write_weight_checkpoint(prefix: str, values: Sequence[np.ndarray]) -> None:

@@ -7,6 +7,18 @@ steps and hand them here, so the two paths print the same line.
 import math
 from typing import Optional
 
+# The last training step either path's progress hook saw, for the message of an interrupted run.
+_last_step = {"step": None}
+
+
+def record_step(step: Optional[int]) -> None:
+  """Called by the progress hooks after each training step (None: a new run begins)."""
+  _last_step["step"] = step
+
+
+def recorded_step() -> Optional[int]:
+  return _last_step["step"]
+
 
 def format_seconds(seconds: float) -> str:
   """H:MM:SS, or "?" when there is no estimate (yet)."""

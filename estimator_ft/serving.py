@@ -65,14 +65,19 @@ def resolve_saved_model(path: str) -> str:
 
 # ---------------------------------------------------------------- predicting files
 
-def _undecodable_reason(image_bytes: bytes) -> Optional[str]:
+def _undecodable_reason(image_bytes: bytes, max_pixels: int) -> Optional[str]:
   """Why the signature's decoder would reject these bytes, or None.
 
-  The same op the SavedModel decodes with, run eagerly per file, so one bad file is reported on
-  its own line instead of failing the whole batch it would have been part of.
+  The header's size first (the signature refuses what is over its limit before decoding; here
+  it is never decoded at all), then the same op the SavedModel decodes with, run eagerly per
+  file, so one bad file is reported on its own line instead of failing the whole batch it would
+  have been part of.
   """
   if not image_bytes:
     return "empty file (0 bytes)"
+  reason = image_formats.pixel_limit_problem(image_bytes, max_pixels)
+  if reason:
+    return reason
   try:
     # data.decode_rgb's call, spelled out: `predict` imports none of the training modules.
     tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
@@ -82,15 +87,27 @@ def _undecodable_reason(image_bytes: bytes) -> Optional[str]:
   return image_formats.bmp_palette_problem(image_bytes)
 
 
-def _read_image_bytes(path: str) -> Tuple[Optional[bytes], Optional[str]]:
-  """(bytes, None) for a usable file, (None, reason) otherwise."""
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    return None, f"cannot be read ({e.strerror or e})"
-  reason = _undecodable_reason(data)
+def _read_image_bytes(path: str, max_pixels: int) -> Tuple[Optional[bytes], Optional[str]]:
+  """(bytes, None) for a usable file, (None, reason) otherwise (a FIFO or device is never read)."""
+  data, reason = image_formats.read_image_file(path)
+  if reason:
+    return None, reason
+  reason = _undecodable_reason(data, max_pixels)
   return (None, reason) if reason else (data, None)
+
+
+def export_pixel_limit(saved_model: str) -> int:
+  """The pixel limit an export's signatures enforce (recorded in its export_info.json).
+
+  Exports made before the limit existed record none: their signatures decode anything, and
+  `predict` holds them to the default limit.
+  """
+  try:
+    with open(os.path.join(saved_model, contract.EXPORT_INFO_FILE)) as f:
+      value = json.load(f).get(contract.MAX_IMAGE_PIXELS_INFO)
+  except (OSError, ValueError, AttributeError):
+    value = None
+  return value if isinstance(value, int) and value > 0 else image_formats.DEFAULT_MAX_IMAGE_PIXELS
 
 
 def expand_paths(paths: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
@@ -130,6 +147,7 @@ class Predictor:
                        f"{contract.IMAGE_BYTES_INPUT!r}: it was not exported by estimator_ft. Export one "
                        "with `estimator-ft export --model_dir=MODEL_DIR`.")
     self._signature = signature
+    self.max_pixels = export_pixel_limit(self.path)
 
   def predict_bytes(self, encoded_images: Sequence[bytes]) -> dict:
     """{output: numpy array} for a batch of encoded images."""
@@ -141,7 +159,7 @@ class Predictor:
     records = [None] * len(paths)
     good = []
     for position, path in enumerate(paths):
-      data, reason = _read_image_bytes(path)
+      data, reason = _read_image_bytes(path, self.max_pixels)
       if reason:
         records[position] = {"path": path, "error": reason}
       else:

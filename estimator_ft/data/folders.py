@@ -5,12 +5,15 @@ bad file named, not hours into a run. The verdicts are kept in a scan manifest (
 a later start on the same folder decodes only the files that are new or changed.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
 import io
 import logging
 import os
+import stat
+import threading
 import time
 from typing import List, Optional, Tuple
 
@@ -33,6 +36,12 @@ _MAX_LOGGED_BAD_FILES = 20
 PROGRESS_EVERY_S = 5.0
 # The EXIF tag that says how a camera held the picture; TF's decoders ignore it.
 _EXIF_ORIENTATION_TAG = 0x0112
+# How many files shared by two classes the error names.
+_MAX_SHOWN_SHARED_FILES = 3
+# Images above this size are test-decoded one at a time, so the scan's threads can never hold
+# several of them at once: up to --max_image_pixels each, 3 bytes per pixel (~270 MB by default).
+_LARGE_IMAGE_PIXELS = 16_000_000
+_one_large_decode = threading.Lock()
 
 logger = logging.getLogger("estimator_ft")
 
@@ -46,16 +55,21 @@ class FolderSurvey:
   files: tuple          # ((path, class index, FileFacts), ...) in folder order
   decoded: int          # files test-decoded by this survey (the others came from the manifest)
   manifest: str = ""    # the manifest file read and written ("" with use_manifest=False)
+  shared: tuple = ()    # groups of ((path, class index), ...): one file under several classes
 
   def bad(self) -> List[Tuple[str, str]]:
     return [(path, facts.reason) for path, _, facts in self.files if facts.reason]
 
 
-def check_image_data(path: str, data: bytes) -> Optional[str]:
+def check_image_data(path: str, data: bytes,
+                     max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS) -> Optional[str]:
   """Why the pipeline could not use these bytes of file `path`, or None if they decode.
 
-  Uses the pipeline's own decoder (tf.io.decode_image), which in TF 2.15 rejects every truncated
-  JPEG, PNG, GIF and BMP we tried, down to one missing byte (it is stricter than PIL there).
+  Named pipes, sockets and devices are refused unread (see image_formats.read_image_file), and
+  an image whose header declares more than `max_pixels` pixels is refused before it is decoded.
+  Everything else goes through the pipeline's own decoder (tf.io.decode_image), which in TF 2.15
+  rejects every truncated JPEG, PNG, GIF and BMP we tried, down to one missing byte (it is
+  stricter than PIL there).
   """
   ext = os.path.splitext(path)[1].lower()
   if ext not in contract.IMAGE_EXTENSIONS:
@@ -63,25 +77,26 @@ def check_image_data(path: str, data: bytes) -> Optional[str]:
             f"{', '.join(e[1:].upper() for e in contract.IMAGE_EXTENSIONS)}")
   if not data:
     return "empty file (0 bytes)"
+  reason = image_formats.pixel_limit_problem(data, max_pixels)
+  if reason:
+    return reason
+  pixels = image_formats.decoded_pixels(data) or 0
   try:
-    images.decode_rgb(data)
+    if pixels > _LARGE_IMAGE_PIXELS:
+      with _one_large_decode:
+        images.decode_rgb(data, max_pixels)
+    else:
+      images.decode_rgb(data, max_pixels)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError,
           tf.errors.DataLossError, tf.errors.ResourceExhaustedError) as e:
     return f"cannot be decoded ({messages.short_tf_error(e)})"
   return image_formats.bmp_palette_problem(data)
 
 
-def _read(path: str) -> Tuple[Optional[bytes], Optional[str]]:
-  try:
-    with open(path, "rb") as f:
-      return f.read(), None
-  except OSError as e:
-    return None, f"cannot be read ({e.strerror or e})"
-
-
-def check_image_file(path: str) -> Optional[str]:
+def check_image_file(path: str,
+                     max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS) -> Optional[str]:
   """Why the pipeline could not use this file, or None if it decodes."""
-  return examine_image_file(path).reason
+  return examine_image_file(path, max_pixels).reason
 
 
 def _header_facts(data: bytes) -> dict:
@@ -97,13 +112,17 @@ def _header_facts(data: bytes) -> dict:
     return {}
 
 
-def examine_image_file(path: str) -> FileFacts:
-  """Reads the file once: its verdict, and the facts `inspect` reports."""
-  data, reason = _read(path)
+def examine_image_file(path: str,
+                       max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS) -> FileFacts:
+  """Reads the file once (never a named pipe, socket or device: image_formats.read_image_file):
+  its verdict, and for a usable image the facts `inspect` reports."""
+  data, reason = image_formats.read_image_file(path)
   if reason:
     return FileFacts(reason=reason)
-  reason = check_image_data(path, data)
-  return FileFacts(reason=reason, sha1=hashlib.sha1(data).hexdigest(), **_header_facts(data))
+  reason = check_image_data(path, data, max_pixels)
+  if reason:
+    return FileFacts(reason=reason)
+  return FileFacts(sha1=hashlib.sha1(data).hexdigest(), **_header_facts(data))
 
 
 def _visible(name: str) -> bool:
@@ -119,7 +138,7 @@ def _list_class_files(class_dir: str) -> list:
   return files
 
 
-def _examine_all(paths, name: str, progress_every_s: float) -> list:
+def _examine_all(paths, name: str, max_pixels: int, progress_every_s: float) -> list:
   """FileFacts of each path, in order; a progress line every few seconds on a long scan."""
   if not paths:
     return []
@@ -128,7 +147,7 @@ def _examine_all(paths, name: str, progress_every_s: float) -> list:
   results = []
   started = last_report = time.monotonic()
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    for facts in pool.map(examine_image_file, paths):
+    for facts in pool.map(lambda path: examine_image_file(path, max_pixels), paths):
       results.append(facts)
       now = time.monotonic()
       if now - last_report >= progress_every_s and len(results) < len(paths):
@@ -140,9 +159,9 @@ def _examine_all(paths, name: str, progress_every_s: float) -> list:
   return results
 
 
-def _stat_key(path: str):
+def _stat(path: str):
   try:
-    return manifest_lib.file_key(os.stat(path))
+    return os.stat(path)
   except OSError:
     return None  # gone or unreadable: examined (and reported) like any other file
 
@@ -170,19 +189,71 @@ def _check_folder_root(root: str, name: str) -> Tuple[str, tuple]:
   return root, class_names
 
 
+def _shared_between_classes(candidates, statuses) -> list:
+  """Groups [(path, class index)] of one file reached under two or more classes.
+
+  The same file is the same (device, inode), however it is reached: a class folder that is a
+  link to another class, a linked file, a hard link. Files that cannot be stat'ed (status None),
+  and files that are not regular files, are left to check_image_file.
+  """
+  by_identity = collections.defaultdict(list)
+  for (path, index), status in zip(candidates, statuses):
+    if status is not None and stat.S_ISREG(status.st_mode):
+      by_identity[(status.st_dev, status.st_ino)].append((path, index))
+  return [group for group in by_identity.values() if len({index for _, index in group}) > 1]
+
+
+
+def _shared_reasons(groups) -> list:
+  """[(path, reason)] for every path of the groups: each names where else the file is."""
+  bad = []
+  for group in groups:
+    for path, index in group:
+      others = ", ".join(p for p, i in group if i != index)
+      bad.append((path, f"the same file as {others} (another class): a file cannot have two "
+                        "labels"))
+  return bad
+
+
+
+def _shared_files_message(root: str, name: str, class_names, groups) -> str:
+  pairs = collections.Counter()
+  for group in groups:
+    classes = sorted({index for _, index in group})
+    pairs.update((a, b) for position, a in enumerate(classes) for b in classes[position + 1:])
+  described = []
+  for (first, second), count in sorted(pairs.items()):
+    notes = [f"{class_names[c]} is a link to {os.readlink(os.path.join(root, class_names[c]))}"
+             for c in (first, second) if os.path.islink(os.path.join(root, class_names[c]))]
+    described.append(f"{class_names[first]} and {class_names[second]} share {count} file(s)"
+                     f"{' (' + '; '.join(notes) + ')' if notes else ''}")
+  examples = "\n".join(f"  {group[0][0]} is {group[1][0]}" for group in groups[:_MAX_SHOWN_SHARED_FILES])
+  return (f"The same files are under two classes of the {name} folder {root}: "
+          f"{'; '.join(described)}. A file can have one label only, e.g.:\n{examples}\n"
+          "Remove the duplicate class folder or link, or pass --bad_images=skip to leave those "
+          "files out of every class.")
+
+
 def survey_folder(root: str, name: str, cache_dir: str = "", rescan: bool = False,
                   use_manifest: bool = True,
+                  max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS,
                   progress_every_s: float = PROGRESS_EVERY_S) -> FolderSurvey:
   """Lists `<root>/<class>/<image>` and checks every file: the unchanged ones from the manifest,
-  the others by decoding them (then the manifest is updated). rescan: decode every file."""
+  the others by decoding them (then the manifest is updated). rescan: decode every file.
+
+  A file reached under two classes (a class folder linking to another, a hard link) is bad under
+  both, whatever its bytes: it would be trained on with two contradicting labels.
+  """
   root, class_names = _check_folder_root(root, name)
   listed = [(path, index) for index, class_name in enumerate(class_names)
             for path in _list_class_files(os.path.join(root, class_name))]
   # Every listed path starts with root + "/": slicing is what os.path.relpath computes, at a
   # fraction of its cost (it was half of a 20,000-file second start).
   relative = [path[len(root) + 1:] for path, _ in listed]
-  keys = [_stat_key(path) for path, _ in listed]
-  settings = {"tensorflow": tf.__version__}
+  statuses = [_stat(path) for path, _ in listed]
+  keys = [manifest_lib.file_key(status) if status else None for status in statuses]
+  # What a verdict depends on besides the file: a manifest made under other settings is ignored.
+  settings = {"tensorflow": tf.__version__, "max_image_pixels": max_pixels}
   path = manifest_lib.manifest_path(root, cache_dir) if use_manifest else ""
   known = (manifest_lib.load(root, path, settings) if use_manifest and not rescan
            else manifest_lib.Manifest(root, settings))
@@ -193,7 +264,8 @@ def survey_folder(root: str, name: str, cache_dir: str = "", rescan: bool = Fals
     logger.info("%s images: %d of %d files unchanged since the last scan (manifest %s); "
                 "checking %d.", name.capitalize(), len(listed) - len(unknown), len(listed), path,
                 len(unknown))
-  examined_now = _examine_all([listed[i][0] for i in unknown], name, progress_every_s)
+  examined_now = _examine_all([listed[i][0] for i in unknown], name, max_pixels,
+                              progress_every_s)
   for i, examined in zip(unknown, examined_now):
     facts[i] = examined
     if keys[i] is not None:
@@ -206,9 +278,14 @@ def survey_folder(root: str, name: str, cache_dir: str = "", rescan: bool = Fals
       logger.warning("Could not save the scan manifest %s (%s): the next start checks every file "
                      "again. Point --scan_cache_dir at a writable folder.", path,
                      e.strerror or e)
+  # Not from the manifest: which files are one file depends on the whole folder, not on each.
+  position = {path: k for k, (path, _) in enumerate(listed)}
+  shared = _shared_between_classes(listed, statuses)
+  for path, reason in _shared_reasons(shared):
+    facts[position[path]] = FileFacts(reason=reason)
   return FolderSurvey(root=root, name=name, class_names=class_names,
                       files=tuple((p, i, f) for (p, i), f in zip(listed, facts)),
-                      decoded=len(unknown), manifest=path)
+                      decoded=len(unknown), manifest=path, shared=tuple(map(tuple, shared)))
 
 
 def _bad_files_message(root: str, name: str, bad: list, job: str = "train") -> str:
@@ -218,7 +295,8 @@ def _bad_files_message(root: str, name: str, bad: list, job: str = "train") -> s
 
 
 def scan_image_folder(root: str, name: str, bad_images: str = "fail", cache_dir: str = "",
-                      rescan: bool = False, job: str = "train") -> Split:
+                      rescan: bool = False, job: str = "train",
+                      max_image_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS) -> Split:
   """Lists and checks `<root>/<class>/<image>` (survey_folder), then applies the bad-file policy.
 
   bad_images="fail" raises DataError naming every bad file; "skip" leaves them out and records
@@ -226,8 +304,10 @@ def scan_image_folder(root: str, name: str, bad_images: str = "fail", cache_dir:
   evaluate) is what the message says skipping lets run.
   """
   config_lib.check_choice("bad_images", bad_images, config_lib.BAD_IMAGE_POLICIES, DataError)
-  survey = survey_folder(root, name, cache_dir, rescan)
+  survey = survey_folder(root, name, cache_dir, rescan, max_pixels=max_image_pixels)
   root, class_names = survey.root, survey.class_names
+  if survey.shared and bad_images == "fail":
+    raise DataError(_shared_files_message(root, name, class_names, list(survey.shared)))
   bad = survey.bad()
   if bad and bad_images == "fail":
     raise DataError(_bad_files_message(root, name, bad, job))

@@ -28,9 +28,11 @@ def load_splits(config) -> Splits:
     source = f"--records_dir={config.records_dir}"
   else:
     train = folders.scan_image_folder(config.train_dir, "train", config.bad_images,
-                                      config.scan_cache_dir, config.rescan)
+                                      config.scan_cache_dir, config.rescan,
+                                      max_image_pixels=config.max_image_pixels)
     validation = folders.scan_image_folder(config.validation_dir, "validation", config.bad_images,
-                                           config.scan_cache_dir, config.rescan)
+                                           config.scan_cache_dir, config.rescan,
+                                           max_image_pixels=config.max_image_pixels)
     if os.path.realpath(config.train_dir) == os.path.realpath(config.validation_dir):
       logger.warning("--train_dir and --validation_dir are the same folder: validation results "
                      "will not measure generalisation.")

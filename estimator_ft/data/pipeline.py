@@ -64,8 +64,9 @@ def _folder_items(split: Split):
   return tf.constant(split.paths, tf.string), tf.constant(split.labels, tf.int32)
 
 
-def _load_file(path) -> tf.Tensor:
-  return images.decode_rgb(tf.io.read_file(path))
+def _file_loader(max_pixels: int):
+  """`load(path)`: the file's image at its own size; over max_pixels, an error before decoding."""
+  return lambda path: images.decode_rgb(tf.io.read_file(path), max_pixels)
 
 
 def _options() -> tf.data.Options:
@@ -119,7 +120,7 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     return dataset if mode == "predict" else dataset.ignore_errors(log_warning=True)
 
   if split.is_tfds:
-    examples, load = tfds_source.source_dataset(split)
+    examples, load = tfds_source.source_dataset(split, config.max_image_pixels)
     if training:
       examples = tfds_source.shuffled_stream(examples, split, config)
   elif split.is_records:
@@ -135,7 +136,7 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     examples = serialized.map(records.parse_record, **parallel)
   else:
     paths, labels = _folder_items(split)
-    load = _load_file
+    load = _file_loader(config.max_image_pixels)
     if training and not config.cache:
       order = permuted_indices(split.num_examples, seed, start_example)
     elif training:

@@ -5,6 +5,7 @@ tensorflow_datasets is imported on first use only: it is slow to import and only
 
 import tensorflow as tf
 
+from estimator_ft import image_formats
 from estimator_ft.data import images
 from estimator_ft.data.split import DataError, Split
 
@@ -83,14 +84,18 @@ def tfds_split(config, which: str) -> Split:
                tfds_image_key=image_key, tfds_label_key=label_key)
 
 
-def source_dataset(split: Split):
+def source_dataset(split: Split, max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS):
   """(encoded or decoded image, int32 label) examples in the split's stored order, plus
-  `load(item) -> [h, w, 1|3|4]`, the image at its own size (run inside the parallel map)."""
+  `load(item) -> [h, w, 1|3|4]`, the image at its own size (run inside the parallel map); an
+  encoded image over `max_pixels` fails there before it is decoded."""
   builder = tfds_builder(split.tfds_name, split.tfds_data_dir)
   image_key, label_key = split.tfds_image_key, split.tfds_label_key
   examples = _tfds_as_dataset(builder, split.tfds_split, image_key)
   examples = examples.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
-  load = images.decode_rgb if _tfds_image_is_encoded(builder, image_key) else tf.convert_to_tensor
+  if _tfds_image_is_encoded(builder, image_key):
+    load = lambda image_bytes: images.decode_rgb(image_bytes, max_pixels)  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    load = tf.convert_to_tensor
   return examples, load
 
 

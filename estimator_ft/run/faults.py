@@ -107,6 +107,50 @@ def remove_stale_temporaries(model_dir: str, checkpoint_name: str) -> List[str]:
   return removed
 
 
+def list_unlisted_checkpoints(model_dir: str, checkpoint_name: str) -> List[str]:
+  """Makes model_dir/checkpoint list every intact checkpoint on disk; returns those it added.
+
+  A save writes the checkpoint's files, then model_dir/checkpoint: a run stopped in between
+  (Ctrl-C, SIGTERM or kill -9 during a save) leaves a complete `<name>-<step>` that nothing
+  lists, which a resume would ignore and no retention would ever delete. The newest intact one
+  becomes the latest (nothing trained is lost); older ones are listed behind the listed ones, so
+  the savers' --keep_checkpoint_max retention deletes them in turn. Data files of a save that
+  never got its index (unreadable) are removed. Call it while holding model_dir's run lock.
+  """
+  latest, listed, state_problem = _named_checkpoints(model_dir)
+  if state_problem:
+    return []  # a missing or damaged state file: recover_checkpoint_state's fallback handles it
+  on_disk = _checkpoints_on_disk(model_dir, checkpoint_name)
+  listed = [p for p in listed if os.path.exists(p + ".index")]
+  if latest and os.path.exists(latest + ".index") and latest not in listed:
+    listed.append(latest)
+  latest_step = max((_step_of(p) or 0 for p in listed), default=-1)
+  _remove_data_without_index(model_dir, checkpoint_name, latest_step)
+  unlisted = [prefix for _, prefix in sorted(on_disk) if prefix not in listed]
+  added = [prefix for prefix in unlisted if checkpoint_problem(prefix) is None]
+  if not added:
+    return []
+  ordered = sorted(set(listed) | set(added), key=lambda p: _step_of(p) or 0)
+  tf.compat.v1.train.update_checkpoint_state(
+      model_dir, os.path.relpath(ordered[-1], model_dir),
+      all_model_checkpoint_paths=[os.path.relpath(p, model_dir) for p in ordered])
+  logger.info("Listed %d complete checkpoint(s) that model_dir/checkpoint did not name (a save "
+              "was interrupted before it could record them): %s", len(added),
+              ", ".join(os.path.basename(p) for p in added))
+  return added
+
+
+def _remove_data_without_index(model_dir: str, checkpoint_name: str, latest_step: int) -> None:
+  pattern = re.compile(re.escape(checkpoint_name) + r"-(\d+)\.data-\d+-of-\d+$")
+  for path in glob.glob(os.path.join(glob.escape(model_dir), f"{checkpoint_name}-*.data-*")):
+    match = pattern.search(os.path.basename(path))
+    if (match and int(match.group(1)) > latest_step
+        and not os.path.exists(path[:path.rindex(".data-")] + ".index")):
+      os.remove(path)
+      logger.info("Removed %s: the data of a save that was interrupted before its index.",
+                  os.path.basename(path))
+
+
 def recover_checkpoint_state(model_dir: str, checkpoint_name: str) -> Optional[str]:
   """The checkpoint a run in model_dir will resume from, proven intact; None for a fresh start.
 
@@ -118,6 +162,7 @@ def recover_checkpoint_state(model_dir: str, checkpoint_name: str) -> Optional[s
   Call it while holding model_dir's run lock.
   """
   remove_stale_temporaries(model_dir, checkpoint_name)
+  list_unlisted_checkpoints(model_dir, checkpoint_name)
   on_disk = _checkpoints_on_disk(model_dir, checkpoint_name)
   latest, listed, state_problem = _named_checkpoints(model_dir)
   if state_problem and not on_disk:

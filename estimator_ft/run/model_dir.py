@@ -6,6 +6,8 @@
                        a later run with other checkpoint-defining settings is refused
   initial_weights/     the starting weights, written once (both paths start from them)
   results.json         what the finished run measured (written last)
+  untrained-<time>/    the files of a run that stopped before its first checkpoint, set aside
+                       when a run of other settings (the corrected command) took model_dir over
   train_history.json   the Estimator path's per-epoch training averages
   keras_history.json   the Keras path's per-epoch history
 In a TF_CONFIG cluster only the chief writes these; the other tasks wait for its files.
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import threading
+import re
 import time
 from typing import Optional, Tuple
 
@@ -39,6 +42,8 @@ KERAS_HISTORY_FILE = "keras_history.json"
 # Checkpoint names (`<name>-<global step>`): tf.estimator's own, and the Keras path's manager's.
 ESTIMATOR_CHECKPOINT_NAME = "model.ckpt"
 KERAS_CHECKPOINT_NAME = "ckpt"
+# Where a run that never trained is kept when a run of other settings takes its model_dir over.
+UNTRAINED_RUN_PREFIX = "untrained-"
 # How long a worker or evaluator waits for the chief to write config.json and the initial weights:
 # the chief builds the model eagerly first, which takes minutes with ImageNet weights at 224 px.
 CHIEF_WAIT_TIMEOUT_S = 600
@@ -70,6 +75,24 @@ def read_run_config(model_dir: str) -> Optional[dict]:
                      "this model_dir; restore it, or use a new --model_dir.") from e
 
 
+def _differences(previous: dict, config: Config, class_names: Tuple[str, ...]) -> list:
+  differences = []
+  if list(previous.get("class_names", [])) != list(class_names):
+    differences.append(f"class_names: {previous.get('class_names')} -> {list(class_names)}")
+  old = previous.get("config", {})
+  for name in config_lib.CHECKPOINT_DEFINING_FIELDS:
+    if name in old and old[name] != getattr(config, name):
+      differences.append(f"{name}: {old[name]!r} -> {getattr(config, name)!r}")
+  return differences
+
+
+def _different_run_error(model_dir: str, differences: list) -> ValueError:
+  return ValueError(
+      f"--model_dir={model_dir} holds a run with a different configuration "
+      f"({'; '.join(differences)}). Resuming would mix the two. Use a new --model_dir, or "
+      "repeat the original settings to resume it.")
+
+
 def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str) -> bool:
   """True if model_dir holds an earlier run of the same configuration, False if it is new.
 
@@ -79,19 +102,81 @@ def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str
   previous = read_run_config(model_dir)
   if previous is None:
     return False
-  differences = []
-  if list(previous.get("class_names", [])) != list(class_names):
-    differences.append(f"class_names: {previous.get('class_names')} -> {list(class_names)}")
-  old = previous.get("config", {})
-  for name in config_lib.CHECKPOINT_DEFINING_FIELDS:
-    if name in old and old[name] != getattr(config, name):
-      differences.append(f"{name}: {old[name]!r} -> {getattr(config, name)!r}")
+  differences = _differences(previous, config, class_names)
   if differences:
-    raise ValueError(
-        f"--model_dir={model_dir} holds a run with a different configuration "
-        f"({'; '.join(differences)}). Resuming would mix the two. Use a new --model_dir, or "
-        "repeat the original settings to resume it.")
+    raise _different_run_error(model_dir, differences)
   return True
+
+
+def checkpoint_steps(model_dir: str) -> list:
+  """The steps of the training checkpoints in model_dir (either path's names), sorted."""
+  pattern = re.compile(rf"^(?:{re.escape(ESTIMATOR_CHECKPOINT_NAME)}|"
+                       rf"{re.escape(KERAS_CHECKPOINT_NAME)})-(\d+)\.index$")
+  names = os.listdir(model_dir) if os.path.isdir(model_dir) else []
+  return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+
+
+def never_trained(model_dir: str) -> bool:
+  """True if model_dir's run wrote no checkpoint past step 0 (the starting point) and no results.
+
+  Such a run stopped before its first training checkpoint - a setting that failed after
+  config.json was written, an interrupt or a crash in its first steps - so it has nothing a
+  resume could continue.
+  """
+  return (not os.path.exists(os.path.join(model_dir, RESULTS_FILE))
+          and all(step == 0 for step in checkpoint_steps(model_dir)))
+
+
+def plan_run(config: Config, class_names: Tuple[str, ...]) -> Tuple[str, list]:
+  """What a run of `config` will do with model_dir, read-only: ("new" | "resume" | "replace",
+  the differences from the run recorded there).
+
+  "replace": model_dir holds the config.json of a run of another configuration that never
+  trained (see never_trained); the new run takes model_dir over and keeps the old run's files
+  aside (prepare_model_dir). Raises ValueError for a different run that did train, and for
+  checkpoints without a config.json.
+  """
+  model_dir = config.model_dir
+  previous = read_run_config(model_dir)
+  if previous is None:
+    if _has_checkpoint(model_dir):
+      raise ValueError(f"--model_dir={model_dir} holds checkpoints but no {CONFIG_FILE}: "
+                       "it was not written by estimator_ft (or that file was deleted). Use a new "
+                       "--model_dir rather than mixing runs.")
+    return "new", []
+  differences = _differences(previous, config, class_names)
+  if not differences:
+    return "resume", []
+  if never_trained(model_dir):
+    return "replace", differences
+  raise _different_run_error(model_dir, differences)
+
+
+def _set_aside_untrained_run(model_dir: str, differences: list) -> str:
+  """Moves the files of a run that never trained into model_dir/untrained-<time>/; returns it.
+
+  Its config.json, initial weights, step-0 checkpoint (the initial weights again, with the old
+  run's optimizer settings) and history: nothing is deleted, and nothing of it is resumed.
+  """
+  stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+  aside = os.path.join(model_dir, f"{UNTRAINED_RUN_PREFIX}{stamp}")
+  suffix = 0
+  while os.path.exists(aside):
+    suffix += 1
+    aside = os.path.join(model_dir, f"{UNTRAINED_RUN_PREFIX}{stamp}-{suffix}")
+  os.makedirs(aside)
+  step_zero = re.compile(rf"^(?:{re.escape(ESTIMATOR_CHECKPOINT_NAME)}|"
+                         rf"{re.escape(KERAS_CHECKPOINT_NAME)})-0\.")
+  names = [CONFIG_FILE, os.path.dirname(INITIAL_WEIGHTS_PREFIX), "checkpoint", TRAIN_HISTORY_FILE,
+           KERAS_HISTORY_FILE] + [n for n in os.listdir(model_dir) if step_zero.match(n)]
+  for name in names:
+    if os.path.exists(os.path.join(model_dir, name)):
+      os.replace(os.path.join(model_dir, name), os.path.join(aside, name))
+  files.fsync_directory(model_dir)
+  logger.warning("--model_dir=%s held the config.json of a run that never trained, with other "
+                 "settings (%s): this run replaces it; that run's files are kept in %s.",
+                 model_dir, "; ".join(differences), aside)
+  return aside
 
 
 # ---------------------------------------------------------------- preparing and locking
@@ -238,27 +323,33 @@ def lease_lock(model_dir: str, timeout_s: Optional[float] = None, renew_s: Optio
 def prepare_model_dir(config: Config, class_names) -> bool:
   """Checks model_dir is writable and holds nothing foreign; writes config.json.
 
-  Returns True if an earlier run of the same configuration is resumed.
+  Call it while holding the run lock, once every setting has been validated: config.json is the
+  first file a run writes. A run of another configuration that never trained is set aside (see
+  plan_run). Returns True if an earlier run of the same configuration is resumed.
   """
   ensure_writable_dir(config.model_dir)
-  resuming = check_resumable(config, tuple(class_names), config.model_dir)
-  if not resuming and _has_checkpoint(config.model_dir):
-    raise ValueError(f"--model_dir={config.model_dir} holds checkpoints but no {CONFIG_FILE}: "
-                     "it was not written by estimator_ft (or that file was deleted). Use a new "
-                     "--model_dir rather than mixing runs.")
+  plan, differences = plan_run(config, tuple(class_names))
+  if plan == "replace":
+    _set_aside_untrained_run(config.model_dir, differences)
   write_run_config(config, class_names)
-  return resuming
+  return plan == "resume"
 
 
 def _has_checkpoint(model_dir: str) -> bool:
   return os.path.exists(os.path.join(model_dir, "checkpoint"))
 
 
-def initial_weights_prefix(config: Config, num_classes: int) -> str:
-  """The run's starting weights, written once per model_dir (so a resume never rebuilds them)."""
+
+def initial_weights_prefix(config: Config, num_classes: int, values=None) -> str:
+  """The run's starting weights, written once per model_dir (so a resume never rebuilds them).
+
+  values: model.initial_weight_values, when the caller built them already (to validate).
+  """
   prefix = os.path.join(config.model_dir, INITIAL_WEIGHTS_PREFIX)
   if not model_lib.initial_weights_exist(prefix):
-    model_lib.save_initial_weights(config, num_classes, prefix)
+    if values is None:
+      values = model_lib.initial_weight_values(config, num_classes)
+    model_lib.write_initial_weights(config, values, prefix)
   return prefix
 
 
