@@ -5,7 +5,9 @@ Layers, each importing only from those above it in this list (tests/test_layout.
   contract, files, progress,      standard library only: the serving contract's names, atomic
   messages, image_formats,        writes, the progress line, one-line TF errors, format checks,
   cluster, sample_data            TF_CONFIG roles and the local launcher, the sample-data generator
-  config                          the frozen run configuration: defaults, flag help, validators
+  config, recipes                 the frozen run configuration: defaults, flag help, validators;
+                                  the recipes as pure functions (schedule, class weights, early
+                                  stopping, resume rules)
   data/                           the one tf.data pipeline: split, images, folders, tfds_source,
                                   loading, pipeline, synthetic
   model                           the one ResNet50 + head builder, initial-weights checkpoint

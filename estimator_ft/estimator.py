@@ -80,8 +80,10 @@ def _session_config(config: Config):
   return session_config
 
 
-def make_estimator(config: Config, class_names, steps_per_epoch: int, initial_weights: str = ""):
-  model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights)
+def make_estimator(config: Config, class_names, steps_per_epoch: int, initial_weights: str = "",
+                   class_weights=None):
+  model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights,
+                                         class_weights)
   return tf.estimator.Estimator(model_fn=model_fn, config=make_run_config(config, steps_per_epoch))
 
 
@@ -165,7 +167,7 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     self._fetches = [tf.compat.v1.train.get_global_step()] + [
         graph.get_tensor_by_name(name + ":0") for name in
         (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_CORRECT_TENSOR,
-         model_fn_lib.BATCH_SIZE_TENSOR)]
+         model_fn_lib.BATCH_SIZE_TENSOR, model_fn_lib.BATCH_WEIGHT_TENSOR)]
     self._history = model_dir_lib.read_history(self._model_dir, model_dir_lib.TRAIN_HISTORY_FILE)
     # The epoch the run starts in, from the checkpoint it resumes (not from the first step seen:
     # in a cluster the other workers may already have ended that epoch).
@@ -173,17 +175,18 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     self._reset()
 
   def _reset(self):
-    self._loss = self._correct = self._count = 0.0
+    self._loss = self._correct = self._count = self._weight = 0.0
     self._steps_seen = 0
 
   def before_run(self, run_context):
     return tf.estimator.SessionRunArgs(self._fetches)
 
   def after_run(self, run_context, run_values):
-    step_before, loss_sum, correct, size = run_values.results
+    step_before, loss_sum, correct, size, weight = run_values.results
     self._loss += float(loss_sum)
     self._correct += float(correct)
     self._count += float(size)
+    self._weight += float(weight)
     self._steps_seen += 1
     self._maybe_end_epoch(int(step_before) + 1)
 
@@ -194,7 +197,9 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     self._history = [h for h in self._history if h["epoch"] != epoch]
     self._history.append({
         "epoch": epoch, "step": int(step),
-        "loss": self._loss / self._count, "accuracy": self._correct / self._count,
+        "loss": self._loss / self._count,
+        # Weighted by --class_weight, as Keras weights its running accuracy.
+        "accuracy": self._correct / self._weight if self._weight else float("nan"),
         # A resumed run sees only part of the interrupted epoch; say so rather than hide it.
         "train_steps_averaged": self._steps_seen})
     self._history.sort(key=lambda h: h["epoch"])
@@ -244,7 +249,8 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   class_names = tuple(splits.class_names)
   steps_per_epoch = split_lib.steps_per_epoch(splits.train, config.batch_size)
   max_steps = config.epochs * steps_per_epoch
-  estimator = make_estimator(config, class_names, steps_per_epoch, initial_weights)
+  class_weights = model_fn_lib.training_class_weights(config, splits.train)
+  estimator = make_estimator(config, class_names, steps_per_epoch, initial_weights, class_weights)
   is_chief = estimator.config.is_chief
   hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
                         config.save_checkpoints_steps or steps_per_epoch)]

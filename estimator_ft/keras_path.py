@@ -54,13 +54,13 @@ MAX_TOP_K = 5
 
 # ---------------------------------------------------------------- model
 
-def compile_loss(num_classes: int) -> tf.keras.losses.Loss:
+def compile_loss(num_classes: int, label_smoothing: float = 0.0) -> tf.keras.losses.Loss:
   """model_fn's loss (same class, same settings), averaged over the batch for `fit`.
 
   The Estimator's training loss is the mean of the per-example values; SUM_OVER_BATCH_SIZE is the
   same mean. (model_fn.make_loss itself returns per-example values, which `fit` would sum.)
   """
-  per_example = model_fn_lib.make_loss(num_classes)
+  per_example = model_fn_lib.make_loss(num_classes, label_smoothing)
   settings = dict(per_example.get_config(),
                   reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE)
   return type(per_example).from_config(settings)
@@ -87,17 +87,18 @@ def build_compiled_model(config: Config, num_classes: int, initial_weights: str 
   """The shared model, optionally loaded from an initial-weights checkpoint, compiled for `fit`.
 
   Built under `config.distribution`'s strategy when there is one (fit then trains with it).
-  `steps_total` (epochs x steps per epoch) is only needed by --lr_schedule=cosine.
+  `steps_total` (epochs x steps per epoch) is needed by a schedule or warm-up.
   """
-  if config.lr_schedule == "cosine" and steps_total < 1:
+  if (config.lr_schedule != "constant" or config.warmup_epochs) and steps_total < 1:
     raise ValueError("build_compiled_model needs steps_total (epochs x steps per epoch) for "
-                     "--lr_schedule=cosine: the schedule decays over the whole run.")
+                     f"--lr_schedule={config.lr_schedule} / --warmup_epochs: the schedule counts "
+                     "steps per epoch.")
   with _strategy_scope(runtime.distribution_strategy(config)):
     model = model_lib.build_model(config, num_classes)
     if initial_weights:
       model_lib.load_initial_weights(model, initial_weights)
     model.compile(optimizer=model_fn_lib.make_optimizer(config, steps_total),
-                  loss=compile_loss(num_classes), metrics=compile_metrics(num_classes),
+                  loss=compile_loss(num_classes, config.label_smoothing), metrics=compile_metrics(num_classes),
                   jit_compile=bool(config.jit))
   return model
 
@@ -240,6 +241,33 @@ class _Progress(tf.keras.callbacks.Callback):
     self._last_time, self._last_step = now, step
 
 
+class _LearningRateSummary(tf.keras.callbacks.Callback):
+  """`learning_rate` in TensorBoard's train run every --save_summary_steps steps (the rate the
+  step used), as the Estimator path's model_fn writes it."""
+
+  def __init__(self, log_dir: str, every_n_steps: int):
+    super().__init__()
+    self._log_dir, self._every = log_dir, every_n_steps
+    self._writer = None
+
+  def on_train_begin(self, logs=None):
+    self._writer = tf.summary.create_file_writer(self._log_dir)
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = int(self.model.optimizer.iterations.numpy()) - 1  # the step just taken
+    if step % self._every:
+      return
+    rate = self.model.optimizer.learning_rate
+    if isinstance(rate, tf.keras.optimizers.schedules.LearningRateSchedule):
+      rate = rate(step)
+    with self._writer.as_default():
+      tf.summary.scalar("learning_rate", tf.cast(rate, tf.float32), step=step)
+
+  def on_train_end(self, logs=None):
+    if self._writer is not None:
+      self._writer.close()
+
+
 class _StopOnNaN(tf.keras.callbacks.Callback):
   """Raises NaNLossError at the first non-finite loss, before anything is checkpointed."""
 
@@ -300,10 +328,13 @@ def train(config: Config, splits, initial_weights: str) -> dict:
             log_dir=config.model_dir, update_freq=config.save_summary_steps, profile_batch=0,
             # The ResNet50 graph adds megabytes per run and nothing to a comparison of curves.
             write_graph=False))
+        callbacks.append(_LearningRateSummary(os.path.join(config.model_dir, "train"),
+                                              config.save_summary_steps))
       start_batch = epochs_done * steps_per_epoch if config.exact_resume else 0
       model.fit(training_dataset(splits.train, config, start_batch), epochs=config.epochs,
                 initial_epoch=epochs_done, steps_per_epoch=steps_per_epoch,
-                validation_data=validation, callbacks=callbacks, verbose=0)
+                validation_data=validation, callbacks=callbacks, verbose=0,
+                class_weight=_fit_class_weight(config, splits.train))
   finally:
     checkpoints.close()
 
@@ -331,6 +362,13 @@ def train(config: Config, splits, initial_weights: str) -> dict:
       "final_evaluation": final_evaluation,
       "export_path": export_path,
   }
+
+
+def _fit_class_weight(config: Config, train_split):
+  """model_fn.training_class_weights as `fit`'s class_weight: per-example weights of the training
+  loss (and of Keras' running training metrics); validation stays unweighted."""
+  weights = model_fn_lib.training_class_weights(config, train_split)
+  return None if weights is None else dict(enumerate(weights))
 
 
 def _export(model, config, class_names, global_step, final_evaluation, trained_now) -> str:

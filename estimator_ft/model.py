@@ -88,7 +88,30 @@ def build_model(config: Config, num_classes: int, weights: str = "none") -> tf.k
   model = tf.keras.Model(inputs, probabilities, name="resnet50_classifier")
   freeze_base_layers(model, base, config.fine_tune_from)
   set_batchnorm_momentum(model, config.batchnorm_momentum)
+  add_weight_decay(model, config.weight_decay)
   return model
+
+
+def decayed_kernels(model: tf.keras.Model) -> list:
+  """The kernels --weight_decay applies to: those of the trainable Conv2D and Dense layers (the
+  r1 / TPU / NVIDIA ResNet convention: no BatchNorm gamma/beta, no biases, no frozen layers)."""
+  return [layer.kernel for layer in model.layers
+          if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense)) and layer.trainable]
+
+
+def add_weight_decay(model: tf.keras.Model, weight_decay: float) -> None:
+  """Adds weight_decay * sum(tf.nn.l2_loss(kernel)) (= wd * sum(w**2) / 2, gradient wd * w) to
+  `model.losses`, which both paths add to the training loss: Keras' fit by itself, the model_fn
+  through model_fn.classification_loss. (Keras also adds model.losses to its validation loss, and
+  the Estimator's example_loss metric includes them the same way.)"""
+  if not weight_decay:
+    return
+  kernels = decayed_kernels(model)
+
+  def penalty():
+    return weight_decay * tf.add_n([tf.nn.l2_loss(tf.cast(k, tf.float32)) for k in kernels])
+
+  model.add_loss(penalty)
 
 
 def set_batchnorm_momentum(model: tf.keras.Model, momentum: float) -> None:

@@ -24,6 +24,7 @@ import tensorflow as tf
 from estimator_ft import config as config_lib
 from estimator_ft import files
 from estimator_ft import model as model_lib
+from estimator_ft import recipes
 from estimator_ft.config import Config
 
 logger = logging.getLogger("estimator_ft")
@@ -84,11 +85,15 @@ def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str
   for name in config_lib.CHECKPOINT_DEFINING_FIELDS:
     if name in old and old[name] != getattr(config, name):
       differences.append(f"{name}: {old[name]!r} -> {getattr(config, name)!r}")
+  refused, accepted = recipes.resume_changes(old, config.to_dict())
+  differences += refused
   if differences:
     raise ValueError(
         f"--model_dir={model_dir} holds a run with a different configuration "
         f"({'; '.join(differences)}). Resuming would mix the two. Use a new --model_dir, or "
         "repeat the original settings to resume it.")
+  for change in accepted:
+    logger.info("Resuming with %s.", change)
   return True
 
 
