@@ -151,8 +151,8 @@ def test_standard_library_layer_and_predict_import_no_training_code():
       "training = sorted(m for m in sys.modules if m.startswith('estimator_ft.') and m not in (\n"
       "    'estimator_ft.serving', 'estimator_ft.contract', 'estimator_ft.image_formats',\n"
       "    'estimator_ft.messages', 'estimator_ft.files', 'estimator_ft.progress',\n"
-      "    'estimator_ft.cluster', 'estimator_ft.sample_data', 'estimator_ft.config',
-    'estimator_ft.recipes'))\n"
+      "    'estimator_ft.cluster', 'estimator_ft.sample_data', 'estimator_ft.config',\n"
+      "    'estimator_ft.recipes'))\n"
       "assert not training, training\n")
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, cwd=PACKAGE.parent)
