@@ -16,6 +16,7 @@ import tensorflow as tf
 from estimator_ft import export as export_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
+from estimator_ft import recipes
 from estimator_ft.config import Config
 from estimator_ft.data import pipeline
 from estimator_ft.data import split as split_lib
@@ -208,6 +209,55 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     self._reset()
 
 
+class EarlyStoppingSaverHook(tf.compat.v1.train.CheckpointSaverHook):
+  """The run's checkpoint saver, which also stops training for --early_stopping_patience.
+
+  train_and_evaluate evaluates (and exports) each checkpoint in a listener of the saver hook, so
+  the decision must come after that listener and before the next step: this hook is that saver
+  (the Estimator uses a CheckpointSaverHook it is given instead of making its own, and adds its
+  evaluation listener to it). After each save it reads the evaluations from the eval events, so a
+  resumed run keeps the count, and asks to stop exactly where the Keras path's callback does.
+  """
+
+  def __init__(self, config: Config, steps_per_epoch: int):
+    super().__init__(config.model_dir,
+                     save_steps=config.save_checkpoints_steps or steps_per_epoch,
+                     save_graph_def=False)
+    self._config = config
+    self._steps_per_epoch = steps_per_epoch
+
+  def _save(self, session, step):
+    stop = super()._save(session, step)
+    report = early_stopping_report(self._config, self._steps_per_epoch)
+    if report and report["stopped"]:
+      logger.info("Early stopping after epoch %d: %s.", report["epoch"], report["reason"])
+      return True
+    return stop
+
+
+def early_stopping_report(config: Config, steps_per_epoch: int):
+  """recipes.early_stopping_report over the evaluations recorded so far (None when off)."""
+  if not config.early_stopping_patience:
+    return None
+  return recipes.early_stopping_report(
+      _evaluated_history(config.model_dir, steps_per_epoch), config.export_best_metric,
+      config.early_stopping_patience, config.early_stopping_min_delta)
+
+
+def _evaluated_history(model_dir, steps_per_epoch):
+  """[{"epoch", "val_<metric>"...}] of every evaluation after step 0, in step order."""
+  evals = events.scalars_by_step(os.path.join(model_dir, EVAL_DIR))
+  history = []
+  for step in sorted(s for s in evals if s > 0):
+    metrics = evals[step]
+    entry = {"epoch": math.ceil(step / steps_per_epoch),
+             "val_loss": metrics.get(model_fn_lib.EXAMPLE_LOSS)}
+    entry.update({f"val_{k}": v for k, v in metrics.items()
+                  if k not in ("loss", model_fn_lib.EXAMPLE_LOSS)})
+    history.append(entry)
+  return history
+
+
 def build_history(model_dir, steps_per_epoch, epochs):
   """Per-epoch dicts: training running averages + validation (one full pass, per example)."""
   train = {h["epoch"]: h for h in model_dir_lib.read_history(model_dir, model_dir_lib.TRAIN_HISTORY_FILE)}
@@ -254,6 +304,12 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   is_chief = estimator.config.is_chief
   hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
                         config.save_checkpoints_steps or steps_per_epoch)]
+  in_cluster = bool(estimator.config.cluster_spec.as_dict())
+  if config.early_stopping_patience and in_cluster:
+    logger.warning("--early_stopping_patience is ignored in a TF_CONFIG cluster on the Estimator "
+                   "path: the evaluator runs apart from the trainers.")
+  elif config.early_stopping_patience:
+    hooks.append(EarlyStoppingSaverHook(config, steps_per_epoch))
   if is_chief:
     # One writer of train_history.json: in a cluster, the workers' averages would overwrite it.
     hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch))
@@ -277,8 +333,13 @@ def train(config: Config, splits, initial_weights: str) -> dict:
     summaries.write_config_summary(config, class_names)
     if not estimator.config.cluster_spec.as_dict():  # a cluster's evaluator catches up by itself
       finish_interrupted_evaluation(estimator, eval_spec)
+  stopped = early_stopping_report(config, steps_per_epoch) if not in_cluster else None
   try:
-    tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+    if stopped and stopped["stopped"]:
+      logger.info("Not training further: the run stopped early after epoch %d (%s).",
+                  stopped["epoch"], stopped["reason"])
+    else:
+      tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
   except tf.compat.v1.train.NanLossDuringTrainingError as e:
     raise errors.nan_loss_error(config, "the training loss became NaN") from e
   except tf.errors.InvalidArgumentError as e:
@@ -302,12 +363,16 @@ def train(config: Config, splits, initial_weights: str) -> dict:
     final_evaluation = evals[global_step]
   # After the final evaluation, which the last epoch's validation figures may come from.
   history = build_history(config.model_dir, steps_per_epoch, config.epochs)
+  stopping = early_stopping_report(config, steps_per_epoch) if not in_cluster else None
+  if stopping and stopping["stopped"]:
+    history = [h for h in history if h["epoch"] <= stopping["epoch"]]
   return {
       "global_step": global_step,
       "steps_per_epoch": steps_per_epoch,
       "history": history,
       "final_evaluation": final_evaluation,
       "export_path": export_lib.latest_export_path(config.model_dir),
+      **({"early_stopping": stopping} if stopping else {}),
   }
 
 

@@ -29,6 +29,7 @@ from estimator_ft import export as export_lib
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
+from estimator_ft import recipes
 from estimator_ft import serving
 from estimator_ft.config import Config
 from estimator_ft.data import pipeline
@@ -268,6 +269,29 @@ class _LearningRateSummary(tf.keras.callbacks.Callback):
       self._writer.close()
 
 
+class _EarlyStopping(tf.keras.callbacks.Callback):
+  """--early_stopping_patience: stops `fit` after the epoch whose evaluation makes
+  recipes.early_stopping say so. It reads the history _EpochEnd keeps (restored from
+  keras_history.json on resume), so a resumed run keeps the count; runs after _EpochEnd, so the
+  stopping epoch is checkpointed and recorded."""
+
+  def __init__(self, config: Config, epoch_end: "_EpochEnd"):
+    super().__init__()
+    self._config, self._epoch_end = config, epoch_end
+
+  def on_epoch_end(self, epoch, logs=None):
+    report = _early_stopping_report(self._config, self._epoch_end.history)
+    if report and report["stopped"]:
+      logger.info("Early stopping after epoch %d: %s.", report["epoch"], report["reason"])
+      self.model.stop_training = True
+
+
+def _early_stopping_report(config: Config, history):
+  return recipes.early_stopping_report(history, config.export_best_metric,
+                                       config.early_stopping_patience,
+                                       config.early_stopping_min_delta)
+
+
 class _StopOnNaN(tf.keras.callbacks.Callback):
   """Raises NaNLossError at the first non-finite loss, before anything is checkpointed."""
 
@@ -320,8 +344,13 @@ def train(config: Config, splits, initial_weights: str) -> dict:
     _log_run_plan(config, splits, steps_per_epoch, epochs_done)
     validation = pipeline.make_dataset(splits.validation, config, "eval")
     epoch_end = _EpochEnd(config, checkpoints, history, steps_per_epoch, writes_outputs)
-    if epochs_done < config.epochs:
-      callbacks = [_StopOnNaN(config), epoch_end, _Progress(config, steps_per_epoch)]
+    stopped = _early_stopping_report(config, history)
+    if stopped and stopped["stopped"]:
+      logger.info("Not training further: the run stopped early after epoch %d (%s).",
+                  stopped["epoch"], stopped["reason"])
+    elif epochs_done < config.epochs:
+      callbacks = [_StopOnNaN(config), epoch_end, _EarlyStopping(config, epoch_end),
+                   _Progress(config, steps_per_epoch)]
       if writes_outputs:
         summaries.write_config_summary(config, class_names)
         callbacks.append(tf.keras.callbacks.TensorBoard(
@@ -361,6 +390,8 @@ def train(config: Config, splits, initial_weights: str) -> dict:
       "history": history,
       "final_evaluation": final_evaluation,
       "export_path": export_path,
+      **({"early_stopping": _early_stopping_report(config, history)}
+         if config.early_stopping_patience else {}),
   }
 
 

@@ -157,3 +157,30 @@ def resume_changes(old: Dict, new: Dict) -> Tuple[List[str], List[str]]:
       accepted.append(f"--batch_size {old['batch_size']} -> {new['batch_size']}: constant "
                       "learning rate, so only the step count per epoch changes")
   return refused, accepted
+
+
+def early_stopping_report(history: Sequence[Dict], metric: str, patience: int,
+                          min_delta: float = 0.0) -> Optional[Dict]:
+  """What results.json says about --early_stopping_patience, from the per-epoch history (both
+  paths' entries carry `val_<metric>`); None when early stopping is off.
+
+  The decision is taken after each evaluation in order, so this finds the first epoch at which
+  the run stopped (or would have): later entries, if any, are not looked at.
+  """
+  if patience <= 0:
+    return None
+  key, higher = f"val_{metric}", metric != "loss"
+  evaluated = [h for h in history if h.get(key) is not None]
+  for count in range(1, len(evaluated) + 1):
+    decision = early_stopping([h[key] for h in evaluated[:count]], patience, min_delta, higher)
+    if decision["stop"]:
+      best_epoch = evaluated[decision["best_index"]]["epoch"]
+      return {"stopped": True, "epoch": evaluated[count - 1]["epoch"], "best_epoch": best_epoch,
+              "best": decision["best"], "metric": key,
+              "reason": f"{key} did not improve by more than {min_delta:g} for {patience} "
+                        f"evaluation(s) after its best, {decision['best']:.6g} at epoch "
+                        f"{best_epoch} (--early_stopping_patience={patience})"}
+  decision = early_stopping([h[key] for h in evaluated], patience, min_delta, higher)
+  return {"stopped": False, "epoch": evaluated[-1]["epoch"] if evaluated else 0,
+          "waited": decision["waited"], "metric": key,
+          "reason": f"{key} improved within the last {patience} evaluation(s): trained to the end"}

@@ -209,15 +209,18 @@ def test_both_paths_train_on_one_smoothed_weighted_decayed_loss(batch_losses, nu
 
 # ---------------------------------------------------------------- both paths, every recipe on
 
+# min_delta 1e9: no evaluation after the first counts as an improvement, so with patience 1 both
+# paths stop after epoch 2 of 3.
 ALL_RECIPES = dict(warmup_epochs=1.0, lr_schedule="cosine", learning_rate=0.05, label_smoothing=0.1,
-                   weight_decay=1e-3, class_weight="vertical=3")
+                   weight_decay=1e-3, class_weight="vertical=3", early_stopping_patience=1,
+                   early_stopping_min_delta=1e9)
 
 
 @pytest.fixture(scope="module")
 def compared_with_all_recipes(tiny_dataset, module_tmp_path):
   from estimator_ft.jobs import compare
   config = Config(train_dir=str(tiny_dataset / "train"), validation_dir=str(tiny_dataset / "validation"),
-                  image_size=SIZE, batch_size=BATCH, epochs=2, weights="none", dropout=0.0,
+                  image_size=SIZE, batch_size=BATCH, epochs=3, weights="none", dropout=0.0,
                   augment=False, seed=5, batchnorm_momentum=0.9, export_during_training=False,
                   **ALL_RECIPES).validate(require_model_dir=False)
   output_dir = module_tmp_path / "all_recipes"
@@ -237,6 +240,43 @@ def test_keras_and_estimator_agree_with_every_recipe_on(compared_with_all_recipe
 
 
 @pytest.mark.slow
+def test_both_paths_stop_early_at_the_same_epoch_and_say_why(compared_with_all_recipes):
+  _, output_dir, comparison = compared_with_all_recipes
+  for path in ("keras", "estimator"):
+    results = _results(output_dir / path)
+    assert results["global_step"] == 2 * STEPS_PER_EPOCH, path
+    report = results["early_stopping"]
+    assert report["stopped"] and report["epoch"] == 2 and report["best_epoch"] == 1, path
+    assert "did not improve" in report["reason"] and "--early_stopping_patience=1" in report["reason"]
+    assert [h["epoch"] for h in comparison["paths"][path]["history"]] == [1, 2]
+
+
+def _results(model_dir):
+  import json
+  with open(os.path.join(model_dir, "results.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["keras", "estimator"])
+def test_a_resumed_run_keeps_the_early_stopping_count(tiny_dataset, tmp_path, path):
+  from estimator_ft.jobs import train as train_job
+  config = Config(train_dir=str(tiny_dataset / "train"), validation_dir=str(tiny_dataset / "validation"),
+                  model_dir=str(tmp_path / path), path=path, image_size=SIZE, batch_size=BATCH,
+                  epochs=1, weights="none", dropout=0.0, augment=False, export_during_training=False,
+                  early_stopping_patience=1, early_stopping_min_delta=1e9).validate()
+  first = train_job.run(config)
+  assert first["early_stopping"]["stopped"] is False
+  # Resumed with more epochs: epoch 2 is the first without improvement, so it stops there (a
+  # count restarted at the resume would train epoch 3 too).
+  second = train_job.run(config.replace(epochs=3))
+  assert second["global_step"] == 2 * STEPS_PER_EPOCH
+  assert second["early_stopping"]["epoch"] == 2 and second["early_stopping"]["stopped"]
+  # And the same command again trains nothing more.
+  assert train_job.run(config.replace(epochs=3))["global_step"] == 2 * STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
 def test_both_paths_log_the_scheduled_learning_rate(compared_with_all_recipes):
   from estimator_ft.run import events as events_lib
   config, output_dir, _ = compared_with_all_recipes
@@ -251,3 +291,25 @@ def test_both_paths_log_the_scheduled_learning_rate(compared_with_all_recipes):
                                           config.lr_schedule, config.warmup_epochs)
       assert rate == pytest.approx(expected, rel=1e-4, abs=1e-7), (folder, step)
     assert min(logged.values()) < config.learning_rate / 2  # warm-up and decay both show
+
+
+@pytest.mark.slow
+def test_both_paths_write_settings_and_final_metrics_for_the_hparams_tab(compared_with_all_recipes):
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  from estimator_ft.run import events as events_lib
+  _, output_dir, _ = compared_with_all_recipes
+  for path in ("keras", "estimator"):
+    folder = output_dir / path / "hparams"
+    sessions = []
+    for event in events_lib.iter_events(str(folder)):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "hparams":
+          data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+          sessions.append(data.session_start_info)
+    [session] = sessions
+    assert session.hparams["label_smoothing"].number_value == pytest.approx(0.1)
+    assert session.hparams["class_weight"].string_value == "vertical=3"
+    assert session.hparams["path"].string_value == path
+    results = _results(output_dir / path)
+    metrics = events_lib.scalars_by_step(str(folder))[results["global_step"]]
+    assert metrics["val_loss"] == pytest.approx(results["final_evaluation"]["example_loss"], rel=1e-6)

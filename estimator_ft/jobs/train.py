@@ -17,6 +17,7 @@ from estimator_ft.data import loading
 from estimator_ft.run import faults
 from estimator_ft.run import model_dir as model_dir_lib
 from estimator_ft.run import runtime
+from estimator_ft.run import summaries
 
 logger = logging.getLogger("estimator_ft")
 
@@ -76,6 +77,8 @@ def _run(config: Config, initial_weights: str) -> dict:
         **outcome,
     }
     model_dir_lib.write_results(config, results)
+    if results.get("final_evaluation"):
+      summaries.write_hparams_summary(config, results["final_evaluation"], results["global_step"])
   return results
 
 
