@@ -168,7 +168,12 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     self._fetches = [tf.compat.v1.train.get_global_step()] + [
         graph.get_tensor_by_name(name + ":0") for name in
         (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_CORRECT_TENSOR,
-         model_fn_lib.BATCH_SIZE_TENSOR, model_fn_lib.BATCH_WEIGHT_TENSOR)]
+         model_fn_lib.BATCH_SIZE_TENSOR)]
+    # The accuracy's denominator: the batch's class weights (a graph without them: its size).
+    try:
+      self._fetches.append(graph.get_tensor_by_name(model_fn_lib.BATCH_WEIGHT_TENSOR + ":0"))
+    except KeyError:
+      self._fetches.append(self._fetches[-1])
     self._history = model_dir_lib.read_history(self._model_dir, model_dir_lib.TRAIN_HISTORY_FILE)
     # The epoch the run starts in, from the checkpoint it resumes (not from the first step seen:
     # in a cluster the other workers may already have ended that epoch).
