@@ -37,7 +37,7 @@ EXPORT_METRICS = ("loss", "accuracy", "auc")
 CHECKPOINT_DEFINING_FIELDS = (
     "path", "image_size", "fine_tune_from", "optimizer", "precision", "dropout", "lr_schedule",
     "learning_rate", "momentum", "warmup_epochs", "lr_decay_epochs", "lr_decay_factor",
-    "label_smoothing", "weight_decay", "class_weight",
+    "label_smoothing", "weight_decay", "class_weight", "warm_start_from",
 )
 # Fields whose change on resume depends on the schedule (recipes.resume_changes): refused where
 # they would shift it, else applied and stated in the log.
@@ -110,6 +110,10 @@ class Config:
   # Model.
   weights: str = _setting(
       "imagenet", "imagenet (downloaded once by Keras), none (random init, works offline) or PATH.h5.")
+  warm_start_from: str = _setting(
+      "", "MODEL_DIR or CHECKPOINT of an earlier run (either path): start from its weights, "
+      "BatchNorm moving statistics included, instead of --weights; its head too when the classes "
+      "are the same, else a fresh head.")
   fine_tune_from: str = _setting(
       "all", "all: train the whole base; none: head only; LAYER_NAME: train from that layer on.")
   dropout: float = _setting(0.2, "Dropout rate before the Dense head.")
@@ -244,6 +248,10 @@ class Config:
     if self.weights not in ("imagenet", "none") and not os.path.isfile(self.weights):
       raise ValueError(f"--weights={self.weights}: no such file. Give the path of a Keras .h5 "
                        "weights file for ResNet50 without its top, or use --weights=imagenet or none.")
+    if self.warm_start_from and not os.path.exists(self.warm_start_from + (
+        "" if os.path.isdir(self.warm_start_from) else ".index")):
+      raise ValueError(f"--warm_start_from={self.warm_start_from}: no such model_dir or checkpoint. "
+                       "Give the model_dir of an earlier run (either path) or a checkpoint prefix.")
     if not self.fine_tune_from:
       raise ValueError("--fine_tune_from must be all, none, or a ResNet50 layer name (e.g. "
                        "conv5_block1_1_conv).")

@@ -9,6 +9,8 @@ gives the Estimator and Keras paths bit-identical starting points.
 """
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 from typing import Sequence
@@ -24,6 +26,10 @@ logger = logging.getLogger("estimator_ft")
 
 IMAGENET_NOTOP_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _INITIAL_WEIGHT_KEY = "initial_weights/w{:04d}"
+# A run's config.json (run/model_dir.py writes it): --warm_start_from reads the source's classes,
+# path and model settings from it.
+RUN_CONFIG_FILE = "config.json"
+HEAD_PREFIX = "head_"
 
 
 class WeightsError(ValueError):
@@ -152,18 +158,85 @@ def _explain_weights_failure(weights: str, error: Exception) -> WeightsError:
 
 # ---------------------------------------------------------------- the initial-weights checkpoint
 
-def save_initial_weights(config: Config, num_classes: int, prefix: str) -> str:
+def save_initial_weights(config: Config, num_classes: int, prefix: str,
+                         class_names: Sequence[str] = ()) -> str:
   """Builds the model eagerly once (seeded, with `config.weights`) and writes its weights.
 
   Returns the checkpoint prefix. Written under a temporary prefix and renamed, so a crash never
   leaves a partial checkpoint that a later run would trust.
   """
   tf.keras.utils.set_random_seed(config.seed)
-  model = build_model(config, num_classes, weights=config.weights)
-  values = [np.asarray(w) for w in model.get_weights()]
+  if config.warm_start_from:
+    # The fresh model gives the (seeded) new head; the rest comes from the other run.
+    model = build_model(config, num_classes, weights="none")
+    values, source = warm_start_values(model, config.warm_start_from, class_names)
+  else:
+    model = build_model(config, num_classes, weights=config.weights)
+    values, source = [np.asarray(w) for w in model.get_weights()], config.weights
   _write_weight_checkpoint(prefix, values)
-  logger.info("Initial weights (%s, %d tensors) written to %s", config.weights, len(values), prefix)
+  logger.info("Initial weights (%s, %d tensors) written to %s", source, len(values), prefix)
   return prefix
+
+
+# ---------------------------------------------------------------- --warm_start_from
+
+def resolve_warm_start(source: str):
+  """(checkpoint path, the source run's config dict, its class names) of MODEL_DIR|CHECKPOINT."""
+  checkpoint = tf.train.latest_checkpoint(source) if os.path.isdir(source) else source
+  run_dir = source if os.path.isdir(source) else os.path.dirname(source)
+  config_path = os.path.join(run_dir, RUN_CONFIG_FILE)
+  if not checkpoint or not tf.io.gfile.exists(checkpoint + ".index"):
+    raise WeightsError(f"--warm_start_from={source}: no checkpoint there. Give the model_dir of an "
+                       "earlier estimator_ft run (either path) or one of its checkpoint prefixes.")
+  if not os.path.isfile(config_path):
+    raise WeightsError(f"--warm_start_from={source}: {config_path} is missing, so the classes and "
+                       "path of that run are unknown. Warm-start from an estimator_ft model_dir.")
+  with open(config_path) as f:
+    record = json.load(f)
+  return checkpoint, record["config"], tuple(record["class_names"])
+
+
+def warm_start_values(model: tf.keras.Model, source: str, class_names: Sequence[str]):
+  """`model`'s weights with everything but the head taken from the run at `source` - kernels,
+  biases, BatchNorm gamma/beta *and* moving mean/variance (a string-regex WarmStartSettings would
+  warm only trainable variables, leaving the moving statistics at 0 and 1) - and the head too when
+  the source has the same classes. Reads either path's checkpoints: the Keras path's are
+  object-based (tf.train.Checkpoint(model=...)), the Estimator's name-based."""
+  checkpoint, source_config, source_classes = resolve_warm_start(source)
+  # Only the structure matters here: weights' shapes do not depend on the image size.
+  settings = {k: v for k, v in source_config.items() if k in {f.name for f in dataclasses.fields(Config)}}
+  source_run = Config(**settings).replace(warm_start_from="", weights="none", precision="float32")
+  if source_run.path == "keras":
+    source_model = build_model(source_run, len(source_classes))
+    tf.train.Checkpoint(model=source_model).restore(checkpoint).expect_partial() \
+        .assert_existing_objects_matched()
+    source_values = source_model.get_weights()
+  else:
+    reader = tf.train.load_checkpoint(checkpoint)
+    with tf.Graph().as_default():
+      names = [w.name.split(":")[0] for w in build_model(source_run, len(source_classes)).weights]
+    source_values = [reader.get_tensor(name) for name in names]
+  values = [np.asarray(w) for w in model.get_weights()]
+  if len(values) != len(source_values):
+    raise WeightsError(f"--warm_start_from={source}: its model has {len(source_values)} tensors, "
+                       f"this one {len(values)}.")
+  copy_head = tuple(class_names) == tuple(source_classes)
+  warmed = 0
+  for index, weight in enumerate(model.weights):
+    if weight.name.startswith(HEAD_PREFIX) and not copy_head:
+      continue
+    if values[index].shape != source_values[index].shape:
+      raise WeightsError(f"--warm_start_from={source}: {weight.name} has shape "
+                         f"{source_values[index].shape} there, {values[index].shape} here.")
+    values[index] = np.asarray(source_values[index])
+    warmed += 1
+  logger.info("Warm start from %s: %d of %d tensors (%s), incl. BatchNorm moving statistics",
+              checkpoint, warmed, len(values),
+              "head included: same classes" if copy_head else "fresh head: other classes")
+  return values, f"warm start from {checkpoint}"
+
+
+
 
 
 def _write_weight_checkpoint(prefix: str, values: Sequence[np.ndarray]) -> None:

@@ -313,3 +313,29 @@ def test_both_paths_write_settings_and_final_metrics_for_the_hparams_tab(compare
     results = _results(output_dir / path)
     metrics = events_lib.scalars_by_step(str(folder))[results["global_step"]]
     assert metrics["val_loss"] == pytest.approx(results["final_evaluation"]["example_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source_path", ["keras", "estimator"])
+def test_warm_start_brings_base_weights_and_batchnorm_moving_statistics(
+    compared_with_all_recipes, tmp_path, source_path):
+  import tensorflow as tf
+  from estimator_ft import model as model_lib
+  from estimator_ft.jobs import compare
+  config, output_dir, _ = compared_with_all_recipes
+  layout = compare.weight_layout(config, 2)
+  source = compare.final_weights(compare.path_config(config, str(output_dir), source_path), 2, layout)
+  moving = [i for i, (name, _) in enumerate(layout) if "moving_mean" in name or "moving_var" in name]
+  # The source's statistics moved away from their initial 0 / 1, so arriving is not a coincidence.
+  assert max(float(np.abs(source[i] - round(float(source[i].mean()))).max()) for i in moving) > 1e-3
+  for class_names in (("horizontal", "vertical"), ("a", "b", "c")):
+    target = config.replace(warm_start_from=str(output_dir / source_path), seed=99)
+    prefix = model_lib.save_initial_weights(target, len(class_names),
+                                            str(tmp_path / str(len(class_names)) / "w"), class_names)
+    reader = tf.train.load_checkpoint(prefix)
+    for index, (name, _) in enumerate(layout):
+      value = reader.get_tensor(model_lib._INITIAL_WEIGHT_KEY.format(index))  # pylint: disable=protected-access
+      if name.startswith("head_") and len(class_names) == 3:
+        assert value.shape[-1] == 3  # a fresh head for other classes
+      else:
+        np.testing.assert_array_equal(value, source[index], err_msg=name)

@@ -61,7 +61,7 @@ def _run(config: Config, initial_weights: str) -> dict:
     logger.info("%s run in %s (%s)", config.path, config.model_dir,
                 f"resuming from {resume_from}" if resume_from else "starting from the initial weights")
     _warn_about_inexact_resume(config)
-    prefix = initial_weights or model_dir_lib.initial_weights_prefix(config, len(class_names))
+    prefix = initial_weights or model_dir_lib.initial_weights_prefix(config, class_names)
     outcome = PATH_MODULES[config.path].train(config, splits, prefix)
     results = {
         "path": config.path,

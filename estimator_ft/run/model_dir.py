@@ -29,7 +29,7 @@ from estimator_ft.config import Config
 
 logger = logging.getLogger("estimator_ft")
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = model_lib.RUN_CONFIG_FILE
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".estimator_ft.lock"
 INITIAL_WEIGHTS_PREFIX = os.path.join("initial_weights", "weights")
@@ -165,11 +165,12 @@ def _has_checkpoint(model_dir: str) -> bool:
   return os.path.exists(os.path.join(model_dir, "checkpoint"))
 
 
-def initial_weights_prefix(config: Config, num_classes: int) -> str:
-  """The run's starting weights, written once per model_dir (so a resume never rebuilds them)."""
+def initial_weights_prefix(config: Config, class_names) -> str:
+  """The run's starting weights, written once per model_dir (so a resume never rebuilds them):
+  --weights, or the run --warm_start_from names."""
   prefix = os.path.join(config.model_dir, INITIAL_WEIGHTS_PREFIX)
   if not model_lib.initial_weights_exist(prefix):
-    model_lib.save_initial_weights(config, num_classes, prefix)
+    model_lib.save_initial_weights(config, len(class_names), prefix, class_names)
   return prefix
 
 
