@@ -169,11 +169,7 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
         graph.get_tensor_by_name(name + ":0") for name in
         (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_CORRECT_TENSOR,
          model_fn_lib.BATCH_SIZE_TENSOR)]
-    # The accuracy's denominator: the batch's class weights (a graph without them: its size).
-    try:
-      self._fetches.append(graph.get_tensor_by_name(model_fn_lib.BATCH_WEIGHT_TENSOR + ":0"))
-    except KeyError:
-      self._fetches.append(self._fetches[-1])
+
     self._history = model_dir_lib.read_history(self._model_dir, model_dir_lib.TRAIN_HISTORY_FILE)
     # The epoch the run starts in, from the checkpoint it resumes (not from the first step seen:
     # in a cluster the other workers may already have ended that epoch).
@@ -181,18 +177,17 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     self._reset()
 
   def _reset(self):
-    self._loss = self._correct = self._count = self._weight = 0.0
+    self._loss = self._correct = self._count = 0.0
     self._steps_seen = 0
 
   def before_run(self, run_context):
     return tf.estimator.SessionRunArgs(self._fetches)
 
   def after_run(self, run_context, run_values):
-    step_before, loss_sum, correct, size, weight = run_values.results
+    step_before, loss_sum, correct, size = run_values.results
     self._loss += float(loss_sum)
     self._correct += float(correct)
     self._count += float(size)
-    self._weight += float(weight)
     self._steps_seen += 1
     self._maybe_end_epoch(int(step_before) + 1)
 
@@ -203,9 +198,7 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
     self._history = [h for h in self._history if h["epoch"] != epoch]
     self._history.append({
         "epoch": epoch, "step": int(step),
-        "loss": self._loss / self._count,
-        # Weighted by --class_weight, as Keras weights its running accuracy.
-        "accuracy": self._correct / self._weight if self._weight else float("nan"),
+        "loss": self._loss / self._count, "accuracy": self._correct / self._count,
         # A resumed run sees only part of the interrupted epoch; say so rather than hide it.
         "train_steps_averaged": self._steps_seen})
     self._history.sort(key=lambda h: h["epoch"])

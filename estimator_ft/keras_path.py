@@ -244,7 +244,8 @@ class _Progress(tf.keras.callbacks.Callback):
 
 class _LearningRateSummary(tf.keras.callbacks.Callback):
   """`learning_rate` in TensorBoard's train run every --save_summary_steps steps (the rate the
-  step used), as the Estimator path's model_fn writes it."""
+  step used), as the Estimator path's model_fn writes it. TensorBoard's own event writer: the
+  Keras TensorBoard callback's record_if conditions would silence a tf.summary writer here."""
 
   def __init__(self, log_dir: str, every_n_steps: int):
     super().__init__()
@@ -252,7 +253,7 @@ class _LearningRateSummary(tf.keras.callbacks.Callback):
     self._writer = None
 
   def on_train_begin(self, logs=None):
-    self._writer = tf.summary.create_file_writer(self._log_dir)
+    self._writer = summaries.EventFileWriter(self._log_dir)
 
   def on_train_batch_end(self, batch, logs=None):
     step = int(self.model.optimizer.iterations.numpy()) - 1  # the step just taken
@@ -261,8 +262,7 @@ class _LearningRateSummary(tf.keras.callbacks.Callback):
     rate = self.model.optimizer.learning_rate
     if isinstance(rate, tf.keras.optimizers.schedules.LearningRateSchedule):
       rate = rate(step)
-    with self._writer.as_default():
-      tf.summary.scalar("learning_rate", tf.cast(rate, tf.float32), step=step)
+    summaries.add_scalars(self._writer, step, {"learning_rate": float(rate)})
 
   def on_train_end(self, logs=None):
     if self._writer is not None:

@@ -44,9 +44,6 @@ NON_FINITE_OUTPUTS = "estimator_ft: the model's outputs are not finite"
 BATCH_LOSS_TENSOR = "train_batch/loss_sum"
 BATCH_CORRECT_TENSOR = "train_batch/correct"
 BATCH_SIZE_TENSOR = "train_batch/size"
-# Sum of the batch's class weights (its size without --class_weight): Keras weights its training
-# accuracy by them, so the Estimator's running accuracy does too.
-BATCH_WEIGHT_TENSOR = "train_batch/weight"
 
 
 class RecipeSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
@@ -226,14 +223,12 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
                                         tf.compat.v1.train.get_or_create_global_step())
 
     # Fetched by the epoch-metrics hook: Keras-style running averages are per example.
-    # Keras averages its running loss over examples (each batch's weighted mean x its size) and
-    # its accuracy by the examples' (class) weights.
+    # Keras averages its running loss over examples (each batch's class-weighted mean x its
+    # size); its accuracy is a compiled `metrics` entry, which Keras does not weight.
     batch_size = tf.shape(labels)[0]
-    weights = training_weights if training_weights is not None else tf.ones_like(correct)
     tf.identity(tf.cast(batch_size, tf.float32) * loss, name=BATCH_LOSS_TENSOR)
-    tf.identity(tf.reduce_sum(weights * correct), name=BATCH_CORRECT_TENSOR)
+    tf.identity(tf.reduce_sum(correct), name=BATCH_CORRECT_TENSOR)
     tf.identity(batch_size, name=BATCH_SIZE_TENSOR)
-    tf.identity(tf.reduce_sum(weights), name=BATCH_WEIGHT_TENSOR)
     tf.compat.v1.summary.scalar("accuracy", tf.reduce_mean(correct))
     tf.compat.v1.summary.scalar("learning_rate", _current_learning_rate(optimizer))
     tf.compat.v1.summary.image("input_images", _viewable(images), max_outputs=3)

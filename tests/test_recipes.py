@@ -222,7 +222,7 @@ def compared_with_all_recipes(tiny_dataset, module_tmp_path):
   config = Config(train_dir=str(tiny_dataset / "train"), validation_dir=str(tiny_dataset / "validation"),
                   image_size=SIZE, batch_size=BATCH, epochs=3, weights="none", dropout=0.0,
                   augment=False, seed=5, batchnorm_momentum=0.9, export_during_training=False,
-                  **ALL_RECIPES).validate(require_model_dir=False)
+                  save_summary_steps=1, **ALL_RECIPES).validate(require_model_dir=False)
   output_dir = module_tmp_path / "all_recipes"
   return config, output_dir, compare.run_compare(config, str(output_dir), ("keras", "estimator"))
 
