@@ -206,6 +206,7 @@ def warm_start_values(model: tf.keras.Model, source: str, class_names: Sequence[
   # Only the structure matters here: weights' shapes do not depend on the image size.
   settings = {k: v for k, v in source_config.items() if k in {f.name for f in dataclasses.fields(Config)}}
   source_run = Config(**settings).replace(warm_start_from="", weights="none", precision="float32")
+  values = [np.asarray(w) for w in model.get_weights()]  # before any graph-mode build below
   if source_run.path == "keras":
     source_model = build_model(source_run, len(source_classes))
     tf.train.Checkpoint(model=source_model).restore(checkpoint).expect_partial() \
@@ -216,7 +217,6 @@ def warm_start_values(model: tf.keras.Model, source: str, class_names: Sequence[
     with tf.Graph().as_default():
       names = [w.name.split(":")[0] for w in build_model(source_run, len(source_classes)).weights]
     source_values = [reader.get_tensor(name) for name in names]
-  values = [np.asarray(w) for w in model.get_weights()]
   if len(values) != len(source_values):
     raise WeightsError(f"--warm_start_from={source}: its model has {len(source_values)} tensors, "
                        f"this one {len(values)}.")
