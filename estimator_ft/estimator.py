@@ -169,7 +169,6 @@ class EpochMetricsHook(tf.estimator.SessionRunHook):
         graph.get_tensor_by_name(name + ":0") for name in
         (model_fn_lib.BATCH_LOSS_TENSOR, model_fn_lib.BATCH_CORRECT_TENSOR,
          model_fn_lib.BATCH_SIZE_TENSOR)]
-
     self._history = model_dir_lib.read_history(self._model_dir, model_dir_lib.TRAIN_HISTORY_FILE)
     # The epoch the run starts in, from the checkpoint it resumes (not from the first step seen:
     # in a cluster the other workers may already have ended that epoch).

@@ -99,7 +99,8 @@ def build_compiled_model(config: Config, num_classes: int, initial_weights: str 
     if initial_weights:
       model_lib.load_initial_weights(model, initial_weights)
     model.compile(optimizer=model_fn_lib.make_optimizer(config, steps_total),
-                  loss=compile_loss(num_classes, config.label_smoothing), metrics=compile_metrics(num_classes),
+                  loss=compile_loss(num_classes, config.label_smoothing),
+                  metrics=compile_metrics(num_classes),
                   jit_compile=bool(config.jit))
   return model
 
