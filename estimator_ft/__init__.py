@@ -7,7 +7,9 @@ Layers, each importing only from those above it in this list (tests/test_layout.
   cluster, sample_data,           (sizes, pixel limit, EXIF, non-regular files), TF_CONFIG roles
   memory, interrupts              and the local launcher, the sample-data generator, the memory
                                   estimate, Ctrl-C/SIGTERM as a clean stop
-  config                          the frozen run configuration: defaults, flag help, validators
+  config, recipes                 the frozen run configuration: defaults, flag help, validators;
+                                  the recipes as pure functions (schedule, class weights, early
+                                  stopping, resume rules)
   reports/                        classification statistics (scikit-learn) and their plots
                                   (matplotlib): metrics, plots; no TensorFlow
   data/                           the one tf.data pipeline: split, images, folders, tfds_source,

@@ -16,13 +16,14 @@ import os
 from typing import Sequence
 
 from estimator_ft import image_formats
+from estimator_ft import recipes
 
 # ResNet50's native resolution; the smallest it accepts with include_top=False is 32.
 RESNET50_NATIVE_IMAGE_SIZE = 224
 RESNET50_MIN_IMAGE_SIZE = 32
 
 OPTIMIZERS = ("momentum", "adam")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = recipes.LR_SCHEDULES
 BAD_IMAGE_POLICIES = ("fail", "skip")
 UPDATE_OPS_MODES = ("apply", "skip")
 PATHS = ("estimator", "keras")
@@ -36,8 +37,12 @@ EXPORT_METRICS = ("loss", "accuracy", "auc")
 # resumed run would silently keep the old learning rate and momentum.
 CHECKPOINT_DEFINING_FIELDS = (
     "path", "image_size", "fine_tune_from", "optimizer", "precision", "dropout", "lr_schedule",
-    "learning_rate", "momentum",
+    "learning_rate", "momentum", "warmup_epochs", "lr_decay_epochs", "lr_decay_factor",
+    "label_smoothing", "weight_decay", "class_weight", "warm_start_from",
 )
+# Fields whose change on resume depends on the schedule (recipes.resume_changes): refused where
+# they would shift it, else applied and stated in the log.
+SCHEDULE_DEPENDENT_FIELDS = ("epochs", "batch_size")
 
 
 def _setting(default, help_text: str, choices: Sequence[str] = ()):
@@ -115,6 +120,10 @@ class Config:
   # Model.
   weights: str = _setting(
       "imagenet", "imagenet (downloaded once by Keras), none (random init, works offline) or PATH.h5.")
+  warm_start_from: str = _setting(
+      "", "MODEL_DIR or CHECKPOINT of an earlier run (either path): start from its weights, "
+      "BatchNorm moving statistics included, instead of --weights; its head too when the classes "
+      "are the same, else a fresh head.")
   fine_tune_from: str = _setting(
       "all", "all: train the whole base; none: head only; LAYER_NAME: train from that layer on.")
   dropout: float = _setting(0.2, "Dropout rate before the Dense head.")
@@ -129,8 +138,26 @@ class Config:
   learning_rate: float = _setting(
       1e-4, "Learning rate (1e-4 with momentum 0.9 is the fine-tuning default).")
   momentum: float = _setting(0.9, "Momentum of the SGD optimizer.")
-  lr_schedule: str = _setting("constant", "constant or cosine decay over the whole run.",
-                              LR_SCHEDULES)
+  lr_schedule: str = _setting(
+      "constant", "constant; cosine: decay to 0 over the whole run (after any warm-up); step: "
+      "multiply by --lr_decay_factor at each of --lr_decay_epochs. Same schedule in both paths.",
+      LR_SCHEDULES)
+  warmup_epochs: float = _setting(
+      0.0, "Epochs of linear learning-rate warm-up from 0 to --learning_rate before the schedule "
+      "(may be fractional; 0 = none).")
+  lr_decay_epochs: str = _setting(
+      "30,60,80", "--lr_schedule=step: the epochs (counted from the start) at which the learning "
+      "rate is multiplied by --lr_decay_factor.")
+  lr_decay_factor: float = _setting(0.1, "--lr_schedule=step: the factor applied at each decay epoch.")
+  label_smoothing: float = _setting(
+      0.0, "Label smoothing in [0, 1), Keras' semantics: softmax targets y*(1-s) + s/k, the sigmoid "
+      "target y*(1-s) + s/2 (the reported losses include it, as in Keras).")
+  weight_decay: float = _setting(
+      0.0, "L2 weight decay: adds weight_decay * sum(w**2)/2 over the kernels of the trainable "
+      "Conv2D and Dense layers to the loss; BatchNorm gamma/beta, biases and frozen layers get none.")
+  class_weight: str = _setting(
+      "none", "Training-loss weight per class: " + recipes.CLASS_WEIGHT_HELP + ". Validation loss "
+      "and metrics stay unweighted.")
   epochs: int = _setting(5, "Epochs to train in total (a resumed run continues up to this many).")
   update_ops: str = _setting(
       "apply", "apply: BatchNorm moving statistics are updated (correct). skip: DIAGNOSTIC ONLY - "
@@ -174,6 +201,11 @@ class Config:
       "loss", "Validation metric that picks the 'best' export (loss: lowest; else highest).",
       EXPORT_METRICS)
   exports_to_keep: int = _setting(3, "Exported versions kept per exporter.")
+  early_stopping_patience: int = _setting(
+      0, "Stop after this many evaluations without an improvement of --export_best_metric "
+      "(0 = never stop early). A resumed run keeps the count.")
+  early_stopping_min_delta: float = _setting(
+      0.0, "Smallest change of --export_best_metric that counts as an improvement.")
 
   # ---------------------------------------------------------------- validation
 
@@ -219,6 +251,20 @@ class Config:
     check_at_least("save_summary_steps", self.save_summary_steps, 1)
     check_at_least("log_every_n_steps", self.log_every_n_steps, 1)
     check_at_least("exports_to_keep", self.exports_to_keep, 1)
+    check_at_least("early_stopping_patience", self.early_stopping_patience, 0, "0 = never stop early.")
+    if not (self.early_stopping_min_delta >= 0 and math.isfinite(self.early_stopping_min_delta)):
+      raise ValueError(f"--early_stopping_min_delta={self.early_stopping_min_delta} must be >= 0.")
+    if not (0 <= self.warmup_epochs < self.epochs):
+      raise ValueError(f"--warmup_epochs={self.warmup_epochs} must be in [0, --epochs={self.epochs}).")
+    if self.lr_schedule == "step":
+      recipes.parse_decay_epochs(self.lr_decay_epochs)
+    if not 0 < self.lr_decay_factor <= 1:
+      raise ValueError(f"--lr_decay_factor={self.lr_decay_factor} must be in (0, 1] (0.1 is usual).")
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 1) (0.1 is usual).")
+    if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+      raise ValueError(f"--weight_decay={self.weight_decay} must be >= 0 (1e-4 is ResNet's).")
+    recipes.parse_class_weight(self.class_weight)
     for field in dataclasses.fields(self):
       if "choices" in field.metadata:
         check_choice(field.name, getattr(self, field.name), field.metadata["choices"])
@@ -228,6 +274,10 @@ class Config:
     if self.weights not in ("imagenet", "none") and not os.path.isfile(self.weights):
       raise ValueError(f"--weights={self.weights}: no such file. Give the path of a Keras .h5 "
                        "weights file for ResNet50 without its top, or use --weights=imagenet or none.")
+    if self.warm_start_from and not os.path.exists(self.warm_start_from + (
+        "" if os.path.isdir(self.warm_start_from) else ".index")):
+      raise ValueError(f"--warm_start_from={self.warm_start_from}: no such model_dir or checkpoint. "
+                       "Give the model_dir of an earlier run (either path) or a checkpoint prefix.")
     if not self.fine_tune_from:
       raise ValueError("--fine_tune_from must be all, none, or a ResNet50 layer name (e.g. "
                        "conv5_block1_1_conv).")

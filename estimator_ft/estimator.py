@@ -22,6 +22,7 @@ from estimator_ft import cluster as cluster_lib
 from estimator_ft import export as export_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
+from estimator_ft import recipes
 from estimator_ft.config import Config
 from estimator_ft.data import pipeline
 from estimator_ft.data import records
@@ -95,10 +96,11 @@ def _session_config(config: Config):
 
 
 def estimator_model_fn(config: Config, class_names, steps_per_epoch: int,
-                       initial_weights: str = ""):
+                       initial_weights: str = "", class_weights=None):
   """model_fn.build_model_fn's model_fn, whose evaluations also write the validation curves."""
   class_names = tuple(class_names)
-  model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights)
+  model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights,
+                                         class_weights)
 
   def model_fn_with_validation_curves(features, labels, mode):
     spec = model_fn(features, labels, mode)
@@ -111,10 +113,12 @@ def estimator_model_fn(config: Config, class_names, steps_per_epoch: int,
   return model_fn_with_validation_curves
 
 
-def make_estimator(config: Config, class_names, steps_per_epoch: int, initial_weights: str = ""):
+def make_estimator(config: Config, class_names, steps_per_epoch: int, initial_weights: str = "",
+                   class_weights=None):
   """The Estimator of estimator_model_fn."""
   return tf.estimator.Estimator(
-      model_fn=estimator_model_fn(config, class_names, steps_per_epoch, initial_weights),
+      model_fn=estimator_model_fn(config, class_names, steps_per_epoch, initial_weights,
+                                  class_weights),
       config=make_run_config(config, steps_per_epoch))
 
 
@@ -398,6 +402,55 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
       self._session.close()
 
 
+class EarlyStoppingSaverHook(tf.compat.v1.train.CheckpointSaverHook):
+  """The run's checkpoint saver, which also stops training for --early_stopping_patience.
+
+  train_and_evaluate evaluates (and exports) each checkpoint in a listener of the saver hook, so
+  the decision must come after that listener and before the next step: this hook is that saver
+  (the Estimator uses a CheckpointSaverHook it is given instead of making its own, and adds its
+  evaluation listener to it). After each save it reads the evaluations from the eval events, so a
+  resumed run keeps the count, and asks to stop exactly where the Keras path's callback does.
+  """
+
+  def __init__(self, config: Config, steps_per_epoch: int):
+    super().__init__(config.model_dir,
+                     save_steps=config.save_checkpoints_steps or steps_per_epoch,
+                     save_graph_def=False)
+    self._config = config
+    self._steps_per_epoch = steps_per_epoch
+
+  def _save(self, session, step):
+    stop = super()._save(session, step)
+    report = early_stopping_report(self._config, self._steps_per_epoch)
+    if report and report["stopped"]:
+      logger.info("Early stopping after epoch %d: %s.", report["epoch"], report["reason"])
+      return True
+    return stop
+
+
+def early_stopping_report(config: Config, steps_per_epoch: int):
+  """recipes.early_stopping_report over the evaluations recorded so far (None when off)."""
+  if not config.early_stopping_patience:
+    return None
+  return recipes.early_stopping_report(
+      _evaluated_history(config.model_dir, steps_per_epoch), config.export_best_metric,
+      config.early_stopping_patience, config.early_stopping_min_delta)
+
+
+def _evaluated_history(model_dir, steps_per_epoch):
+  """[{"epoch", "val_<metric>"...}] of every evaluation after step 0, in step order."""
+  evals = events.scalars_by_step(os.path.join(model_dir, EVAL_DIR))
+  history = []
+  for step in sorted(s for s in evals if s > 0):
+    metrics = evals[step]
+    entry = {"epoch": math.ceil(step / steps_per_epoch),
+             "val_loss": metrics.get(model_fn_lib.EXAMPLE_LOSS)}
+    entry.update({f"val_{k}": v for k, v in metrics.items()
+                  if k not in ("loss", model_fn_lib.EXAMPLE_LOSS)})
+    history.append(entry)
+  return history
+
+
 def build_history(model_dir, steps_per_epoch, epochs):
   """Per-epoch dicts: training running averages + validation (one full pass, per example)."""
   train = {h["epoch"]: h for h in model_dir_lib.read_history(model_dir, model_dir_lib.TRAIN_HISTORY_FILE)}
@@ -439,10 +492,17 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   class_names = tuple(splits.class_names)
   steps_per_epoch = split_lib.steps_per_epoch(splits.train, config.batch_size)
   max_steps = config.epochs * steps_per_epoch
-  estimator = make_estimator(config, class_names, steps_per_epoch, initial_weights)
+  class_weights = model_fn_lib.training_class_weights(config, splits.train)
+  estimator = make_estimator(config, class_names, steps_per_epoch, initial_weights, class_weights)
   is_chief = estimator.config.is_chief
   hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
                         config.save_checkpoints_steps or steps_per_epoch)]
+  in_cluster = bool(estimator.config.cluster_spec.as_dict())
+  if config.early_stopping_patience and in_cluster:
+    logger.warning("--early_stopping_patience is ignored in a TF_CONFIG cluster on the Estimator "
+                   "path: the evaluator runs apart from the trainers.")
+  elif config.early_stopping_patience:
+    hooks.append(EarlyStoppingSaverHook(config, steps_per_epoch))
   if is_chief:
     # One writer of train_history.json: in a cluster, the workers' averages would overwrite it.
     hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch,
@@ -463,17 +523,20 @@ def train(config: Config, splits, initial_weights: str) -> dict:
       start_delay_secs=0,
       throttle_secs=EVALUATOR_POLL_S if estimator.config.task_type == "evaluator" else 0)
   _log_run_plan(config, splits, steps_per_epoch)
-  in_cluster = bool(estimator.config.cluster_spec.as_dict())
   if is_chief:
     summaries.write_config_summary(config, class_names)
     if not in_cluster:  # a cluster's evaluator catches up by itself
       finish_interrupted_evaluation(estimator, eval_spec)
+  stopped = early_stopping_report(config, steps_per_epoch) if not in_cluster else None
   try:
-    if in_cluster:
+    if stopped and stopped["stopped"]:
+      logger.info("Not training further: the run stopped early after epoch %d (%s).",
+                  stopped["epoch"], stopped["reason"])
+    elif in_cluster:
       tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
     else:
       _train_and_evaluate_in_process(estimator, config, class_names, splits.validation,
-                                     train_spec, initial_weights, steps_per_epoch)
+                                     train_spec, initial_weights, steps_per_epoch, class_weights)
   except tf.compat.v1.train.NanLossDuringTrainingError as e:
     raise errors.nan_loss_error(config, "the training loss became NaN") from e
   except tf.errors.InvalidArgumentError as e:
@@ -497,20 +560,26 @@ def train(config: Config, splits, initial_weights: str) -> dict:
     final_evaluation = evals[global_step]
   # After the final evaluation, which the last epoch's validation figures may come from.
   history = build_history(config.model_dir, steps_per_epoch, config.epochs)
+  stopping = early_stopping_report(config, steps_per_epoch) if not in_cluster else None
+  if stopping and stopping["stopped"]:
+    history = [h for h in history if h["epoch"] <= stopping["epoch"]]
   return {
       "global_step": global_step,
       "steps_per_epoch": steps_per_epoch,
       "history": history,
       "final_evaluation": final_evaluation,
       "export_path": export_lib.latest_export_path(config.model_dir),
+      **({"early_stopping": stopping} if stopping else {}),
   }
 
 
 def _train_and_evaluate_in_process(estimator, config: Config, class_names, validation_split,
-                                   train_spec, initial_weights: str, steps_per_epoch: int) -> None:
+                                   train_spec, initial_weights: str, steps_per_epoch: int,
+                                   class_weights=None) -> None:
   """train_and_evaluate on one machine: each checkpoint evaluated and exported in this process,
   from an evaluation graph and a serving graph built once (InProcessEvaluator)."""
-  model_fn = estimator_model_fn(config, class_names, steps_per_epoch, initial_weights)
+  model_fn = estimator_model_fn(config, class_names, steps_per_epoch, initial_weights,
+                                class_weights)
   writer = export_lib.EstimatorSavedModelWriter(model_fn, config,
                                                 estimator.config.session_config)
   evaluator = InProcessEvaluator(estimator, model_fn, config, validation_split,

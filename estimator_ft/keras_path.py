@@ -32,6 +32,7 @@ from estimator_ft import export as export_lib
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
+from estimator_ft import recipes
 from estimator_ft import serving
 from estimator_ft.config import Config
 from estimator_ft.data import pipeline
@@ -60,13 +61,13 @@ CONFUSION_MATRIX_METRIC = "confusion_matrix"
 
 # ---------------------------------------------------------------- model
 
-def compile_loss(num_classes: int) -> tf.keras.losses.Loss:
+def compile_loss(num_classes: int, label_smoothing: float = 0.0) -> tf.keras.losses.Loss:
   """model_fn's loss (same class, same settings), averaged over the batch for `fit`.
 
   The Estimator's training loss is the mean of the per-example values; SUM_OVER_BATCH_SIZE is the
   same mean. (model_fn.make_loss itself returns per-example values, which `fit` would sum.)
   """
-  per_example = model_fn_lib.make_loss(num_classes)
+  per_example = model_fn_lib.make_loss(num_classes, label_smoothing)
   settings = dict(per_example.get_config(),
                   reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE)
   return type(per_example).from_config(settings)
@@ -130,12 +131,13 @@ def build_compiled_model(config: Config, num_classes: int, initial_weights: str 
   """The shared model, optionally loaded from an initial-weights checkpoint, compiled for `fit`.
 
   Built under `config.distribution`'s strategy when there is one (fit then trains with it).
-  `steps_total` (epochs x steps per epoch) is only needed by --lr_schedule=cosine.
+  `steps_total` (epochs x steps per epoch) is needed by a schedule or warm-up.
   `confusion_matrix` adds the ConfusionMatrix metric (training draws it for TensorBoard).
   """
-  if config.lr_schedule == "cosine" and steps_total < 1:
+  if (config.lr_schedule != "constant" or config.warmup_epochs) and steps_total < 1:
     raise ValueError("build_compiled_model needs steps_total (epochs x steps per epoch) for "
-                     "--lr_schedule=cosine: the schedule decays over the whole run.")
+                     f"--lr_schedule={config.lr_schedule} / --warmup_epochs: the schedule counts "
+                     "steps per epoch.")
   with _strategy_scope(runtime.distribution_strategy(config)):
     model = model_lib.build_model(config, num_classes)
     if initial_weights:
@@ -144,7 +146,8 @@ def build_compiled_model(config: Config, num_classes: int, initial_weights: str 
     if confusion_matrix:
       metrics.append(ConfusionMatrix(num_classes))
     model.compile(optimizer=model_fn_lib.make_optimizer(config, steps_total),
-                  loss=compile_loss(num_classes), metrics=metrics, jit_compile=bool(config.jit))
+                  loss=compile_loss(num_classes, config.label_smoothing), metrics=metrics,
+                  jit_compile=bool(config.jit))
   return model
 
 
@@ -365,6 +368,29 @@ class _Curves(tf.keras.callbacks.Callback):
       self._writer = None
 
 
+class _EarlyStopping(tf.keras.callbacks.Callback):
+  """--early_stopping_patience: stops `fit` after the epoch whose evaluation makes
+  recipes.early_stopping say so. It reads the history _EpochEnd keeps (restored from
+  keras_history.json on resume), so a resumed run keeps the count; runs after _EpochEnd, so the
+  stopping epoch is checkpointed and recorded."""
+
+  def __init__(self, config: Config, epoch_end: "_EpochEnd"):
+    super().__init__()
+    self._config, self._epoch_end = config, epoch_end
+
+  def on_epoch_end(self, epoch, logs=None):
+    report = _early_stopping_report(self._config, self._epoch_end.history)
+    if report and report["stopped"]:
+      logger.info("Early stopping after epoch %d: %s.", report["epoch"], report["reason"])
+      self.model.stop_training = True
+
+
+def _early_stopping_report(config: Config, history):
+  return recipes.early_stopping_report(history, config.export_best_metric,
+                                       config.early_stopping_patience,
+                                       config.early_stopping_min_delta)
+
+
 class _StopOnNaN(tf.keras.callbacks.Callback):
   """Raises NaNLossError at the first non-finite loss, before anything is checkpointed."""
 
@@ -423,17 +449,23 @@ def train(config: Config, splits, initial_weights: str) -> dict:
     _log_run_plan(config, splits, steps_per_epoch, epochs_done)
     validation = pipeline.make_dataset(splits.validation, config, "eval")
     epoch_end = _EpochEnd(config, checkpoints, history, steps_per_epoch, writes_outputs)
-    if epochs_done < config.epochs:
+    stopped = _early_stopping_report(config, history)
+    if stopped and stopped["stopped"]:
+      logger.info("Not training further: the run stopped early after epoch %d (%s).",
+                  stopped["epoch"], stopped["reason"])
+    elif epochs_done < config.epochs:
       # No Keras TensorBoard callback: its tags (epoch_loss at the epoch index...) would not
       # overlay the Estimator's; _Curves writes the common ones at the global step.
       curves = _Curves(config, class_names, steps_per_epoch, writes_outputs)
-      callbacks = [_StopOnNaN(config), epoch_end, curves, _Progress(config, steps_per_epoch)]
+      callbacks = [_StopOnNaN(config), epoch_end, _EarlyStopping(config, epoch_end), curves,
+                   _Progress(config, steps_per_epoch)]
       if writes_outputs:
         summaries.write_config_summary(config, class_names)
       start_batch = epochs_done * steps_per_epoch if config.exact_resume else 0
       model.fit(training_dataset(splits.train, config, start_batch), epochs=config.epochs,
                 initial_epoch=epochs_done, steps_per_epoch=steps_per_epoch,
-                validation_data=validation, callbacks=callbacks, verbose=0)
+                validation_data=validation, callbacks=callbacks, verbose=0,
+                class_weight=_fit_class_weight(config, splits.train))
   finally:
     checkpoints.close()
     if curves is not None:
@@ -462,7 +494,16 @@ def train(config: Config, splits, initial_weights: str) -> dict:
       "history": history,
       "final_evaluation": final_evaluation,
       "export_path": export_path,
+      **({"early_stopping": _early_stopping_report(config, history)}
+         if config.early_stopping_patience else {}),
   }
+
+
+def _fit_class_weight(config: Config, train_split):
+  """model_fn.training_class_weights as `fit`'s class_weight: per-example weights of the training
+  loss (and of Keras' running training metrics); validation stays unweighted."""
+  weights = model_fn_lib.training_class_weights(config, train_split)
+  return None if weights is None else dict(enumerate(weights))
 
 
 def _export(model, config, class_names, global_step, final_evaluation, trained_now) -> str:

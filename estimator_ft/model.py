@@ -9,7 +9,9 @@ gives the Estimator and Keras paths bit-identical starting points.
 """
 
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
 import os
 from typing import Sequence
@@ -27,6 +29,10 @@ IMAGENET_NOTOP_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop
 _INITIAL_WEIGHT_KEY = "initial_weights/w{:04d}"
 # The input size at which check_fine_tune_from lists the layers (they do not depend on it).
 RESNET50_CHECK_SIZE = 32
+# A run's config.json (run/model_dir.py writes it): --warm_start_from reads the source's classes,
+# path and model settings from it.
+RUN_CONFIG_FILE = "config.json"
+HEAD_PREFIX = "head_"
 
 
 class WeightsError(ValueError):
@@ -91,7 +97,30 @@ def build_model(config: Config, num_classes: int, weights: str = "none") -> tf.k
   model = tf.keras.Model(inputs, probabilities, name="resnet50_classifier")
   freeze_base_layers(model, base, config.fine_tune_from)
   set_batchnorm_momentum(model, config.batchnorm_momentum)
+  add_weight_decay(model, config.weight_decay)
   return model
+
+
+def decayed_kernels(model: tf.keras.Model) -> list:
+  """The kernels --weight_decay applies to: those of the trainable Conv2D and Dense layers (the
+  r1 / TPU / NVIDIA ResNet convention: no BatchNorm gamma/beta, no biases, no frozen layers)."""
+  return [layer.kernel for layer in model.layers
+          if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense)) and layer.trainable]
+
+
+def add_weight_decay(model: tf.keras.Model, weight_decay: float) -> None:
+  """Adds weight_decay * sum(tf.nn.l2_loss(kernel)) (= wd * sum(w**2) / 2, gradient wd * w) to
+  `model.losses`, which both paths add to the training loss: Keras' fit by itself, the model_fn
+  through model_fn.classification_loss. (Keras also adds model.losses to its validation loss, and
+  the Estimator's example_loss metric includes them the same way.)"""
+  if not weight_decay:
+    return
+  kernels = decayed_kernels(model)
+
+  def penalty():
+    return weight_decay * tf.add_n([tf.nn.l2_loss(tf.cast(k, tf.float32)) for k in kernels])
+
+  model.add_loss(penalty)
 
 
 def set_batchnorm_momentum(model: tf.keras.Model, momentum: float) -> None:
@@ -136,32 +165,40 @@ def _explain_weights_failure(weights: str, error: Exception) -> WeightsError:
 
 # ---------------------------------------------------------------- the initial-weights checkpoint
 
-def initial_weight_values(config: Config, num_classes: int) -> list:
-  """The run's starting weights: the model built eagerly once, seeded, with `config.weights`.
+def initial_weight_values(config: Config, num_classes: int, class_names: Sequence[str] = ()):
+  """(the run's starting weights, where they come from): the model built eagerly once, seeded,
+  with `config.weights` - or, with --warm_start_from, that run's weights (a fresh head when its
+  classes differ).
 
   Building it is also what proves the model settings work (--fine_tune_from names a layer,
   --weights loads and fits, the precision policy exists), so the train job calls this before
   anything is written into model_dir.
   """
   tf.keras.utils.set_random_seed(config.seed)
+  if config.warm_start_from:
+    # The fresh model gives the (seeded) new head; the rest comes from the other run.
+    model = build_model(config, num_classes, weights="none")
+    return warm_start_values(model, config.warm_start_from, class_names)
   model = build_model(config, num_classes, weights=config.weights)
-  return [np.asarray(w) for w in model.get_weights()]
+  return [np.asarray(w) for w in model.get_weights()], config.weights
 
 
-def write_initial_weights(config: Config, values: Sequence[np.ndarray], prefix: str) -> str:
-  """Writes initial_weight_values' result as the initial-weights checkpoint; returns the prefix.
+def write_initial_weights(values: Sequence[np.ndarray], source: str, prefix: str) -> str:
+  """Writes initial_weight_values' weights as the initial-weights checkpoint; returns the prefix.
 
   Written under a temporary prefix and renamed, so a crash never leaves a partial checkpoint
   that a later run would trust.
   """
   _write_weight_checkpoint(prefix, values)
-  logger.info("Initial weights (%s, %d tensors) written to %s", config.weights, len(values), prefix)
+  logger.info("Initial weights (%s, %d tensors) written to %s", source, len(values), prefix)
   return prefix
 
 
-def save_initial_weights(config: Config, num_classes: int, prefix: str) -> str:
-  """Builds the model eagerly once (seeded, with `config.weights`) and writes its weights."""
-  return write_initial_weights(config, initial_weight_values(config, num_classes), prefix)
+def save_initial_weights(config: Config, num_classes: int, prefix: str,
+                         class_names: Sequence[str] = ()) -> str:
+  """Builds the run's starting weights (initial_weight_values) and writes them."""
+  values, source = initial_weight_values(config, num_classes, class_names)
+  return write_initial_weights(values, source, prefix)
 
 
 @functools.lru_cache(maxsize=1)
@@ -181,6 +218,67 @@ def check_fine_tune_from(fine_tune_from: str) -> None:
   names = resnet50_layer_names()
   if fine_tune_from not in names:
     raise ValueError(_unknown_layer_message(fine_tune_from, names))
+
+
+# ---------------------------------------------------------------- --warm_start_from
+
+def resolve_warm_start(source: str):
+  """(checkpoint path, the source run's config dict, its class names) of MODEL_DIR|CHECKPOINT."""
+  checkpoint = tf.train.latest_checkpoint(source) if os.path.isdir(source) else source
+  run_dir = source if os.path.isdir(source) else os.path.dirname(source)
+  config_path = os.path.join(run_dir, RUN_CONFIG_FILE)
+  if not checkpoint or not tf.io.gfile.exists(checkpoint + ".index"):
+    raise WeightsError(f"--warm_start_from={source}: no checkpoint there. Give the model_dir of an "
+                       "earlier estimator_ft run (either path) or one of its checkpoint prefixes.")
+  if not os.path.isfile(config_path):
+    raise WeightsError(f"--warm_start_from={source}: {config_path} is missing, so the classes and "
+                       "path of that run are unknown. Warm-start from an estimator_ft model_dir.")
+  with open(config_path) as f:
+    record = json.load(f)
+  return checkpoint, record["config"], tuple(record["class_names"])
+
+
+def warm_start_values(model: tf.keras.Model, source: str, class_names: Sequence[str]):
+  """`model`'s weights with everything but the head taken from the run at `source` - kernels,
+  biases, BatchNorm gamma/beta *and* moving mean/variance (a string-regex WarmStartSettings would
+  warm only trainable variables, leaving the moving statistics at 0 and 1) - and the head too when
+  the source has the same classes. Reads either path's checkpoints: the Keras path's are
+  object-based (tf.train.Checkpoint(model=...)), the Estimator's name-based."""
+  checkpoint, source_config, source_classes = resolve_warm_start(source)
+  # Only the structure matters here: weights' shapes do not depend on the image size.
+  settings = {k: v for k, v in source_config.items() if k in {f.name for f in dataclasses.fields(Config)}}
+  source_run = Config(**settings).replace(warm_start_from="", weights="none", precision="float32")
+  values = [np.asarray(w) for w in model.get_weights()]  # before any graph-mode build below
+  if source_run.path == "keras":
+    source_model = build_model(source_run, len(source_classes))
+    tf.train.Checkpoint(model=source_model).restore(checkpoint).expect_partial() \
+        .assert_existing_objects_matched()
+    source_values = source_model.get_weights()
+  else:
+    reader = tf.train.load_checkpoint(checkpoint)
+    with tf.Graph().as_default():
+      names = [w.name.split(":")[0] for w in build_model(source_run, len(source_classes)).weights]
+    source_values = [reader.get_tensor(name) for name in names]
+  if len(values) != len(source_values):
+    raise WeightsError(f"--warm_start_from={source}: its model has {len(source_values)} tensors, "
+                       f"this one {len(values)}.")
+  copy_head = tuple(class_names) == tuple(source_classes)
+  warmed = 0
+  for index, weight in enumerate(model.weights):
+    if weight.name.startswith(HEAD_PREFIX) and not copy_head:
+      continue
+    if values[index].shape != source_values[index].shape:
+      raise WeightsError(f"--warm_start_from={source}: {weight.name} has shape "
+                         f"{source_values[index].shape} there, {values[index].shape} here.")
+    values[index] = np.asarray(source_values[index])
+    warmed += 1
+  logger.info("Warm start from %s: %d of %d tensors (%s), incl. BatchNorm moving statistics",
+              checkpoint, warmed, len(values),
+              "head included: same classes" if copy_head else "fresh head: other classes")
+  return values, f"warm start from {checkpoint}"
+
+
+
 
 
 def _write_weight_checkpoint(prefix: str, values: Sequence[np.ndarray]) -> None:

@@ -14,11 +14,16 @@ handled explicitly here:
    on the tensors this model_fn was fed - and make the optimizer step depend on them.
 """
 
+import math
+from typing import Optional, Sequence
+
 import tensorflow as tf
 
 from estimator_ft import contract
 from estimator_ft import model as model_lib
+from estimator_ft import recipes
 from estimator_ft.config import Config
+from estimator_ft.data import checks
 from estimator_ft.data import images as images_lib
 
 ModeKeys = tf.estimator.ModeKeys
@@ -48,11 +53,62 @@ EVAL_CONFUSION_MATRIX_TENSOR = "eval_confusion_matrix/value"
 EVAL_CONFUSION_UPDATE_OP = "eval_confusion_matrix/update"
 
 
+class RecipeSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+  """recipes.learning_rate_at in TensorFlow ops: warm-up, then constant, cosine or step decay.
+
+  Both paths' optimizers get this one object (make_optimizer), so they use the same rate at every
+  step; the optimizer calls it with its iteration count (the Estimator's global step).
+  """
+
+  def __init__(self, base: float, steps_per_epoch: int, epochs: int, schedule: str = "constant",
+               warmup_epochs: float = 0.0, decay_epochs: Sequence[int] = (),
+               decay_factor: float = 0.1, name: str = "recipe_schedule"):
+    super().__init__()
+    self.base, self.steps_per_epoch, self.epochs = float(base), int(steps_per_epoch), int(epochs)
+    self.schedule, self.warmup_epochs = schedule, float(warmup_epochs)
+    self.decay_epochs, self.decay_factor = tuple(int(e) for e in decay_epochs), float(decay_factor)
+    self.name = name
+
+  def __call__(self, step):
+    with tf.name_scope(self.name):
+      step = tf.cast(step, tf.float32)
+      base = tf.constant(self.base, tf.float32)
+      warmup = float(recipes.warmup_steps(self.warmup_epochs, self.steps_per_epoch))
+      if self.schedule == "cosine":
+        remaining = max(self.epochs * self.steps_per_epoch - warmup, 1.0)
+        progress = tf.minimum((step - warmup) / remaining, 1.0)
+        rate = base * 0.5 * (1.0 + tf.cos(math.pi * progress))
+      elif self.schedule == "step":
+        passed = tf.add_n([tf.cast(step >= float(e * self.steps_per_epoch), tf.float32)
+                           for e in self.decay_epochs] or [tf.constant(0.0)])
+        rate = base * tf.pow(tf.constant(self.decay_factor, tf.float32), passed)
+      else:
+        rate = base
+      if warmup > 0:
+        rate = tf.where(step < warmup, base * step / warmup, rate)
+      return rate
+
+  def get_config(self):
+    return {"base": self.base, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
+            "schedule": self.schedule, "warmup_epochs": self.warmup_epochs,
+            "decay_epochs": list(self.decay_epochs), "decay_factor": self.decay_factor,
+            "name": self.name}
+
+
+def make_learning_rate(config: Config, steps_per_epoch: int):
+  """A float for a constant rate without warm-up (what earlier runs checkpointed), else the
+  RecipeSchedule of config's --lr_schedule and --warmup_epochs."""
+  if config.lr_schedule == "constant" and not config.warmup_epochs:
+    return config.learning_rate
+  decay_epochs = recipes.parse_decay_epochs(config.lr_decay_epochs) if config.lr_schedule == "step" else ()
+  return RecipeSchedule(config.learning_rate, steps_per_epoch, config.epochs, config.lr_schedule,
+                        config.warmup_epochs, decay_epochs, config.lr_decay_factor)
+
+
 def make_optimizer(config: Config, steps_total: int):
   """The same (legacy Keras) optimizer both paths use, so their updates are bit-identical."""
-  learning_rate = config.learning_rate
-  if config.lr_schedule == "cosine":
-    learning_rate = tf.keras.optimizers.schedules.CosineDecay(config.learning_rate, max(steps_total, 1))
+  steps_per_epoch = max(steps_total // max(config.epochs, 1), 1)
+  learning_rate = make_learning_rate(config, steps_per_epoch)
   if config.optimizer == "momentum":
     optimizer = tf.keras.optimizers.legacy.SGD(learning_rate=learning_rate, momentum=config.momentum)
   else:
@@ -62,11 +118,51 @@ def make_optimizer(config: Config, steps_total: int):
   return optimizer
 
 
-def make_loss(num_classes: int):
-  """Keras loss objects (per-example values); the Keras path compiles with the same ones."""
+class SparseCategoricalCrossentropyWithSmoothing(tf.keras.losses.Loss):
+  """Keras' CategoricalCrossentropy(label_smoothing=s) on integer labels (Keras' sparse loss has
+  no label smoothing): targets y * (1 - s) + s / num_classes."""
+
+  def __init__(self, num_classes: int, label_smoothing: float = 0.0,
+               reduction=tf.keras.losses.Reduction.NONE, name="sparse_categorical_crossentropy"):
+    super().__init__(reduction=reduction, name=name)
+    self.num_classes, self.label_smoothing = int(num_classes), float(label_smoothing)
+
+  def call(self, y_true, y_pred):
+    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+    targets = tf.one_hot(labels, self.num_classes, dtype=y_pred.dtype)
+    return tf.keras.losses.categorical_crossentropy(targets, y_pred,
+                                                    label_smoothing=self.label_smoothing)
+
+  def get_config(self):
+    return {**super().get_config(), "num_classes": self.num_classes,
+            "label_smoothing": self.label_smoothing}
+
+
+def make_loss(num_classes: int, label_smoothing: float = 0.0):
+  """Keras loss objects (per-example values); the Keras path compiles with the same ones.
+
+  --label_smoothing has Keras' own meaning: BinaryCrossentropy's (target y*(1-s) + s/2) for the
+  sigmoid head, CategoricalCrossentropy's (y*(1-s) + s/k) for the softmax head.
+  """
+  none = tf.keras.losses.Reduction.NONE
   if model_lib.num_outputs(num_classes) == 1:
-    return tf.keras.losses.BinaryCrossentropy(reduction=tf.keras.losses.Reduction.NONE)
-  return tf.keras.losses.SparseCategoricalCrossentropy(reduction=tf.keras.losses.Reduction.NONE)
+    return tf.keras.losses.BinaryCrossentropy(reduction=none, label_smoothing=label_smoothing)
+  if label_smoothing:
+    return SparseCategoricalCrossentropyWithSmoothing(num_classes, label_smoothing, reduction=none)
+  return tf.keras.losses.SparseCategoricalCrossentropy(reduction=none)
+
+
+def training_class_weights(config: Config, train_split) -> Optional[list]:
+  """--class_weight as one weight per class (class order), from the training split's counts; None
+  for --class_weight=none. Both paths call this, so they weight the same examples the same."""
+  if recipes.parse_class_weight(config.class_weight) is None:
+    return None
+  class_names = tuple(train_split.class_names)
+  counts = checks.class_counts(train_split.labels, len(class_names))
+  if config.class_weight == "balanced" and sum(counts) != train_split.num_examples:
+    raise ValueError("--class_weight=balanced needs the training labels, which this data source "
+                     "does not list in advance (TFDS): name the weights, --class_weight=CLASS=W,...")
+  return recipes.class_weights(config.class_weight, class_names, counts)
 
 
 def predicted_class(probabilities, num_classes: int):
@@ -82,18 +178,20 @@ def class_probabilities(probabilities, num_classes: int):
   return probabilities
 
 
-def per_example_loss(labels, probabilities, num_classes: int):
+def per_example_loss(labels, probabilities, num_classes: int, label_smoothing: float = 0.0):
   labels = tf.reshape(labels, [-1])
   if model_lib.num_outputs(num_classes) == 1:
     labels = tf.cast(labels[:, tf.newaxis], probabilities.dtype)
-  return make_loss(num_classes)(labels, probabilities)
+  return make_loss(num_classes, label_smoothing)(labels, probabilities)
 
 
-def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_weights: str = ""):
+def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_weights: str = "",
+                   class_weights: Optional[Sequence[float]] = None):
   """Returns the model_fn for `tf.estimator.Estimator`.
 
   `initial_weights` is a checkpoint prefix written by `model.save_initial_weights`; when given, a
-  fresh run starts from it (a resumed run restores its own checkpoint instead).
+  fresh run starts from it (a resumed run restores its own checkpoint instead). `class_weights`
+  (training_class_weights) weight each example's training loss; evaluation is unweighted.
   """
   class_names = tuple(class_names)
   num_classes = len(class_names)
@@ -112,8 +210,11 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
     all_probabilities = class_probabilities(probabilities, num_classes)
     classes = predicted_class(probabilities, num_classes)
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    example_losses, regularization, loss = classification_loss(model, labels, probabilities,
-                                                               num_classes)
+    training_weights = None
+    if training and class_weights is not None:
+      training_weights = tf.gather(tf.constant(list(class_weights), tf.float32), labels)
+    example_losses, regularization, loss = classification_loss(
+        model, labels, probabilities, num_classes, config.label_smoothing, training_weights)
     correct = tf.cast(tf.equal(classes, labels), tf.float32)
 
     if mode == ModeKeys.EVAL:
@@ -130,9 +231,10 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
                                 tf.compat.v1.train.get_or_create_global_step())
 
     # Fetched by the epoch-metrics hook: Keras-style running averages are per example.
+    # Keras averages its running loss over examples (each batch's class-weighted mean x its
+    # size); its accuracy is a compiled `metrics` entry, which Keras does not weight.
     batch_size = tf.shape(labels)[0]
-    tf.identity(tf.reduce_sum(example_losses) + tf.cast(batch_size, tf.float32) * regularization,
-                name=BATCH_LOSS_TENSOR)
+    tf.identity(tf.cast(batch_size, tf.float32) * loss, name=BATCH_LOSS_TENSOR)
     tf.identity(tf.reduce_sum(correct), name=BATCH_CORRECT_TENSOR)
     tf.identity(batch_size, name=BATCH_SIZE_TENSOR)
     # Training accuracy, loss and learning rate go to TensorBoard as the common curves both paths
@@ -143,11 +245,17 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
   return model_fn
 
 
-def classification_loss(model: tf.keras.Model, labels, probabilities, num_classes: int):
-  """(per-example losses [b], regularization scalar, the training loss: their mean + regularization)."""
-  example_losses = per_example_loss(labels, probabilities, num_classes)
+def classification_loss(model: tf.keras.Model, labels, probabilities, num_classes: int,
+                        label_smoothing: float = 0.0, example_weights=None):
+  """(per-example losses [b], regularization scalar, the loss: mean(weights * losses) + regularization).
+
+  Keras' SUM_OVER_BATCH_SIZE with sample weights is the same weighted mean (sum over the batch
+  size); the regularization is --weight_decay's penalty (model.add_weight_decay).
+  """
+  example_losses = per_example_loss(labels, probabilities, num_classes, label_smoothing)
   regularization = tf.add_n(model.losses) if model.losses else tf.constant(0.0)
-  return example_losses, regularization, tf.reduce_mean(example_losses) + regularization
+  weighted = example_losses if example_weights is None else example_losses * example_weights
+  return example_losses, regularization, tf.reduce_mean(weighted) + regularization
 
 
 def make_train_op(config: Config, model: tf.keras.Model, images, loss, steps_total: int,

@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "estimator_ft"
 LAYERS = (
     ("contract", "files", "progress", "messages", "image_formats", "cluster", "sample_data",
      "tf_environment", "memory", "interrupts"),
-    ("config",),
+    ("config", "recipes"),
     ("reports",),
     ("data",),
     ("model",),
@@ -147,14 +147,14 @@ def test_standard_library_layer_and_predict_import_no_training_code():
       "import sys\n"
       "import estimator_ft.contract, estimator_ft.files, estimator_ft.progress, estimator_ft.cluster\n"
       "import estimator_ft.sample_data, estimator_ft.config, estimator_ft.memory\n"
-      "import estimator_ft.interrupts\n"
+      "import estimator_ft.interrupts, estimator_ft.recipes\n"
       "assert 'tensorflow' not in sys.modules, 'the standard-library layer imported TensorFlow'\n"
       "import estimator_ft.serving\n"
       "training = sorted(m for m in sys.modules if m.startswith('estimator_ft.') and m not in (\n"
       "    'estimator_ft.serving', 'estimator_ft.contract', 'estimator_ft.image_formats',\n"
       "    'estimator_ft.messages', 'estimator_ft.files', 'estimator_ft.progress',\n"
       "    'estimator_ft.cluster', 'estimator_ft.sample_data', 'estimator_ft.config',\n"
-      "    'estimator_ft.memory', 'estimator_ft.interrupts'))\n"
+      "    'estimator_ft.memory', 'estimator_ft.interrupts', 'estimator_ft.recipes'))\n"
       "assert not training, training\n")
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, cwd=PACKAGE.parent)

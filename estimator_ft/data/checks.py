@@ -54,7 +54,8 @@ def imbalance_warning(split_name: str, class_names, counts) -> str:
   largest, smallest = ordered[0], ordered[-1]
   return (f"The {split_name} classes are imbalanced: {largest[1]!r} has {largest[0]} images, "
           f"{smallest[1]!r} {smallest[0]} ({ratio:.1f}:1). Accuracy will favour the large "
-          "classes: weight or resample the classes, or add images to the small ones.")
+          "classes: train with --class_weight=balanced (weights n / (k * n_c) in the training loss), "
+          "resample the classes, or add images to the small ones.")
 
 
 def leakage_warning(shared: Sequence[tuple]) -> str:

@@ -102,7 +102,7 @@ def run_compare(config: Config, output_dir: str, paths) -> dict:
   num_classes = len(splits.class_names)
   initial_weights = os.path.join(output_dir, model_dir_lib.INITIAL_WEIGHTS_PREFIX)
   if not model_lib.initial_weights_exist(initial_weights):
-    model_lib.save_initial_weights(config, num_classes, initial_weights)
+    model_lib.save_initial_weights(config, num_classes, initial_weights, splits.class_names)
 
   results = {}
   for name in paths:
@@ -116,7 +116,10 @@ def run_compare(config: Config, output_dir: str, paths) -> dict:
       "data": data_summary(splits),
       "settings": {k: getattr(config, k) for k in (
           "dropout", "augment", "epochs", "batch_size", "image_size", "seed", "weights",
-          "fine_tune_from", "optimizer", "learning_rate", "momentum", "batchnorm_momentum")},
+          "fine_tune_from", "optimizer", "learning_rate", "momentum", "batchnorm_momentum",
+          "lr_schedule", "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "label_smoothing",
+          "weight_decay", "class_weight", "early_stopping_patience", "early_stopping_min_delta",
+          "warm_start_from")},
       "notes": {"training": TRAINING_NOTE, "validation": VALIDATION_NOTE},
       "paths": {name: {"description": PATH_DESCRIPTIONS[name], "model_dir": r["model_dir"],
                        "global_step": r["global_step"], "history": r["history"]}

@@ -23,6 +23,7 @@ from estimator_ft.data import loading
 from estimator_ft.run import faults
 from estimator_ft.run import model_dir as model_dir_lib
 from estimator_ft.run import runtime
+from estimator_ft.run import summaries
 
 logger = logging.getLogger("estimator_ft")
 
@@ -94,7 +95,7 @@ def validate_run(config: Config, class_names, initial_weights: str = ""):
   if initial_weights or (plan == "resume" and model_lib.initial_weights_exist(prefix)):
     model_lib.check_fine_tune_from(config.fine_tune_from)
     return None
-  return model_lib.initial_weight_values(config, len(class_names))
+  return model_lib.initial_weight_values(config, len(class_names), class_names)
 
 
 
@@ -149,7 +150,7 @@ def _train_in_model_dir(config: Config, splits, initial_weights: str, starting_w
   logger.info("%s run in %s (%s)", config.path, config.model_dir,
               f"resuming from {resume_from}" if resume_from else "starting from the initial weights")
   _warn_about_inexact_resume(config)
-  prefix = initial_weights or model_dir_lib.initial_weights_prefix(config, len(class_names),
+  prefix = initial_weights or model_dir_lib.initial_weights_prefix(config, class_names,
                                                                   starting_weights)
   outcome = PATH_MODULES[config.path].train(config, splits, prefix)
   results = {
@@ -166,6 +167,8 @@ def _train_in_model_dir(config: Config, splits, initial_weights: str, starting_w
       **outcome,
   }
   model_dir_lib.write_results(config, results)
+  if results.get("final_evaluation"):
+    summaries.write_hparams_summary(config, results["final_evaluation"], results["global_step"])
   return results
 
 

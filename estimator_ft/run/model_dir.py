@@ -29,11 +29,12 @@ import tensorflow as tf
 from estimator_ft import config as config_lib
 from estimator_ft import files
 from estimator_ft import model as model_lib
+from estimator_ft import recipes
 from estimator_ft.config import Config
 
 logger = logging.getLogger("estimator_ft")
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = model_lib.RUN_CONFIG_FILE
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".estimator_ft.lock"
 INITIAL_WEIGHTS_PREFIX = os.path.join("initial_weights", "weights")
@@ -103,8 +104,12 @@ def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str
   if previous is None:
     return False
   differences = _differences(previous, config, class_names)
+  refused, accepted = recipes.resume_changes(previous.get("config", {}), config.to_dict())
+  differences += refused
   if differences:
     raise _different_run_error(model_dir, differences)
+  for change in accepted:
+    logger.info("Resuming with %s.", change)
   return True
 
 
@@ -340,16 +345,18 @@ def _has_checkpoint(model_dir: str) -> bool:
 
 
 
-def initial_weights_prefix(config: Config, num_classes: int, values=None) -> str:
-  """The run's starting weights, written once per model_dir (so a resume never rebuilds them).
+def initial_weights_prefix(config: Config, class_names, values=None) -> str:
+  """The run's starting weights, written once per model_dir (so a resume never rebuilds them):
+  --weights, or the run --warm_start_from names.
 
-  values: model.initial_weight_values, when the caller built them already (to validate).
+  values: model.initial_weight_values' (weights, source), when the caller built them already
+  (to validate the model settings before anything was written).
   """
   prefix = os.path.join(config.model_dir, INITIAL_WEIGHTS_PREFIX)
   if not model_lib.initial_weights_exist(prefix):
     if values is None:
-      values = model_lib.initial_weight_values(config, num_classes)
-    model_lib.write_initial_weights(config, values, prefix)
+      values = model_lib.initial_weight_values(config, len(class_names), class_names)
+    model_lib.write_initial_weights(*values, prefix)
   return prefix
 
 
