@@ -14,6 +14,8 @@ import time
 import tensorflow as tf
 
 from estimator_ft import export as export_lib
+from estimator_ft import export_tflite
+from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
 from estimator_ft.config import Config
@@ -239,9 +241,38 @@ def _eval_step_of_epoch(evals, epoch, steps_per_epoch, last):
 
 # ---------------------------------------------------------------- train
 
-def train(config: Config, splits, initial_weights: str) -> dict:
-  """Runs train_and_evaluate to `epochs` epochs (resuming if model_dir has checkpoints)."""
+def checkpoint_weights(config: Config, num_classes: int, checkpoint_path: str) -> list:
+  """The weights of an Estimator checkpoint as numpy arrays, in `model.weights` order.
+
+  The model_fn builds the model in a fresh graph, so its variables carry the builder's own layer
+  names; a build in another fresh graph gives the same names (Keras numbers names per graph).
+  """
+  with tf.Graph().as_default():
+    names = [w.name.split(":")[0] for w in model_lib.build_model(config, num_classes).weights]
+  reader = tf.train.load_checkpoint(checkpoint_path)
+  return [reader.get_tensor(name) for name in names]
+
+
+def tflite_writer(config: Config, class_names, representative_images=()):
+  """--export_tflite: the best exporter's ExportExtras.write_beside, from the exported checkpoint."""
+  num_classes = len(class_names)
+  return export_tflite.beside_writer(
+      config, class_names, lambda checkpoint_path: checkpoint_weights(config, num_classes,
+                                                                      checkpoint_path),
+      representative_images)
+
+
+def train(config: Config, splits, initial_weights: str,
+          extras: export_lib.ExportExtras = export_lib.NO_EXTRAS) -> dict:
+  """Runs train_and_evaluate to `epochs` epochs (resuming if model_dir has checkpoints).
+
+  extras: what the exports carry besides the SavedModel (warm-up images, chosen by the job);
+  with --export_tflite the best exporter also writes the TFLite model.
+  """
   class_names = tuple(splits.class_names)
+  if config.export_tflite:
+    extras = extras.replace(
+        write_beside=tflite_writer(config, class_names, extras.representative_images))
   steps_per_epoch = split_lib.steps_per_epoch(splits.train, config.batch_size)
   max_steps = config.epochs * steps_per_epoch
   estimator = make_estimator(config, class_names, steps_per_epoch, initial_weights)
@@ -263,7 +294,7 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   eval_spec = tf.estimator.EvalSpec(
       input_fn=pipeline.make_input_fn(splits.validation, config, "eval"),
       steps=None,  # None: the whole validation set, every time
-      exporters=export_lib.make_exporters(config, class_names),
+      exporters=export_lib.make_exporters(config, class_names, extras),
       start_delay_secs=0,
       throttle_secs=EVALUATOR_POLL_S if estimator.config.task_type == "evaluator" else 0)
   _log_run_plan(config, splits, steps_per_epoch)
