@@ -20,6 +20,8 @@ setup(
         "pyarrow<18",  # recent pyarrow (imported by tensorflow-datasets) needs numpy 2
         "importlib_resources",  # tensorflow-datasets 4.9.6 imports it without declaring it
         "tensorboard>=2.15,<2.16",  # its event writer records the run config (estimator.py)
+        # PredictionLog protos of the TF Serving warm-up file (export.py); pure protobuf modules.
+        "tensorflow-serving-api>=2.15,<2.16",
         "absl-py>=1.0",
         "pillow>=9",
         "matplotlib>=3.5",

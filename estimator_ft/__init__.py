@@ -13,14 +13,18 @@ Layers, each importing only from those above it in this list (tests/test_layout.
   reports/                        classification statistics (scikit-learn) and their plots
                                   (matplotlib): metrics, plots; no TensorFlow
   data/                           the one tf.data pipeline: split, images, folders, tfds_source,
-                                  records (sharded TFRecords), loading, pipeline, synthetic
+                                  records (sharded TFRecords), loading, pipeline, synthetic,
+                                  samples
   model                           the one ResNet50 + head builder, initial-weights checkpoint
   model_fn                        the Estimator model_fn: training flag from mode, BN updates in
                                   the train op (and the train op the benchmark's loop reuses)
   run/                            what both paths share: model_dir contract, events, errors,
                                   runtime (strategy, determinism), summaries, faults
   serving                         `predict` and the TF Serving version layout (TF + contract only)
-  export                          SavedModel signatures, publishing, exporters (no training path)
+  serving_tflite                  `predict` on a .tflite model (serving + data/images only)
+  export                          SavedModel signatures, warm-up requests, publishing, exporters
+                                  (no training path)
+  export_tflite                   TFLite conversion, quantization, measurement against the SavedModel
   estimator, keras_path           the two training paths
   jobs/                           train, export_checkpoint, compare, inspect_data, prepare,
                                   evaluate

@@ -182,8 +182,28 @@ def _run_prepare(argv):
 
 def _define_export():
   flags.DEFINE_string("model_dir", "", "Training model_dir holding checkpoints and config.json.")
-  flags.DEFINE_string("export_dir", "", "Export base: the SavedModel goes to EXPORT_DIR/<version>/, the "
-                      "layout TF Serving loads (default MODEL_DIR/export/manual).")
+  flags.DEFINE_string("export_dir", "", "Export base: the version goes to EXPORT_DIR/<version>/, the "
+                      "layout TF Serving loads (default MODEL_DIR/export/manual; for --format=tflite "
+                      "MODEL_DIR/export/tflite).")
+  flags.DEFINE_enum("format", "saved_model", config_lib.EXPORT_FORMATS, "saved_model (TF Serving, `predict`) "
+                    "or tflite (model.tflite + labels.txt, measured against the SavedModel).")
+  flags.DEFINE_enum("quantize", "none", config_lib.TFLITE_QUANTIZATIONS,
+                    "--format=tflite: none (float32), dynamic (int8 weights), float16, or int8 "
+                    "(full integer, calibrated on --representative_images training images).")
+  flags.DEFINE_integer("representative_images", None, "--quantize=int8: training images that "
+                       "calibrate it (default: the run's setting, 100).", lower_bound=1)
+  flags.DEFINE_integer("serving_warmup_requests", None, "SavedModel: TF Serving warm-up requests "
+                       "(training images) in assets.extra/tf_serving_warmup_requests; 0 = none "
+                       "(default: the run's setting, 3).", lower_bound=0)
+  flags.DEFINE_integer("measure_images", 500, "--format=tflite: validation images on which the "
+                       "TFLite model is compared with the SavedModel; 0 = no measurement.",
+                       lower_bound=0)
+  flags.DEFINE_integer("latency_runs", 50, "--format=tflite: single-image calls whose median "
+                       "latency is reported.", lower_bound=1)
+  flags.DEFINE_string("train_dir", "", "The run's training images, if they moved since training "
+                      "(default: the --train_dir in config.json).")
+  flags.DEFINE_string("validation_dir", "", "The run's validation images, if they moved since "
+                      "training (default: the --validation_dir in config.json).")
 
 
 def _run_export(argv):
@@ -191,26 +211,47 @@ def _run_export(argv):
   from estimator_ft.jobs import export_checkpoint
   if not FLAGS.model_dir:
     raise ValueError("--model_dir is required: the training model_dir to export from.")
-  path = export_checkpoint.export_from_checkpoint(FLAGS.model_dir, FLAGS.export_dir or None)
-  print(f"Exported SavedModel: {path}")
+  path = export_checkpoint.export_from_checkpoint(
+      FLAGS.model_dir, FLAGS.export_dir or None, export_format=FLAGS.format,
+      quantize=FLAGS.quantize, representative_images=FLAGS.representative_images,
+      serving_warmup_requests=FLAGS.serving_warmup_requests, measure_images=FLAGS.measure_images,
+      latency_runs=FLAGS.latency_runs, train_dir=FLAGS.train_dir,
+      validation_dir=FLAGS.validation_dir)
+  if FLAGS.format == "tflite":
+    from estimator_ft import export_tflite
+    print(f"Exported TFLite model: {path}\n"
+          f"{export_tflite.format_measurements(export_tflite.read_info(path))}")
+  else:
+    print(f"Exported SavedModel: {path}")
   return 0
 
 
 def _define_predict():
-  flags.DEFINE_string("saved_model", "", "An exported SavedModel: a version folder "
-                      "(MODEL_DIR/export/NAME/VERSION) or an export base such as "
-                      "MODEL_DIR/export/best (its newest version is used).")
-  flags.DEFINE_integer("predict_batch_size", 32, "Images per model call.", lower_bound=1)
+  flags.DEFINE_string("model", "", "An exported model: a SavedModel version folder "
+                      "(MODEL_DIR/export/NAME/VERSION), an export base such as MODEL_DIR/export/best "
+                      "(its newest version is used), or a .tflite file with its labels.txt beside it.")
+  flags.DEFINE_string("saved_model", "", "Same as --model (kept for SavedModels).")
+  flags.DEFINE_integer("predict_batch_size", 32, "Images per model call (a TFLite model takes "
+                       "one image per call).", lower_bound=1)
 
 
 def _run_predict(argv):
   from estimator_ft import serving
-  if not FLAGS.saved_model:
-    raise ValueError("--saved_model is required: an exported SavedModel version folder.")
+  if FLAGS.model and FLAGS.saved_model:
+    raise ValueError("Give --model or --saved_model, not both.")
+  model = FLAGS.model or FLAGS.saved_model
+  if not model:
+    raise ValueError("--model is required: an exported SavedModel version folder or a .tflite file.")
   if len(argv) < 2:
     raise ValueError("Give one or more image files or folders after the flags.")
+  kind, path = serving.model_kind(model)
+  make_predictor = serving.Predictor
+  if kind == serving.TFLITE:
+    # Only for a TFLite model: it decodes with data/images (a SavedModel decodes in its graph).
+    from estimator_ft import serving_tflite
+    make_predictor = serving_tflite.TFLitePredictor
   # Exit status: 0 all classified, 1 some file(s) failed (each has an "error" line), 2 usage error.
-  return serving.predict_cli(FLAGS.saved_model, argv[1:], FLAGS.predict_batch_size)
+  return serving.predict_cli(path, argv[1:], FLAGS.predict_batch_size, make_predictor)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -335,8 +376,10 @@ SUBCOMMANDS = {
                 "check an image-folder pair before training: classes, sizes, bad files, leakage"),
     "prepare": (_define_prepare, _run_prepare,
                 "write an image-folder pair as sharded TFRecords for --records_dir"),
-    "export": (_define_export, _run_export, "export a SavedModel from the latest checkpoint"),
-    "predict": (_define_predict, _run_predict, "classify image files with an exported SavedModel"),
+    "export": (_define_export, _run_export,
+               "export a SavedModel or a TFLite model from the latest checkpoint"),
+    "predict": (_define_predict, _run_predict,
+                "classify image files with an exported SavedModel or TFLite model"),
     "evaluate": (_define_evaluate, _run_evaluate,
                  "the report on a checkpoint or SavedModel: per class, confusion, ROC/PR, calibration"),
     "launch-local": (_define_launch_local, _run_launch_local,

@@ -30,6 +30,12 @@ PATHS = ("estimator", "keras")
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker_mirrored")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 EXPORT_METRICS = ("loss", "accuracy", "auc")
+# TFLite weight/activation quantization (export_tflite.py): none = float32, dynamic = int8 weights
+# with float activations, float16 = float16 weights, int8 = full integer, calibrated on training
+# images.
+TFLITE_QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
+# What `estimator-ft export --format` writes.
+EXPORT_FORMATS = ("saved_model", "tflite")
 
 # Fields that change what a checkpoint in model_dir means. Resuming with any of them changed
 # would silently mix two different runs, so it is refused (see run.model_dir.check_resumable). The
@@ -70,6 +76,15 @@ def check_image_size(image_size: int, error=ValueError) -> None:
     raise error(f"--image_size={image_size} is too small: ResNet50 needs at least "
                 f"{RESNET50_MIN_IMAGE_SIZE} pixels (it downsamples 32x). Use --image_size=64 for "
                 f"quick CPU runs or {RESNET50_NATIVE_IMAGE_SIZE} for ImageNet-like accuracy.")
+
+
+def check_representative_images(count: int, quantize: str, quantize_flag: str = "quantize",
+                                error=ValueError) -> None:
+  check_at_least("representative_images", count, 0, error=error)
+  if quantize == "int8" and count < 1:
+    raise error(f"--{quantize_flag}=int8 calibrates on training images: set "
+                "--representative_images to at least 1 (100 is usual), or use "
+                f"--{quantize_flag}=dynamic, which needs none.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +221,19 @@ class Config:
       "(0 = never stop early). A resumed run keeps the count.")
   early_stopping_min_delta: float = _setting(
       0.0, "Smallest change of --export_best_metric that counts as an improvement.")
+  serving_warmup_requests: int = _setting(
+      3, "TF Serving warm-up: PredictRequests (one training image each) written to every "
+      "SavedModel export's assets.extra/tf_serving_warmup_requests, so TF Serving runs the graph "
+      "once before the first live request; 0 = none.")
+  export_tflite: bool = _setting(
+      False, "Also write model.tflite + labels.txt into every export/best version (Keras path: "
+      "export/keras), quantized as --tflite_quantize.")
+  tflite_quantize: str = _setting(
+      "none", "Quantization of --export_tflite: none (float32), dynamic (int8 weights), float16, "
+      "or int8 (full integer, calibrated on --representative_images training images).",
+      TFLITE_QUANTIZATIONS)
+  representative_images: int = _setting(
+      100, "Training images that calibrate int8 quantization (evenly spread over the split).")
 
   # ---------------------------------------------------------------- validation
 
@@ -265,6 +293,9 @@ class Config:
     if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
       raise ValueError(f"--weight_decay={self.weight_decay} must be >= 0 (1e-4 is ResNet's).")
     recipes.parse_class_weight(self.class_weight)
+    check_at_least("serving_warmup_requests", self.serving_warmup_requests, 0, "0 writes none.")
+    check_representative_images(self.representative_images, self.tflite_quantize
+                                if self.export_tflite else "none", "tflite_quantize")
     for field in dataclasses.fields(self):
       if "choices" in field.metadata:
         check_choice(field.name, getattr(self, field.name), field.metadata["choices"])

@@ -20,6 +20,8 @@ from tensorflow_estimator.python.estimator import estimator as tf_estimator_impl
 
 from estimator_ft import cluster as cluster_lib
 from estimator_ft import export as export_lib
+from estimator_ft import export_tflite
+from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
 from estimator_ft import recipes
@@ -487,9 +489,38 @@ def _eval_step_of_epoch(evals, epoch, steps_per_epoch, last):
 
 # ---------------------------------------------------------------- train
 
-def train(config: Config, splits, initial_weights: str) -> dict:
-  """Runs train_and_evaluate to `epochs` epochs (resuming if model_dir has checkpoints)."""
+def checkpoint_weights(config: Config, num_classes: int, checkpoint_path: str) -> list:
+  """The weights of an Estimator checkpoint as numpy arrays, in `model.weights` order.
+
+  The model_fn builds the model in a fresh graph, so its variables carry the builder's own layer
+  names; a build in another fresh graph gives the same names (Keras numbers names per graph).
+  """
+  with tf.Graph().as_default():
+    names = [w.name.split(":")[0] for w in model_lib.build_model(config, num_classes).weights]
+  reader = tf.train.load_checkpoint(checkpoint_path)
+  return [reader.get_tensor(name) for name in names]
+
+
+def tflite_writer(config: Config, class_names, representative_images=()):
+  """--export_tflite: the best exporter's ExportExtras.write_beside, from the exported checkpoint."""
+  num_classes = len(class_names)
+  return export_tflite.beside_writer(
+      config, class_names, lambda checkpoint_path: checkpoint_weights(config, num_classes,
+                                                                      checkpoint_path),
+      representative_images)
+
+
+def train(config: Config, splits, initial_weights: str,
+          extras: export_lib.ExportExtras = export_lib.NO_EXTRAS) -> dict:
+  """Runs train_and_evaluate to `epochs` epochs (resuming if model_dir has checkpoints).
+
+  extras: what the exports carry besides the SavedModel (warm-up images, chosen by the job);
+  with --export_tflite the best exporter also writes the TFLite model.
+  """
   class_names = tuple(splits.class_names)
+  if config.export_tflite:
+    extras = extras.replace(
+        write_beside=tflite_writer(config, class_names, extras.representative_images))
   steps_per_epoch = split_lib.steps_per_epoch(splits.train, config.batch_size)
   max_steps = config.epochs * steps_per_epoch
   class_weights = model_fn_lib.training_class_weights(config, splits.train)
@@ -519,7 +550,7 @@ def train(config: Config, splits, initial_weights: str) -> dict:
   eval_spec = tf.estimator.EvalSpec(
       input_fn=pipeline.make_input_fn(splits.validation, config, "eval"),
       steps=None,  # None: the whole validation set, every time
-      exporters=export_lib.make_exporters(config, class_names),
+      exporters=export_lib.make_exporters(config, class_names, extras),
       start_delay_secs=0,
       throttle_secs=EVALUATOR_POLL_S if estimator.config.task_type == "evaluator" else 0)
   _log_run_plan(config, splits, steps_per_epoch)
@@ -536,7 +567,8 @@ def train(config: Config, splits, initial_weights: str) -> dict:
       tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
     else:
       _train_and_evaluate_in_process(estimator, config, class_names, splits.validation,
-                                     train_spec, initial_weights, steps_per_epoch, class_weights)
+                                     train_spec, initial_weights, steps_per_epoch, class_weights,
+                                     extras)
   except tf.compat.v1.train.NanLossDuringTrainingError as e:
     raise errors.nan_loss_error(config, "the training loss became NaN") from e
   except tf.errors.InvalidArgumentError as e:
@@ -575,7 +607,8 @@ def train(config: Config, splits, initial_weights: str) -> dict:
 
 def _train_and_evaluate_in_process(estimator, config: Config, class_names, validation_split,
                                    train_spec, initial_weights: str, steps_per_epoch: int,
-                                   class_weights=None) -> None:
+                                   class_weights=None,
+                                   extras: export_lib.ExportExtras = export_lib.NO_EXTRAS) -> None:
   """train_and_evaluate on one machine: each checkpoint evaluated and exported in this process,
   from an evaluation graph and a serving graph built once (InProcessEvaluator)."""
   model_fn = estimator_model_fn(config, class_names, steps_per_epoch, initial_weights,
@@ -583,7 +616,7 @@ def _train_and_evaluate_in_process(estimator, config: Config, class_names, valid
   writer = export_lib.EstimatorSavedModelWriter(model_fn, config,
                                                 estimator.config.session_config)
   evaluator = InProcessEvaluator(estimator, model_fn, config, validation_split,
-                                 export_lib.make_exporters(config, class_names, writer),
+                                 export_lib.make_exporters(config, class_names, extras, writer),
                                  train_spec.max_steps)
   try:
     estimator.train(train_spec.input_fn, max_steps=train_spec.max_steps, hooks=train_spec.hooks,

@@ -24,6 +24,14 @@ into a hidden staging folder beside it and renamed into place once complete, so 
 is never half-written; staging folders left by killed exports are removed by the next export.
 Each version records `assets.extra/export_info.json` (global step, checkpoint, validation metrics).
 
+TF Serving warm-up: given training images (ExportExtras.warmup_images, chosen by the job layer;
+--serving_warmup_requests of them), a version also carries `assets.extra/tf_serving_warmup_requests`,
+a TFRecord file of serialized `tensorflow.serving.PredictionLog` protos that TF Serving replays
+when it loads the version, before it serves: one PredictRequest of `serving_default` per image,
+plus one request of `predict_images` and one ClassificationRequest of `classification` with the
+first image, so each signature's subgraph is warm before the first live request.
+
+
 Estimator exporters (after each evaluation during training): `export/best` when the validation
 metric `--export_best_metric` beats every version already in `export/best`; `export/latest` for
 the final checkpoint (every evaluated one with --export_latest_every_epoch). In the training
@@ -32,6 +40,7 @@ The comparison uses the metrics recorded in those versions, so a resumed run nev
 worse model as the newest (= served) "best". Each keeps `--exports_to_keep` versions.
 """
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -41,12 +50,17 @@ import shutil
 import socket
 import tempfile
 import time
+from typing import Callable, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 # The fingerprint writer that tf.saved_model.save uses (TF 2.15 has no public one); called directly
 # because its Python wrapper logs an INFO line through absl on every export.
+from tensorflow.python.eager import context as eager_context  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting as fingerprinting_pywrap  # pylint: disable=g-direct-tensorflow-import
+from tensorflow_serving.apis import classification_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_log_pb2
 # The signature-def builders Estimator.export_saved_model uses (EstimatorSavedModelWriter).
 from tensorflow_estimator.python.estimator.export import export_lib as estimator_export_lib
 
@@ -65,6 +79,11 @@ BEST_EXPORTER = "best"
 MANUAL_EXPORT = "manual"  # `estimator-ft export` without --export_dir
 EXPORT_INFO_FILE = contract.EXPORT_INFO_FILE
 FINGERPRINT_FILE = "fingerprint.pb"
+# The name and place TF Serving reads warm-up requests from (tensorflow_serving/servables/
+# tensorflow/saved_model_warmup_util): a TFRecord file of serialized PredictionLog protos.
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# TF Serving reads at most this many warm-up records.
+MAX_WARMUP_RECORDS = 1000
 
 EXAMPLES_INPUT = "examples"
 _IMAGES_RECEIVER = "images"
@@ -144,6 +163,75 @@ def serving_input_receiver_fn(image_size: int,
         })
 
   return receiver_fn
+
+
+# ---------------------------------------------------------------- what a version carries besides
+
+@dataclasses.dataclass(frozen=True)
+class ExportExtras:
+  """What an export writes into a version besides the SavedModel.
+
+  The job layer chooses the images (training-split images, encoded; data.samples):
+    warmup_images          -> assets.extra/tf_serving_warmup_requests (none: no file)
+    representative_images  int8 calibration images for write_beside (export_tflite.py)
+  and a training path may add
+    write_beside           (version_dir, checkpoint_path or None) -> dict: writes more files into
+                           the version while it is still in its staging folder (--export_tflite:
+                           model.tflite + labels.txt), so they are published with it or not at
+                           all; what it returns is recorded in export_info.json.
+  """
+  warmup_images: Tuple[bytes, ...] = ()
+  representative_images: Tuple[bytes, ...] = ()
+  write_beside: Optional[Callable[[str, Optional[str]], dict]] = None
+
+  def replace(self, **changes) -> "ExportExtras":
+    return dataclasses.replace(self, **changes)
+
+
+NO_EXTRAS = ExportExtras()
+
+
+def _example(image_bytes: bytes) -> tf.train.Example:
+  feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes]))
+  return tf.train.Example(features=tf.train.Features(
+      feature={contract.EXAMPLE_IMAGE_FEATURE: feature}))
+
+
+def warmup_logs(images: Sequence[bytes], image_size: int) -> list:
+  """The PredictionLog protos of the warm-up file for these encoded images (see module doc)."""
+  images = list(images)[:MAX_WARMUP_RECORDS - 2]
+  logs = []
+  for image in images:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.signature_name = contract.SERVING_SIGNATURE
+    request.inputs[contract.IMAGE_BYTES_INPUT].CopyFrom(tf.make_tensor_proto([image], tf.string))
+    logs.append(prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)))
+  if images:
+    # The decoded-image signature, fed what a client would send: the image at the training size
+    # (the signature resizes any size; a full-size photo would make a needlessly large file).
+    decoded = images_lib.resize_image(images_lib.decode_rgb(images[0]), image_size)[tf.newaxis]
+    request = predict_pb2.PredictRequest()
+    request.model_spec.signature_name = contract.IMAGES_SIGNATURE
+    request.inputs[contract.IMAGES_INPUT].CopyFrom(tf.make_tensor_proto(decoded.numpy()))
+    logs.append(prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)))
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.signature_name = contract.CLASSIFY_SIGNATURE
+    classify.input.example_list.examples.append(_example(images[0]))
+    logs.append(prediction_log_pb2.PredictionLog(
+        classify_log=prediction_log_pb2.ClassifyLog(request=classify)))
+  return logs
+
+
+def write_warmup_requests(saved_model_dir: str, images: Sequence[bytes], image_size: int) -> str:
+  """Writes assets.extra/tf_serving_warmup_requests into a (staging) SavedModel folder."""
+  path = os.path.join(saved_model_dir, WARMUP_FILE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tf.io.TFRecordWriter(path) as writer:
+    for log in warmup_logs(images, image_size):
+      writer.write(log.SerializeToString())
+  return path
 
 
 # ---------------------------------------------------------------- publishing versions
@@ -230,34 +318,32 @@ def _mark_classify_method(signature_map) -> None:
 
 def next_version(export_base: str) -> int:
   """The Unix time, or one more than the newest version if that is not older (clock skew, or
-  two exports within a second): TF Serving serves the highest number, so it must be the newest."""
-  versions = serving.version_dirs(export_base)
-  newest = versions[-1][0] if versions else 0
+  two exports within a second): TF Serving serves the highest number, so it must be the newest.
+  Every numbered entry counts (a TFLite export's versions hold no SavedModel)."""
+  names = os.listdir(export_base) if os.path.isdir(export_base) else []
+  newest = max((int(name) for name in names if name.isdigit()), default=0)
   return max(int(time.time()), newest + 1)
 
 
-def _publish(export_base: str, write_saved_model, finish_signatures, info: dict) -> str:
-  """Writes one version through a staging folder; returns the published version folder.
+def publish_version(export_base: str, write_version: Callable[[str], str]) -> str:
+  """Publishes one version folder through a staging folder; returns the published folder.
 
-  `write_saved_model(staging_dir)` writes a SavedModel somewhere inside staging_dir and returns
-  its path; `finish_signatures` edits its signature map before it is published.
+  `write_version(staging_dir)` writes the complete version somewhere inside staging_dir (which
+  it may also use for scratch files) and returns its folder; that folder is renamed into
+  export_base/<next version> in one step, so the version appears complete or not at all. The
+  staging folder goes whatever happens; one left by a killed process goes with the next export.
   """
   os.makedirs(export_base, exist_ok=True)
   remove_stale_staging(export_base)
   staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-",
                              dir=export_base)
   try:
-    saved_model_dir = write_saved_model(staging)
-    _rewrite_signatures(saved_model_dir, finish_signatures)
-    info_path = os.path.join(saved_model_dir, EXPORT_INFO_FILE)
-    os.makedirs(os.path.dirname(info_path), exist_ok=True)
-    with open(info_path, "w") as f:
-      json.dump(info, f, indent=2, sort_keys=True)
+    version_dir = write_version(staging)
     for attempt in range(_PUBLISH_ATTEMPTS):
       target = os.path.join(export_base, str(next_version(export_base)))
       try:
         # One rename: the version folder appears complete or not at all.
-        os.replace(saved_model_dir, target)
+        os.replace(version_dir, target)
         break
       except OSError:
         if attempt == _PUBLISH_ATTEMPTS - 1 or not os.path.exists(target):
@@ -265,6 +351,34 @@ def _publish(export_base: str, write_saved_model, finish_signatures, info: dict)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return target
+
+
+def _publish(export_base: str, write_saved_model, finish_signatures, info: dict,
+             extras: ExportExtras, image_size: int, checkpoint_path=None) -> str:
+  """Writes one SavedModel version through a staging folder; returns the published version folder.
+
+  `write_saved_model(staging_dir)` writes a SavedModel somewhere inside staging_dir and returns
+  its path; `finish_signatures` edits its signature map before it is published. The warm-up
+  requests and whatever extras.write_beside writes go into it before the rename.
+  """
+
+  def write(staging):
+    saved_model_dir = write_saved_model(staging)
+    _rewrite_signatures(saved_model_dir, finish_signatures)
+    # Eagerly: the Estimator runs its exporters inside the training session's graph, which is
+    # finalized (its own export builds a graph of its own); the Keras path is eager already.
+    with eager_context.eager_mode():
+      if extras.warmup_images:
+        write_warmup_requests(saved_model_dir, extras.warmup_images, image_size)
+      if extras.write_beside is not None:
+        info["beside"] = extras.write_beside(saved_model_dir, checkpoint_path)
+    info_path = os.path.join(saved_model_dir, EXPORT_INFO_FILE)
+    os.makedirs(os.path.dirname(info_path), exist_ok=True)
+    with open(info_path, "w") as f:
+      json.dump(info, f, indent=2, sort_keys=True)
+    return saved_model_dir
+
+  return publish_version(export_base, write)
 
 
 def read_export_info(version_dir: str) -> dict:
@@ -316,7 +430,8 @@ class EstimatorSavedModelWriter:
     with self._graph.as_default():
       tf.compat.v1.train.create_global_step()
       tf.compat.v1.random.set_random_seed(self._config.seed)
-      receiver = serving_input_receiver_fn(self._config.image_size)()
+      receiver = serving_input_receiver_fn(self._config.image_size,
+                                           self._config.max_image_pixels)()
       spec = self._model_fn(receiver.features, None, tf.estimator.ModeKeys.PREDICT)
       export_outputs = estimator_export_lib.export_outputs_for_mode(
           mode=spec.mode, serving_export_outputs=spec.export_outputs,
@@ -352,7 +467,8 @@ class EstimatorSavedModelWriter:
 
 
 def export_estimator(estimator, config: Config, class_names, export_base: str,
-                     checkpoint_path=None, metrics=None, writer=None) -> str:
+                     checkpoint_path=None, metrics=None, extras: ExportExtras = NO_EXTRAS,
+                     writer=None) -> str:
   """Exports `checkpoint_path` (default: the latest) as a new version under export_base.
 
   writer: an EstimatorSavedModelWriter to write it with (no graph rebuild); without one, the
@@ -372,7 +488,8 @@ def export_estimator(estimator, config: Config, class_names, export_base: str,
 
   info = _export_info(config, class_names, checkpoint_step(checkpoint_path), checkpoint_path,
                       metrics)
-  return _publish(export_base, write, _select_estimator_signatures, info)
+  return _publish(export_base, write, _select_estimator_signatures, info, extras,
+                  config.image_size, checkpoint_path)
 
 
 def checkpoint_step(checkpoint_path: str):
@@ -404,10 +521,12 @@ def improves_on_best(export_base: str, metric_key: str, lower_is_better: bool, v
 class _VersionExporter(tf.estimator.Exporter):
   """Exports after an evaluation into model_dir/export/<name>/<version>, keeping the newest N."""
 
-  def __init__(self, name: str, config: Config, class_names, writer=None):
+  def __init__(self, name: str, config: Config, class_names, extras: ExportExtras = NO_EXTRAS,
+               writer=None):
     self._name = name
     self._config = config
     self._class_names = tuple(class_names)
+    self._extras = extras
     self._writer = writer
 
   @property
@@ -422,7 +541,7 @@ class _VersionExporter(tf.estimator.Exporter):
     if not self.wanted(export_path, metrics, is_the_final_export):
       return None
     path = export_estimator(estimator, self._config, self._class_names, export_path,
-                            checkpoint_path, metrics, self._writer)
+                            checkpoint_path, metrics, self._extras, self._writer)
     remove_old_versions(export_path, self._config.exports_to_keep)
     logger.info("Exported %s model: %s", self._name, path)
     return path
@@ -443,15 +562,20 @@ class BestExporter(_VersionExporter):
     return improves_on_best(export_path, key, lower_is_better, metrics.get(key))
 
 
-def make_exporters(config: Config, class_names, writer=None) -> list:
-  """The exporters run after each evaluation: latest and best (sharing `writer`, if given)."""
+def make_exporters(config: Config, class_names, extras: ExportExtras = NO_EXTRAS,
+                   writer=None) -> list:
+  """The exporters run after each evaluation: latest and best (sharing `writer`, if given).
+
+  Both carry the warm-up requests; only `best` gets extras.write_beside (--export_tflite).
+  """
   if not config.export_during_training:
     return []
   if config.export_best_metric == "auc" and len(class_names) != 2:
     raise ValueError(f"--export_best_metric=auc needs two classes (there are {len(class_names)}); "
                      "use loss or accuracy.")
-  return [LatestExporter(LATEST_EXPORTER, config, class_names, writer),
-          BestExporter(BEST_EXPORTER, config, class_names, writer)]
+  return [LatestExporter(LATEST_EXPORTER, config, class_names, extras.replace(write_beside=None),
+                         writer),
+          BestExporter(BEST_EXPORTER, config, class_names, extras, writer)]
 
 
 def latest_export_path(model_dir: str):
@@ -470,7 +594,7 @@ def latest_export_path(model_dir: str):
 # ---------------------------------------------------------------- Keras path
 
 def export_keras_model(model: tf.keras.Model, config: Config, class_names, export_base: str,
-                       global_step=None, metrics=None) -> str:
+                       global_step=None, metrics=None, extras: ExportExtras = NO_EXTRAS) -> str:
   """Exports a Keras model with the Estimator export's signatures; returns the version folder."""
   class_names = tuple(class_names)
   size = config.image_size
@@ -509,4 +633,4 @@ def export_keras_model(model: tf.keras.Model, config: Config, class_names, expor
     return saved_model_dir
 
   info = _export_info(config, class_names, global_step, None, metrics)
-  return _publish(export_base, write, _mark_classify_method, info)
+  return _publish(export_base, write, _mark_classify_method, info, extras, config.image_size)

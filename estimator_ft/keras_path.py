@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from estimator_ft import export as export_lib
+from estimator_ft import export_tflite
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
@@ -431,8 +432,13 @@ def _warn_about_estimator_only_settings(config: Config) -> None:
                    "checkpoints and validates at every epoch end.", config.save_checkpoints_steps)
 
 
-def train(config: Config, splits, initial_weights: str) -> dict:
-  """Trains with `model.fit` up to `config.epochs` epochs, resuming from model_dir's checkpoints."""
+def train(config: Config, splits, initial_weights: str,
+          extras: export_lib.ExportExtras = export_lib.NO_EXTRAS) -> dict:
+  """Trains with `model.fit` up to `config.epochs` epochs, resuming from model_dir's checkpoints.
+
+  extras: what the export carries besides the SavedModel (warm-up images, chosen by the job);
+  with --export_tflite it also holds the TFLite model of the final weights.
+  """
   class_names = tuple(splits.class_names)
   num_classes = len(class_names)
   steps_per_epoch = split_lib.steps_per_epoch(splits.train, config.batch_size)
@@ -477,8 +483,11 @@ def train(config: Config, splits, initial_weights: str) -> dict:
                                        global_step)
   export_path = None
   if writes_outputs:
+    if config.export_tflite:
+      extras = extras.replace(write_beside=export_tflite.beside_writer(
+          config, class_names, lambda _: model.get_weights(), extras.representative_images))
     export_path = _export(model, config, class_names, global_step, final_evaluation,
-                          trained_now=epoch_end.epochs_trained > 0)
+                          trained_now=epoch_end.epochs_trained > 0, extras=extras)
   elif epoch_end.epochs_trained > 0 and config.export_during_training:
     # Saving a MultiWorkerMirroredStrategy model runs collective ops, so every worker must save
     # along with the chief; a non-chief's copy goes to a scratch folder and is thrown away.
@@ -506,7 +515,8 @@ def _fit_class_weight(config: Config, train_split):
   return None if weights is None else dict(enumerate(weights))
 
 
-def _export(model, config, class_names, global_step, final_evaluation, trained_now) -> str:
+def _export(model, config, class_names, global_step, final_evaluation, trained_now,
+            extras=export_lib.NO_EXTRAS) -> str:
   """The SavedModel of the final weights; a re-run that trained nothing reuses its export."""
   if not config.export_during_training:
     return None
@@ -515,7 +525,8 @@ def _export(model, config, class_names, global_step, final_evaluation, trained_n
   if existing and not trained_now:
     return existing
   return export_lib.export_keras_model(model, config, class_names, export_base,
-                                       global_step=global_step, metrics=final_evaluation)
+                                       global_step=global_step, metrics=final_evaluation,
+                                       extras=extras)
 
 
 def _log_run_plan(config, splits, steps_per_epoch, epochs_done):

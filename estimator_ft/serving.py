@@ -4,12 +4,17 @@ This module imports TensorFlow, numpy and the standard-library modules of this p
 (contract, image_formats, messages) - nothing of the training code - so `estimator-ft predict`
 shows that an export stands on its own: the class names, the decoder and the preprocessing all
 come from the SavedModel, whose signatures contract.py names.
+
+A TFLite model (`--model=FILE.tflite`) is predicted by serving_tflite.TFLitePredictor, which runs
+the decoding and preprocessing outside the interpreter and so also imports data/images; this
+module only recognises such a model (`model_kind`), so predicting a SavedModel still loads
+nothing of the data layer.
 """
 
 import json
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -20,6 +25,12 @@ from estimator_ft import messages
 
 EXIT_OK = 0
 EXIT_SOME_FILES_FAILED = 1
+
+# A TFLite export (export_tflite.py): the model and its class names, one per line, side by side.
+TFLITE_FILE = "model.tflite"
+LABELS_FILE = "labels.txt"
+SAVED_MODEL = "saved_model"
+TFLITE = "tflite"
 
 
 # ---------------------------------------------------------------- versions (TF Serving layout)
@@ -47,6 +58,31 @@ def version_dirs(export_base: str) -> List[Tuple[int, str]]:
 def newest_version(export_base: str) -> Optional[str]:
   versions = version_dirs(export_base)
   return versions[-1][1] if versions else None
+
+
+def _newest_numbered_dir(export_base: str) -> Optional[str]:
+  if not os.path.isdir(export_base):
+    return None
+  numbered = [int(name) for name in os.listdir(export_base)
+              if name.isdigit() and os.path.isdir(os.path.join(export_base, name))]
+  return os.path.join(export_base, str(max(numbered))) if numbered else None
+
+
+def model_kind(path: str) -> Tuple[str, str]:
+  """(SAVED_MODEL or TFLITE, the path to load) for a `predict --model` argument.
+
+  A .tflite file is a TFLite model; so is a folder holding model.tflite but no SavedModel (a
+  version of `estimator-ft export --format=tflite`), or an export base whose newest version is
+  one. Anything else is taken as a SavedModel (resolve_saved_model explains what is wrong).
+  """
+  if path.endswith(".tflite") and not os.path.isdir(path):
+    return TFLITE, path
+  if os.path.isdir(path) and not is_saved_model_dir(path):
+    candidate = path if os.path.isfile(os.path.join(path, TFLITE_FILE)) else _newest_numbered_dir(path)
+    if (candidate and os.path.isfile(os.path.join(candidate, TFLITE_FILE))
+        and not is_saved_model_dir(candidate)):
+      return TFLITE, os.path.join(candidate, TFLITE_FILE)
+  return SAVED_MODEL, path
 
 
 def resolve_saved_model(path: str) -> str:
@@ -87,7 +123,8 @@ def _undecodable_reason(image_bytes: bytes, max_pixels: int) -> Optional[str]:
   return image_formats.bmp_palette_problem(image_bytes)
 
 
-def _read_image_bytes(path: str, max_pixels: int) -> Tuple[Optional[bytes], Optional[str]]:
+def read_image_bytes(path: str, max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS
+                     ) -> Tuple[Optional[bytes], Optional[str]]:
   """(bytes, None) for a usable file, (None, reason) otherwise (a FIFO or device is never read)."""
   data, reason = image_formats.read_image_file(path)
   if reason:
@@ -133,7 +170,47 @@ def expand_paths(paths: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
   return expanded
 
 
-class Predictor:
+class FilePredictor:
+  """What `predict` needs of a model: `path`, and `predict_bytes` for a batch of encoded images
+  returning the serving signature's outputs ({PROBABILITIES, CLASS_INDEX, CLASS_NAME,
+  ALL_CLASS_NAMES: numpy}); predict_files turns them into one record per file."""
+
+  path = ""
+  # Files whose header announces more pixels are refused unread (the signatures do the same).
+  max_pixels = image_formats.DEFAULT_MAX_IMAGE_PIXELS
+
+  def predict_bytes(self, encoded_images: Sequence[bytes]) -> dict:
+    raise NotImplementedError
+
+  def predict_files(self, paths: Sequence[str]) -> List[dict]:
+    """One record per path, in order: a prediction, or {"path", "error"}."""
+    records = [None] * len(paths)
+    good = []
+    for position, path in enumerate(paths):
+      data, reason = read_image_bytes(path, self.max_pixels)
+      if reason:
+        records[position] = {"path": path, "error": reason}
+      else:
+        good.append((position, path, data))
+    if good:
+      try:
+        outputs = self.predict_bytes([data for _, _, data in good])
+        for row, (position, path, _) in enumerate(good):
+          records[position] = prediction_record(path, outputs, row)
+      except tf.errors.OpError:
+        # Something the eager check let through still broke the batch: find it file by file.
+        for position, path, data in good:
+          records[position] = self._predict_one(path, data)
+    return records
+
+  def _predict_one(self, path: str, data: bytes) -> dict:
+    try:
+      return prediction_record(path, self.predict_bytes([data]), 0)
+    except tf.errors.OpError as e:
+      return {"path": path, "error": f"the model could not process it ({messages.short_tf_error(e)})"}
+
+
+class Predictor(FilePredictor):
   """Classifies encoded images through a SavedModel's `serving_default` signature."""
 
   def __init__(self, saved_model: str):
@@ -154,48 +231,33 @@ class Predictor:
     outputs = self._signature(**{contract.IMAGE_BYTES_INPUT: tf.constant(list(encoded_images), tf.string)})
     return {key: value.numpy() for key, value in outputs.items()}
 
-  def predict_files(self, paths: Sequence[str]) -> List[dict]:
-    """One record per path, in order: a prediction, or {"path", "error"}."""
-    records = [None] * len(paths)
-    good = []
-    for position, path in enumerate(paths):
-      data, reason = _read_image_bytes(path, self.max_pixels)
-      if reason:
-        records[position] = {"path": path, "error": reason}
-      else:
-        good.append((position, path, data))
-    if good:
-      try:
-        outputs = self.predict_bytes([data for _, _, data in good])
-        for row, (position, path, _) in enumerate(good):
-          records[position] = _prediction_record(path, outputs, row)
-      except tf.errors.OpError:
-        # Something the eager check let through still broke the batch: find it file by file.
-        for position, path, data in good:
-          records[position] = self._predict_one(path, data)
-    return records
-
-  def _predict_one(self, path: str, data: bytes) -> dict:
-    try:
-      return _prediction_record(path, self.predict_bytes([data]), 0)
-    except tf.errors.OpError as e:
-      return {"path": path, "error": f"the model could not process it ({messages.short_tf_error(e)})"}
+  def predict_decoded(self, images) -> dict:
+    """{output: numpy array} for float RGB 0..255 images [b, h, w, 3] (the predict_images
+    signature: resized and preprocessed in the graph)."""
+    signature = self._loaded.signatures[contract.IMAGES_SIGNATURE]
+    outputs = signature(**{contract.IMAGES_INPUT: tf.convert_to_tensor(images, tf.float32)})
+    return {key: value.numpy() for key, value in outputs.items()}
 
 
-def _prediction_record(path: str, outputs: dict, row: int) -> dict:
+def prediction_record(path: str, outputs: dict, row: int) -> dict:
   names = [name.decode("utf-8") for name in outputs[contract.ALL_CLASS_NAMES][row]]
   probabilities = np.asarray(outputs[contract.PROBABILITIES][row], np.float64)
   return {"path": path, "class": outputs[contract.CLASS_NAME][row].decode("utf-8"),
           "probabilities": dict(zip(names, probabilities.tolist()))}
 
 
-def predict_cli(saved_model: str, paths: Sequence[str], batch_size: int) -> int:
-  """`estimator-ft predict`: one JSON line per image on stdout; 1 if any file failed, else 0."""
+def predict_cli(model: str, paths: Sequence[str], batch_size: int,
+                make_predictor: Callable[[str], FilePredictor] = Predictor) -> int:
+  """`estimator-ft predict`: one JSON line per image on stdout; 1 if any file failed, else 0.
+
+  make_predictor(model) loads the model: a SavedModel by default (the CLI passes
+  serving_tflite.TFLitePredictor for a TFLite model).
+  """
   if batch_size < 1:
     raise ValueError(f"--predict_batch_size={batch_size} must be at least 1.")
   if not paths:
     raise ValueError("Give one or more image files or folders to classify.")
-  predictor = Predictor(saved_model)
+  predictor = make_predictor(model)
   print(f"Predicting with {predictor.path}", file=sys.stderr)
   files = expand_paths(paths)
   failures = 0

@@ -19,7 +19,9 @@ LAYERS = (
     ("model_fn",),
     ("run",),
     ("serving",),
+    ("serving_tflite",),
     ("export",),
+    ("export_tflite",),
     ("estimator", "keras_path"),
     ("jobs", "bench"),
     ("cli", "__main__"),
@@ -159,3 +161,25 @@ def test_standard_library_layer_and_predict_import_no_training_code():
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, cwd=PACKAGE.parent)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+# What a TFLite `predict` may load. The interpreter holds the model alone, so serving_tflite decodes,
+# resizes and preprocesses before it with the pipeline's own functions (data/images), rather than a
+# copy of them that could drift. data/images imports TensorFlow and data/split (standard library)
+# only, and neither is training code: no model, tf.data pipeline, Estimator or Keras path.
+TFLITE_PREDICT_MODULES = {
+    "estimator_ft", "estimator_ft.serving_tflite", "estimator_ft.serving", "estimator_ft.contract",
+    "estimator_ft.image_formats", "estimator_ft.messages", "estimator_ft.data",
+    "estimator_ft.data.images", "estimator_ft.data.split"}
+
+
+def test_the_tflite_predictor_loads_the_image_functions_and_no_training_code():
+  script = (
+      "import sys\n"
+      "import estimator_ft.serving_tflite\n"
+      "print(' '.join(sorted(m for m in sys.modules if m.startswith('estimator_ft'))))\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=PACKAGE.parent)
+  assert result.returncode == 0, result.stderr[-2000:]
+  loaded = set(result.stdout.split())
+  assert loaded == TFLITE_PREDICT_MODULES, loaded ^ TFLITE_PREDICT_MODULES

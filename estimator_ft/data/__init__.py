@@ -12,4 +12,5 @@ never come from a difference in decoding, resizing, augmentation or preprocessin
   loading     load_splits: resolve and check both splits before any model is built
   pipeline    make_dataset / make_input_fn: a resolved Split -> batches
   synthetic   random in-memory batches of the same structure (tests, benchmarks)
+  samples     a few encoded images of a split (warm-up requests, int8 calibration, measurements)
 """

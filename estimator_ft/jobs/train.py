@@ -14,12 +14,14 @@ import tensorflow as tf
 from estimator_ft import cluster as cluster_lib
 from estimator_ft import estimator as estimator_path
 from estimator_ft import interrupts
+from estimator_ft import export as export_lib
 from estimator_ft import keras_path
 from estimator_ft import memory as memory_lib
 from estimator_ft import model as model_lib
 from estimator_ft import progress
 from estimator_ft.config import Config
 from estimator_ft.data import loading
+from estimator_ft.data import samples
 from estimator_ft.run import faults
 from estimator_ft.run import model_dir as model_dir_lib
 from estimator_ft.run import runtime
@@ -44,6 +46,19 @@ def _check_cluster_shards(config: Config, splits, task) -> None:
   (tf.distribute's DATA sharding), so there every worker reads every shard."""
   if task is not None and splits.train.is_records and config.path == "estimator":
     cluster_lib.check_enough_shards(len(splits.train.record_files), task.cluster)
+
+
+def export_extras(config: Config, splits) -> export_lib.ExportExtras:
+  """The training images the run's exports carry: --serving_warmup_requests of them for the TF
+  Serving warm-up file, and with --export_tflite --tflite_quantize=int8 the calibration images."""
+  if not config.export_during_training:
+    return export_lib.NO_EXTRAS
+  representative = ()
+  if config.export_tflite and config.tflite_quantize == "int8":
+    representative = samples.encoded_images(splits.train, config.representative_images)
+  return export_lib.ExportExtras(
+      warmup_images=samples.encoded_images(splits.train, config.serving_warmup_requests),
+      representative_images=representative)
 
 
 def run(config: Config, initial_weights: str = "") -> dict:
@@ -152,7 +167,7 @@ def _train_in_model_dir(config: Config, splits, initial_weights: str, starting_w
   _warn_about_inexact_resume(config)
   prefix = initial_weights or model_dir_lib.initial_weights_prefix(config, class_names,
                                                                   starting_weights)
-  outcome = PATH_MODULES[config.path].train(config, splits, prefix)
+  outcome = PATH_MODULES[config.path].train(config, splits, prefix, export_extras(config, splits))
   results = {
       "path": config.path,
       "class_names": list(class_names),
@@ -190,5 +205,7 @@ def run_cluster_member(config: Config, task: "cluster_lib.Task", initial_weights
     model_dir_lib.check_resumable(config, tuple(splits.class_names), config.model_dir)
   logger.info("%s of a TF_CONFIG cluster, %s path, model_dir %s", task.name, config.path,
               config.model_dir)
-  outcome = PATH_MODULES[config.path].train(config, splits, prefix)
+  # The evaluator of an Estimator cluster runs the exporters.
+  extras = export_extras(config, splits) if task.type != cluster_lib.PS else export_lib.NO_EXTRAS
+  outcome = PATH_MODULES[config.path].train(config, splits, prefix, extras)
   return {"path": config.path, "role": task.name, "model_dir": config.model_dir, **outcome}
