@@ -528,7 +528,9 @@ def train(config: Config, splits, initial_weights: str,
   is_chief = estimator.config.is_chief
   hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
                         config.save_checkpoints_steps or steps_per_epoch)]
-  in_cluster = bool(estimator.config.cluster_spec.as_dict())
+  # The evaluator's RunConfig has no cluster spec (it is not part of the cluster): TF_CONFIG
+  # decides, so every role of a cluster runs train_and_evaluate.
+  in_cluster = bool(estimator.config.cluster_spec.as_dict()) or cluster_lib.current_task() is not None
   if config.early_stopping_patience and in_cluster:
     logger.warning("--early_stopping_patience is ignored in a TF_CONFIG cluster on the Estimator "
                    "path: the evaluator runs apart from the trainers.")

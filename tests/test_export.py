@@ -71,9 +71,12 @@ atexit.register(lambda: print("LOADED_MODULES", *sorted(
 from estimator_ft import cli
 cli.run_main(["estimator-ft", "predict"] + sys.argv[1:])
 """
+# The CLI and the config its flags use, the serving code, and standard-library-only modules (the
+# CLI's signal handling and TF_CONFIG role, config's recipes): no training code.
 PREDICT_MODULES = {"estimator_ft", "estimator_ft.cli", "estimator_ft.config", "estimator_ft.serving",
                    "estimator_ft.contract", "estimator_ft.tf_environment",
-                   "estimator_ft.image_formats", "estimator_ft.messages"}
+                   "estimator_ft.image_formats", "estimator_ft.messages",
+                   "estimator_ft.interrupts", "estimator_ft.cluster", "estimator_ft.recipes"}
 
 
 # ---------------------------------------------------------------- fixtures

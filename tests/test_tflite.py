@@ -50,7 +50,8 @@ TFLITE_PREDICT_MODULES = {
     "estimator_ft", "estimator_ft.cli", "estimator_ft.config", "estimator_ft.serving_tflite",
     "estimator_ft.serving", "estimator_ft.contract", "estimator_ft.image_formats",
     "estimator_ft.messages", "estimator_ft.data", "estimator_ft.data.images",
-    "estimator_ft.data.split"}
+    "estimator_ft.data.split", "estimator_ft.tf_environment", "estimator_ft.interrupts",
+    "estimator_ft.cluster", "estimator_ft.recipes"}
 
 
 # ---------------------------------------------------------------- fixtures

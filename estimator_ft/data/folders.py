@@ -197,10 +197,13 @@ def _shared_between_classes(candidates, statuses) -> list:
   and files that are not regular files, are left to check_image_file.
   """
   by_identity = collections.defaultdict(list)
-  for (path, index), status in zip(candidates, statuses):
+  for candidate, status in zip(candidates, statuses):
     if status is not None and stat.S_ISREG(status.st_mode):
-      by_identity[(status.st_dev, status.st_ino)].append((path, index))
-  return [group for group in by_identity.values() if len({index for _, index in group}) > 1]
+      by_identity[status.st_dev, status.st_ino].append(candidate)
+  # Nearly every file is alone in its group: test the length first (a 20,000-file second start
+  # spent a third of its time building one-element sets here).
+  return [group for group in by_identity.values()
+          if len(group) > 1 and len({index for _, index in group}) > 1]
 
 
 

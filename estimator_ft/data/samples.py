@@ -2,7 +2,7 @@
 
 TF Serving warm-up requests, int8 calibration and the TFLite measurement need real images of the
 run's data as *encoded bytes* (what `predict` and the serving signature take). The job layer
-chooses how many; this module reads them, the same way for a folder and a TFDS source.
+chooses how many; this module reads them, the same way for a folder, a records and a TFDS source.
 """
 
 from typing import Tuple
@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from estimator_ft.data import images
+from estimator_ft.data import records
 from estimator_ft.data import tfds_source
 from estimator_ft.data.split import DataError, Split
 
@@ -47,7 +48,12 @@ def encoded_images(split: Split, count: int) -> Tuple[bytes, ...]:
   if count <= 0:
     return ()
   found = []
-  if split.is_tfds:
+  if split.is_records:
+    # Records were written in a random order (prepare), so the first ones mix the classes.
+    for encoded, _ in records.in_order(split).map(records.parse_record).take(count):
+      if _decodes(encoded.numpy()):
+        found.append(encoded.numpy())
+  elif split.is_tfds:
     examples, _ = tfds_source.source_dataset(split)
     for image, _ in examples.take(count):
       found.append(image.numpy() if image.dtype == tf.string else
