@@ -24,6 +24,14 @@ from estimator_ft.bench.training_rates import (end_to_end_times, estimator_epoch
 from estimator_ft.data import loading
 
 
+def _write_results(results: dict, output: str) -> None:
+  """The results JSON at `output` (nothing when it is empty), its folder made if need be."""
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    files.write_json_atomic(output, results)
+    print(f"\nResults written to {output}")
+
+
 def run_bench(image_size: int = 64, batch_size: int = 32, steps: int = 20, repeats: int = 3,
               quick: bool = False, precision: str = "float32", jit: bool = False,
               data_dir: str = "data/sample", output: str = "", accuracy_steps: int = 0,
@@ -93,10 +101,7 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
   if records_rates:
     print(f"records pipeline ({records_dir}): {results['records_pipeline_img_per_s']['median']:.1f} "
           f"img/s, {results['records_over_folder_pipeline']:.2f}x the folder pipeline")
-  if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    files.write_json_atomic(output, results)
-    print(f"\nResults written to {output}")
+  _write_results(results, output)
   return results
 
 
@@ -109,10 +114,7 @@ def run_scan_bench(num_files: int, output: str = "") -> dict:
         f"{figures['first_scan_s']:.1f} s ({figures['first_files_per_s']:.0f} files/s), second "
         f"start {figures['second_scan_s']:.2f} s ({figures['second_files_per_s']:.0f} files/s): "
         f"{figures['second_over_first_speedup']:.0f}x faster")
-  if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    files.write_json_atomic(output, results)
-    print(f"\nResults written to {output}")
+  _write_results(results, output)
   return results
 
 
@@ -137,8 +139,5 @@ def run_onednn_comparison(bench_args, output: str = "") -> dict:
       if runs["onednn_off"].get(name)}}
   print("\noneDNN on / off (" + runs["onednn_on"]["environment"]["device"] + "): " + ", ".join(
       f"{name} {ratio:.2f}x" for name, ratio in results["on_over_off"].items()))
-  if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    files.write_json_atomic(output, results)
-    print(f"Results written to {output}")
+  _write_results(results, output)
   return results
