@@ -96,6 +96,11 @@ def _print_train_summary(results, config):
       f"  TensorBoard logs: {config.model_dir}   (open with: tensorboard --logdir {config.model_dir})",
       f"  exported model:   {results.get('export_path') or 'none (see estimator-ft export)'}",
   ]
+  phases = results.get("phases") or []
+  if len(phases) > 1:
+    lines.append("  phases:           " + "; then ".join(
+        f"{p['phase']} (epochs {p['epochs'][0]}-{p['epochs'][1]}, base rate "
+        f"{p['learning_rate']:g}: {p['trainable']})" for p in phases))
   if results.get("skipped_images"):
     lines.append(f"  skipped images:   {len(results['skipped_images'])} (listed in results.json)")
   print("\n".join(lines))

@@ -44,7 +44,8 @@ EXPORT_FORMATS = ("saved_model", "tflite")
 CHECKPOINT_DEFINING_FIELDS = (
     "path", "image_size", "fine_tune_from", "optimizer", "precision", "dropout", "lr_schedule",
     "learning_rate", "momentum", "warmup_epochs", "lr_decay_epochs", "lr_decay_factor",
-    "label_smoothing", "weight_decay", "class_weight", "warm_start_from",
+    "label_smoothing", "weight_decay", "class_weight", "warm_start_from", "head_epochs",
+    "fine_tune_learning_rate",
 )
 # Fields whose change on resume depends on the schedule (recipes.resume_changes): refused where
 # they would shift it, else applied and stated in the log.
@@ -141,6 +142,15 @@ class Config:
       "are the same, else a fresh head.")
   fine_tune_from: str = _setting(
       "all", "all: train the whole base; none: head only; LAYER_NAME: train from that layer on.")
+  head_epochs: int = _setting(
+      0, "Two-phase fine-tuning (the Keras transfer-learning guide's recipe): train the new head "
+      "alone for this many epochs at --learning_rate, the whole base frozen with its BatchNorm in "
+      "inference mode, then the rest of --epochs from --fine_tune_from at "
+      "--fine_tune_learning_rate; the head's optimizer state carries over. 0 = one phase.")
+  fine_tune_learning_rate: float = _setting(
+      0.0, "--head_epochs: the base learning rate of phase 2 (0 = --learning_rate / "
+      f"{recipes.FINE_TUNE_RATE_DIVISOR}: pretrained features need smaller steps than a new head). "
+      "--lr_schedule and --warmup_epochs shape both phases over the whole run.")
   dropout: float = _setting(0.2, "Dropout rate before the Dense head.")
   # Keras ResNet50's own BN momentum. Moving statistics need ~1/(1-momentum) steps to settle: a short
   # from-scratch run (e.g. the demo) evaluates far better with 0.9.
@@ -259,6 +269,25 @@ class Config:
                    f"The default, {image_formats.DEFAULT_MAX_IMAGE_PIXELS}, is Pillow's limit.",
                    error)
 
+  def validate_phases(self) -> None:
+    """--head_epochs and --fine_tune_learning_rate (two-phase fine-tuning)."""
+    if not 0 <= self.head_epochs < self.epochs:
+      raise ValueError(f"--head_epochs={self.head_epochs} must be in [0, --epochs={self.epochs}): "
+                       "the head trains alone for that many epochs, then the rest fine-tunes. "
+                       f"Raise --epochs above {self.head_epochs}, or use --head_epochs=0.")
+    if not (self.fine_tune_learning_rate >= 0 and math.isfinite(self.fine_tune_learning_rate)):
+      raise ValueError(f"--fine_tune_learning_rate={self.fine_tune_learning_rate} must be >= 0 (0 "
+                       f"= --learning_rate / {recipes.FINE_TUNE_RATE_DIVISOR}).")
+    if self.fine_tune_learning_rate and not self.head_epochs:
+      raise ValueError("--fine_tune_learning_rate is the rate of phase 2 of --head_epochs: set "
+                       "--head_epochs=N (N epochs of the head alone first), or drop it and use "
+                       "--learning_rate.")
+    if self.head_epochs and self.fine_tune_from == recipes.HEAD_ONLY:
+      raise ValueError(f"--head_epochs={self.head_epochs} with --fine_tune_from=none: phase 2 "
+                       "would unfreeze nothing, so both phases would train the head alone. Set "
+                       "--fine_tune_from=all or a layer (e.g. conv5_block1_1_conv) to fine-tune "
+                       "after the head, or use --head_epochs=0 to train the head only.")
+
   def validate(self, require_model_dir: bool = True) -> "Config":
     """Raises ValueError naming the bad setting and what to do; returns self."""
     self.validate_data_settings()
@@ -282,6 +311,7 @@ class Config:
     check_at_least("early_stopping_patience", self.early_stopping_patience, 0, "0 = never stop early.")
     if not (self.early_stopping_min_delta >= 0 and math.isfinite(self.early_stopping_min_delta)):
       raise ValueError(f"--early_stopping_min_delta={self.early_stopping_min_delta} must be >= 0.")
+    self.validate_phases()
     if not (0 <= self.warmup_epochs < self.epochs):
       raise ValueError(f"--warmup_epochs={self.warmup_epochs} must be in [0, --epochs={self.epochs}).")
     if self.lr_schedule == "step":

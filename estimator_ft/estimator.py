@@ -59,6 +59,7 @@ def check_settings(config: Config, class_names) -> None:
         "launch-local --workers=N --ps=M); for synchronous multi-worker training use "
         "--path=keras --distribution=multi_worker_mirrored; for several devices on one machine, "
         "--distribution=mirrored.")
+  check_phases_outside_clusters(config)
   export_lib.make_exporters(config, class_names)  # e.g. --export_best_metric=auc needs 2 classes
 
 
@@ -98,11 +99,12 @@ def _session_config(config: Config):
 
 
 def estimator_model_fn(config: Config, class_names, steps_per_epoch: int,
-                       initial_weights: str = "", class_weights=None):
-  """model_fn.build_model_fn's model_fn, whose evaluations also write the validation curves."""
+                       initial_weights: str = "", class_weights=None, phase=None):
+  """model_fn.build_model_fn's model_fn (for `phase`, default the run's last), whose evaluations
+  also write the validation curves."""
   class_names = tuple(class_names)
   model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights,
-                                         class_weights)
+                                         class_weights, phase)
 
   def model_fn_with_validation_curves(features, labels, mode):
     spec = model_fn(features, labels, mode)
@@ -116,11 +118,11 @@ def estimator_model_fn(config: Config, class_names, steps_per_epoch: int,
 
 
 def make_estimator(config: Config, class_names, steps_per_epoch: int, initial_weights: str = "",
-                   class_weights=None):
-  """The Estimator of estimator_model_fn."""
+                   class_weights=None, phase=None):
+  """The Estimator of estimator_model_fn (one per phase of --head_epochs: their graphs differ)."""
   return tf.estimator.Estimator(
       model_fn=estimator_model_fn(config, class_names, steps_per_epoch, initial_weights,
-                                  class_weights),
+                                  class_weights, phase),
       config=make_run_config(config, steps_per_epoch))
 
 
@@ -326,13 +328,16 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
   """
 
   def __init__(self, estimator, model_fn, config: Config, validation_split, exporters,
-               max_steps: int):
+               max_steps: int, start_step: int = 0):
     self._estimator = estimator
     self._model_fn = model_fn
     self._config = config
     self._split = validation_split
     self._exporters = exporters
     self._max_steps = max_steps
+    # The checkpoint the training starts from, which the saver hook saves again at its start:
+    # already evaluated (by finish_interrupted_evaluation, or the previous phase's evaluator).
+    self._start_step = start_step
     self._eval_dir = os.path.join(config.model_dir, EVAL_DIR)
     self._graph = None
 
@@ -387,8 +392,9 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
     return results
 
   def after_save(self, session, global_step_value):
-    # Step 0 is the starting point, which train_and_evaluate does not evaluate either.
-    if global_step_value == 0:
+    # Step 0 is the starting point, which train_and_evaluate does not evaluate either; a later
+    # starting checkpoint was evaluated before this training began.
+    if global_step_value in (0, self._start_step):
       return
     checkpoint = tf.train.latest_checkpoint(self._config.model_dir)
     metrics = self.evaluate(checkpoint)
@@ -510,13 +516,28 @@ def tflite_writer(config: Config, class_names, representative_images=()):
       representative_images)
 
 
+def check_phases_outside_clusters(config: Config) -> None:
+  """--head_epochs trains one graph per phase, one after the other, in this process: a TF_CONFIG
+  cluster's tasks would cross the boundary each on their own (async workers past it in the old
+  graph), which is not built."""
+  if config.head_epochs and cluster_lib.current_task() is not None:
+    raise ValueError("--head_epochs does not work in a TF_CONFIG cluster on the Estimator path: "
+                     "its tasks would change phase each on their own. Train on one machine "
+                     "(--distribution=none or mirrored), or use --path=keras.")
+
+
 def train(config: Config, splits, initial_weights: str,
           extras: export_lib.ExportExtras = export_lib.NO_EXTRAS) -> dict:
   """Runs train_and_evaluate to `epochs` epochs (resuming if model_dir has checkpoints).
 
+  With --head_epochs, one training segment per phase still ahead (recipes.phases_ahead of the
+  checkpoint it resumes), each with the Estimator of its phase's graph: phase 2 restores phase
+  1's last checkpoint, optimizer slots included (build_model_fn creates them in both phases).
+
   extras: what the exports carry besides the SavedModel (warm-up images, chosen by the job);
   with --export_tflite the best exporter also writes the TFLite model.
   """
+  check_phases_outside_clusters(config)
   class_names = tuple(splits.class_names)
   if config.export_tflite:
     extras = extras.replace(
@@ -524,53 +545,79 @@ def train(config: Config, splits, initial_weights: str,
   steps_per_epoch = split_lib.steps_per_epoch(splits.train, config.batch_size)
   max_steps = config.epochs * steps_per_epoch
   class_weights = model_fn_lib.training_class_weights(config, splits.train)
-  estimator = make_estimator(config, class_names, steps_per_epoch, initial_weights, class_weights)
+  phases = model_fn_lib.run_phases(config, steps_per_epoch)
+  start_step = model_dir_lib.latest_checkpoint_step(config.model_dir)
+  estimators = {}
+
+  def phase_estimator(phase):
+    if phase.name not in estimators:
+      estimators[phase.name] = make_estimator(config, class_names, steps_per_epoch,
+                                              initial_weights, class_weights, phase)
+    return estimators[phase.name]
+
+  # The latest checkpoint's phase evaluates it if the run that wrote it could not.
+  estimator = phase_estimator(recipes.phase_of_checkpoint(start_step, phases))
   is_chief = estimator.config.is_chief
-  hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
-                        config.save_checkpoints_steps or steps_per_epoch)]
   # The evaluator's RunConfig has no cluster spec (it is not part of the cluster): TF_CONFIG
   # decides, so every role of a cluster runs train_and_evaluate.
   in_cluster = bool(estimator.config.cluster_spec.as_dict()) or cluster_lib.current_task() is not None
   if config.early_stopping_patience and in_cluster:
     logger.warning("--early_stopping_patience is ignored in a TF_CONFIG cluster on the Estimator "
                    "path: the evaluator runs apart from the trainers.")
-  elif config.early_stopping_patience:
-    hooks.append(EarlyStoppingSaverHook(config, steps_per_epoch))
-  if is_chief:
-    # One writer of train_history.json: in a cluster, the workers' averages would overwrite it.
-    hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch,
-                                  curves_every_n_steps=config.save_summary_steps))
   # Each trainer of a cluster (chief 0, workers 1..) shuffles and augments with its own seed:
   # with the same one, every worker would train on the very batches the chief trains on. (The
   # evaluator has no id and does not train.)
   trainer_id = estimator.config.global_id_in_cluster or 0
   train_config = config.replace(seed=config.seed + trainer_id)
-  train_spec = tf.estimator.TrainSpec(
-      input_fn=pipeline.make_input_fn(trainer_train_split(splits.train), train_config, "train",
-                                      start_batch=exact_resume_batch(config, estimator)),
-      max_steps=max_steps, hooks=hooks)
+
+  def train_spec(phase, start_batch):
+    hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
+                          config.save_checkpoints_steps or steps_per_epoch)]
+    if config.early_stopping_patience and not in_cluster:
+      hooks.append(EarlyStoppingSaverHook(config, steps_per_epoch))
+    if is_chief:
+      # One writer of train_history.json: in a cluster, the workers' averages would overwrite it.
+      hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch,
+                                    curves_every_n_steps=config.save_summary_steps))
+    return tf.estimator.TrainSpec(
+        input_fn=pipeline.make_input_fn(trainer_train_split(splits.train), train_config, "train",
+                                        start_batch=start_batch),
+        max_steps=phase.end_step, hooks=hooks)
+
   eval_spec = tf.estimator.EvalSpec(
       input_fn=pipeline.make_input_fn(splits.validation, config, "eval"),
       steps=None,  # None: the whole validation set, every time
       exporters=export_lib.make_exporters(config, class_names, extras),
       start_delay_secs=0,
       throttle_secs=EVALUATOR_POLL_S if estimator.config.task_type == "evaluator" else 0)
-  _log_run_plan(config, splits, steps_per_epoch)
+  _log_run_plan(config, splits, steps_per_epoch, phases)
   if is_chief:
     summaries.write_config_summary(config, class_names)
     if not in_cluster:  # a cluster's evaluator catches up by itself
       finish_interrupted_evaluation(estimator, eval_spec)
-  stopped = early_stopping_report(config, steps_per_epoch) if not in_cluster else None
   try:
-    if stopped and stopped["stopped"]:
-      logger.info("Not training further: the run stopped early after epoch %d (%s).",
-                  stopped["epoch"], stopped["reason"])
-    elif in_cluster:
-      tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+    if in_cluster:
+      tf.estimator.train_and_evaluate(
+          estimator, train_spec(phases[-1], exact_resume_batch(config, estimator)), eval_spec)
     else:
-      _train_and_evaluate_in_process(estimator, config, class_names, splits.validation,
-                                     train_spec, initial_weights, steps_per_epoch, class_weights,
-                                     extras)
+      # The first segment resumes the stream as any resume does; a later one continues it at
+      # the boundary, as one uninterrupted stream (the Keras path does the same).
+      start_batch = exact_resume_batch(config, estimator)
+      for phase in recipes.phases_ahead(start_step, phases):
+        stopped = early_stopping_report(config, steps_per_epoch)
+        if stopped and stopped["stopped"]:
+          logger.info("Not training further: the run stopped early after epoch %d (%s).",
+                      stopped["epoch"], stopped["reason"])
+          break
+        segment_start = max(start_step, phase.first_step)
+        if len(phases) > 1:
+          logger.info("Phase %s from step %d: %s", phase.name, segment_start,
+                      recipes.phase_line(phase))
+        _train_and_evaluate_in_process(
+            phase_estimator(phase), config, class_names, splits.validation,
+            train_spec(phase, start_batch), initial_weights, steps_per_epoch, class_weights,
+            extras, phase, segment_start, max_steps)
+        start_batch = phase.end_step
   except tf.compat.v1.train.NanLossDuringTrainingError as e:
     raise errors.nan_loss_error(config, "the training loss became NaN") from e
   except tf.errors.InvalidArgumentError as e:
@@ -582,13 +629,14 @@ def train(config: Config, splits, initial_weights: str,
     # A cluster's worker or evaluator: model_dir and results belong to the chief.
     return {"steps_per_epoch": steps_per_epoch}
 
-  global_step = int(estimator.get_variable_value("global_step"))
+  global_step = model_dir_lib.latest_checkpoint_step(config.model_dir)
   evals = events.scalars_by_step(os.path.join(config.model_dir, EVAL_DIR))
   if global_step not in evals:
     # Training was already complete (re-run of a finished command), or this is a cluster's chief:
     # its evaluator may not have reached the final checkpoint, which async workers can push past
     # max_steps. Evaluate the final weights here.
-    final = estimator.evaluate(pipeline.make_input_fn(splits.validation, config, "eval"))
+    final = phase_estimator(recipes.phase_of_checkpoint(global_step, phases)).evaluate(
+        pipeline.make_input_fn(splits.validation, config, "eval"))
     final_evaluation = {k: float(v) for k, v in final.items()}
   else:
     final_evaluation = evals[global_step]
@@ -610,16 +658,18 @@ def train(config: Config, splits, initial_weights: str,
 def _train_and_evaluate_in_process(estimator, config: Config, class_names, validation_split,
                                    train_spec, initial_weights: str, steps_per_epoch: int,
                                    class_weights=None,
-                                   extras: export_lib.ExportExtras = export_lib.NO_EXTRAS) -> None:
-  """train_and_evaluate on one machine: each checkpoint evaluated and exported in this process,
-  from an evaluation graph and a serving graph built once (InProcessEvaluator)."""
+                                   extras: export_lib.ExportExtras = export_lib.NO_EXTRAS,
+                                   phase=None, start_step: int = 0, max_steps: int = 0) -> None:
+  """train_and_evaluate on one machine, for one phase (up to train_spec.max_steps): each
+  checkpoint evaluated and exported in this process, from an evaluation graph and a serving
+  graph built once (InProcessEvaluator); the export of the run's `max_steps` is the final one."""
   model_fn = estimator_model_fn(config, class_names, steps_per_epoch, initial_weights,
-                                class_weights)
+                                class_weights, phase)
   writer = export_lib.EstimatorSavedModelWriter(model_fn, config,
                                                 estimator.config.session_config)
   evaluator = InProcessEvaluator(estimator, model_fn, config, validation_split,
                                  export_lib.make_exporters(config, class_names, extras, writer),
-                                 train_spec.max_steps)
+                                 max_steps or train_spec.max_steps, start_step)
   try:
     estimator.train(train_spec.input_fn, max_steps=train_spec.max_steps, hooks=train_spec.hooks,
                     saving_listeners=[evaluator])
@@ -685,10 +735,11 @@ def finish_interrupted_evaluation(estimator, eval_spec) -> None:
                     is_the_final_export=False)
 
 
-def _log_run_plan(config, splits, steps_per_epoch):
+def _log_run_plan(config, splits, steps_per_epoch, phases=()):
   logger.info("Estimator path: %d train / %d validation images, classes %s, %d steps per epoch "
-              "x %d epochs, batch %d, image %dpx, BN updates: %s%s",
+              "x %d epochs, batch %d, image %dpx, BN updates: %s%s%s",
               splits.train.num_examples, splits.validation.num_examples, list(splits.class_names),
               steps_per_epoch, config.epochs, config.batch_size, config.image_size, config.update_ops,
+              recipes.phases_note(phases),
               "  [DIAGNOSTIC: update_ops=skip reproduces the broken loop - BN moving statistics "
               "are never updated]" if config.update_ops == "skip" else "")

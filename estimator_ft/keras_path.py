@@ -143,13 +143,42 @@ def build_compiled_model(config: Config, num_classes: int, initial_weights: str 
     model = model_lib.build_model(config, num_classes)
     if initial_weights:
       model_lib.load_initial_weights(model, initial_weights)
-    metrics = compile_metrics(num_classes)
-    if confusion_matrix:
-      metrics.append(ConfusionMatrix(num_classes))
-    model.compile(optimizer=model_fn_lib.make_optimizer(config, steps_total),
-                  loss=compile_loss(num_classes, config.label_smoothing), metrics=metrics,
-                  jit_compile=bool(config.jit))
+    compile_model(model, config, num_classes, model_fn_lib.make_optimizer(config, steps_total),
+                  confusion_matrix)
   return model
+
+
+def compile_model(model: tf.keras.Model, config: Config, num_classes: int, optimizer,
+                  confusion_matrix: bool = False) -> None:
+  """Compiles `model` for `fit` with `optimizer`: again at a --head_epochs phase change with the
+  same optimizer, so the head's slots and the iteration count carry over (Keras needs a new
+  compile to train another set of weights)."""
+  metrics = compile_metrics(num_classes)
+  if confusion_matrix:
+    metrics.append(ConfusionMatrix(num_classes))
+  with model.distribute_strategy.scope():
+    model.compile(optimizer=optimizer, loss=compile_loss(num_classes, config.label_smoothing),
+                  metrics=metrics, jit_compile=bool(config.jit))
+
+
+class _Phases:
+  """--head_epochs on one compiled model: the whole base frozen (head phase) or back to
+  --fine_tune_from's trainable set (fine-tune phase), recompiled with the same optimizer."""
+
+  def __init__(self, model, config: Config, num_classes: int):
+    self._model, self._config, self._num_classes = model, config, num_classes
+    self._frozen = []  # the layers the head phase froze
+
+  def enter(self, phase) -> None:
+    if phase.name == recipes.HEAD_PHASE:
+      self._frozen = model_lib.freeze_whole_base(self._model)
+    elif self._frozen:
+      model_lib.unfreeze_layers(self._frozen)
+      self._frozen = []
+    else:
+      return  # the model as built: nothing to recompile
+    compile_model(self._model, self._config, self._num_classes, self._model.optimizer,
+                  confusion_matrix=True)
 
 
 def training_dataset(split, config: Config, start_batch: int = 0) -> tf.data.Dataset:
@@ -455,11 +484,14 @@ def train(config: Config, splits, initial_weights: str,
     _log_run_plan(config, splits, steps_per_epoch, epochs_done)
     validation = pipeline.make_dataset(splits.validation, config, "eval")
     epoch_end = _EpochEnd(config, checkpoints, history, steps_per_epoch, writes_outputs)
+    phases = model_fn_lib.run_phases(config, steps_per_epoch)
+    ahead = recipes.phases_ahead(epochs_done * steps_per_epoch, phases)
     stopped = _early_stopping_report(config, history)
     if stopped and stopped["stopped"]:
       logger.info("Not training further: the run stopped early after epoch %d (%s).",
                   stopped["epoch"], stopped["reason"])
-    elif epochs_done < config.epochs:
+      ahead = ()
+    if ahead:
       # No Keras TensorBoard callback: its tags (epoch_loss at the epoch index...) would not
       # overlay the Estimator's; _Curves writes the common ones at the global step.
       curves = _Curves(config, class_names, steps_per_epoch, writes_outputs)
@@ -467,11 +499,28 @@ def train(config: Config, splits, initial_weights: str,
                    _Progress(config, steps_per_epoch)]
       if writes_outputs:
         summaries.write_config_summary(config, class_names)
-      start_batch = epochs_done * steps_per_epoch if config.exact_resume else 0
-      model.fit(training_dataset(splits.train, config, start_batch), epochs=config.epochs,
-                initial_epoch=epochs_done, steps_per_epoch=steps_per_epoch,
+    phase_switch = _Phases(model, config, num_classes)
+    # The first fit resumes the stream as any resume does; a later phase's fit continues it at
+    # the boundary, as one uninterrupted stream (the Estimator path does the same).
+    start_batch = epochs_done * steps_per_epoch if config.exact_resume else 0
+    for phase in ahead:
+      if phase is not ahead[0]:
+        stopped = _early_stopping_report(config, epoch_end.history)
+        if stopped and stopped["stopped"]:
+          break  # (_EarlyStopping logged why)
+      initial_epoch = max(epochs_done, phase.first_epoch - 1)
+      if len(phases) > 1:
+        logger.info("Phase %s from epoch %d: %s", phase.name, initial_epoch + 1,
+                    recipes.phase_line(phase))
+      phase_switch.enter(phase)
+      model.fit(training_dataset(splits.train, config, start_batch), epochs=phase.last_epoch,
+                initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
                 validation_data=validation, callbacks=callbacks, verbose=0,
                 class_weight=_fit_class_weight(config, splits.train))
+      start_batch = phase.end_step
+    if not epoch_end.epochs_trained:
+      # Nothing trained now: the final checkpoint is evaluated in the phase that wrote it.
+      phase_switch.enter(recipes.phase_of_checkpoint(epochs_done * steps_per_epoch, phases))
   finally:
     checkpoints.close()
     if curves is not None:
@@ -532,6 +581,7 @@ def _export(model, config, class_names, global_step, final_evaluation, trained_n
 def _log_run_plan(config, splits, steps_per_epoch, epochs_done):
   resumed = f", resuming after epoch {epochs_done}" if epochs_done else ""
   logger.info("Keras path: %d train / %d validation images, classes %s, %d steps per epoch x %d "
-              "epochs, batch %d, image %dpx%s", splits.train.num_examples,
+              "epochs, batch %d, image %dpx%s%s", splits.train.num_examples,
               splits.validation.num_examples, list(splits.class_names), steps_per_epoch,
-              config.epochs, config.batch_size, config.image_size, resumed)
+              config.epochs, config.batch_size, config.image_size, resumed,
+              recipes.phases_note(model_fn_lib.run_phases(config, steps_per_epoch)))

@@ -33,6 +33,8 @@ RESNET50_CHECK_SIZE = 32
 # path and model settings from it.
 RUN_CONFIG_FILE = "config.json"
 HEAD_PREFIX = "head_"
+# The head's output layer (float32 softmax/sigmoid): no weights, not part of the base.
+PROBABILITIES_LAYER = "probabilities"
 
 
 class WeightsError(ValueError):
@@ -93,7 +95,8 @@ def build_model(config: Config, num_classes: int, weights: str = "none") -> tf.k
     logits = tf.keras.layers.Dense(units, name="head_logits")(features)
     # The activation stays float32 under mixed precision so the loss is computed in float32.
     activation = "sigmoid" if units == 1 else "softmax"
-    probabilities = tf.keras.layers.Activation(activation, dtype="float32", name="probabilities")(logits)
+    probabilities = tf.keras.layers.Activation(activation, dtype="float32",
+                                               name=PROBABILITIES_LAYER)(logits)
   model = tf.keras.Model(inputs, probabilities, name="resnet50_classifier")
   freeze_base_layers(model, base, config.fine_tune_from)
   set_batchnorm_momentum(model, config.batchnorm_momentum)
@@ -115,10 +118,12 @@ def add_weight_decay(model: tf.keras.Model, weight_decay: float) -> None:
   the Estimator's example_loss metric includes them the same way.)"""
   if not weight_decay:
     return
-  kernels = decayed_kernels(model)
 
   def penalty():
-    return weight_decay * tf.add_n([tf.nn.l2_loss(tf.cast(k, tf.float32)) for k in kernels])
+    # The kernels are looked up when the loss is built, so a model whose trainable layers change
+    # (two-phase fine-tuning, then recompiled or rebuilt) decays the trainable ones of its phase.
+    return weight_decay * tf.add_n([tf.nn.l2_loss(tf.cast(k, tf.float32))
+                                    for k in decayed_kernels(model)])
 
   model.add_loss(penalty)
 
@@ -143,6 +148,28 @@ def freeze_base_layers(model: tf.keras.Model, base: tf.keras.Model, fine_tune_fr
     first_trainable = names.index(fine_tune_from)
   for index, layer in enumerate(base_layers):
     layer.trainable = index >= first_trainable
+
+
+def base_layers(model: tf.keras.Model) -> list:
+  """The ResNet50 layers of a build_model model (all but its input and the head)."""
+  return [l for l in model.layers if not isinstance(l, tf.keras.layers.InputLayer)
+          and not l.name.startswith(HEAD_PREFIX) and l.name != PROBABILITIES_LAYER]
+
+
+def freeze_whole_base(model: tf.keras.Model) -> list:
+  """Phase 1 of --head_epochs: every base layer frozen, so only the head trains and the base's
+  BatchNorm layers run in inference mode (Keras' rule for a frozen BatchNormalization, the
+  guide's training=False). Returns the base layers that were trainable, for unfreeze_layers."""
+  trainable = [l for l in base_layers(model) if l.trainable]
+  for layer in trainable:
+    layer.trainable = False
+  return trainable
+
+
+def unfreeze_layers(layers) -> None:
+  """Phase 2: the layers freeze_whole_base froze (those from --fine_tune_from on) train again."""
+  for layer in layers:
+    layer.trainable = True
 
 
 def _unknown_layer_message(fine_tune_from: str, names) -> str:

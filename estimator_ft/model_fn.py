@@ -54,7 +54,9 @@ EVAL_CONFUSION_UPDATE_OP = "eval_confusion_matrix/update"
 
 
 class RecipeSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
-  """recipes.learning_rate_at in TensorFlow ops: warm-up, then constant, cosine or step decay.
+  """recipes.phase_learning_rate_at in TensorFlow ops: warm-up, then constant, cosine or step
+  decay, at the base rate of the phase (--head_epochs: `base` in the head phase, up to global
+  step `head_steps`, then `fine_tune_base`).
 
   Both paths' optimizers get this one object (make_optimizer), so they use the same rate at every
   step; the optimizer calls it with its iteration count (the Estimator's global step).
@@ -62,17 +64,23 @@ class RecipeSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
 
   def __init__(self, base: float, steps_per_epoch: int, epochs: int, schedule: str = "constant",
                warmup_epochs: float = 0.0, decay_epochs: Sequence[int] = (),
-               decay_factor: float = 0.1, name: str = "recipe_schedule"):
+               decay_factor: float = 0.1, name: str = "recipe_schedule", head_steps: int = 0,
+               fine_tune_base: Optional[float] = None):
     super().__init__()
     self.base, self.steps_per_epoch, self.epochs = float(base), int(steps_per_epoch), int(epochs)
     self.schedule, self.warmup_epochs = schedule, float(warmup_epochs)
     self.decay_epochs, self.decay_factor = tuple(int(e) for e in decay_epochs), float(decay_factor)
     self.name = name
+    self.head_steps = int(head_steps)
+    self.fine_tune_base = float(base if fine_tune_base is None else fine_tune_base)
 
   def __call__(self, step):
     with tf.name_scope(self.name):
       step = tf.cast(step, tf.float32)
       base = tf.constant(self.base, tf.float32)
+      if self.head_steps:
+        base = tf.where(step < float(self.head_steps), base,
+                        tf.constant(self.fine_tune_base, tf.float32))
       warmup = float(recipes.warmup_steps(self.warmup_epochs, self.steps_per_epoch))
       if self.schedule == "cosine":
         remaining = max(self.epochs * self.steps_per_epoch - warmup, 1.0)
@@ -92,17 +100,27 @@ class RecipeSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
     return {"base": self.base, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
             "schedule": self.schedule, "warmup_epochs": self.warmup_epochs,
             "decay_epochs": list(self.decay_epochs), "decay_factor": self.decay_factor,
-            "name": self.name}
+            "name": self.name, "head_steps": self.head_steps,
+            "fine_tune_base": self.fine_tune_base}
+
+
+def run_phases(config: Config, steps_per_epoch: int):
+  """recipes.phases of config: one phase, or --head_epochs' head and fine-tune phases."""
+  return recipes.phases(config.epochs, config.head_epochs, steps_per_epoch, config.learning_rate,
+                        config.fine_tune_learning_rate, config.fine_tune_from)
 
 
 def make_learning_rate(config: Config, steps_per_epoch: int):
-  """A float for a constant rate without warm-up (what earlier runs checkpointed), else the
-  RecipeSchedule of config's --lr_schedule and --warmup_epochs."""
-  if config.lr_schedule == "constant" and not config.warmup_epochs:
+  """A float for a constant rate without warm-up or phases (what earlier runs checkpointed),
+  else the RecipeSchedule of config's --lr_schedule, --warmup_epochs and --head_epochs."""
+  if config.lr_schedule == "constant" and not config.warmup_epochs and not config.head_epochs:
     return config.learning_rate
   decay_epochs = recipes.parse_decay_epochs(config.lr_decay_epochs) if config.lr_schedule == "step" else ()
+  phases = run_phases(config, steps_per_epoch)
   return RecipeSchedule(config.learning_rate, steps_per_epoch, config.epochs, config.lr_schedule,
-                        config.warmup_epochs, decay_epochs, config.lr_decay_factor)
+                        config.warmup_epochs, decay_epochs, config.lr_decay_factor,
+                        head_steps=phases[0].end_step if len(phases) > 1 else 0,
+                        fine_tune_base=phases[-1].learning_rate)
 
 
 def make_optimizer(config: Config, steps_total: int):
@@ -186,21 +204,32 @@ def per_example_loss(labels, probabilities, num_classes: int, label_smoothing: f
 
 
 def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_weights: str = "",
-                   class_weights: Optional[Sequence[float]] = None):
+                   class_weights: Optional[Sequence[float]] = None,
+                   phase: Optional[recipes.Phase] = None):
   """Returns the model_fn for `tf.estimator.Estimator`.
 
   `initial_weights` is a checkpoint prefix written by `model.save_initial_weights`; when given, a
   fresh run starts from it (a resumed run restores its own checkpoint instead). `class_weights`
   (training_class_weights) weight each example's training loss; evaluation is unweighted.
+  `phase` (recipes.phases; default the run's last) decides what trains: in --head_epochs' head
+  phase the whole base is frozen (its BatchNorm in inference mode, no weight decay) while the
+  optimizer already holds the slots of every variable phase 2 trains, so the graphs of both
+  phases have the same variables and each restores the other's checkpoints.
   """
   class_names = tuple(class_names)
   num_classes = len(class_names)
   steps_total = config.epochs * steps_per_epoch
+  phase = phase or run_phases(config, steps_per_epoch)[-1]
 
   def model_fn(features, labels, mode):
     images = features[contract.FEATURE_KEY] if isinstance(features, dict) else features
     training = mode == ModeKeys.TRAIN
     model = model_lib.build_model(config, num_classes)
+    fine_tune_variables = ()
+    if phase.name == recipes.HEAD_PHASE:
+      # Built with --fine_tune_from's trainable set: phase 2's, whose slots this phase creates.
+      fine_tune_variables = list(model.trainable_weights)
+      model_lib.freeze_whole_base(model)
     if initial_weights:
       model_lib.init_from_initial_weights(model, initial_weights)
     probabilities = model(images, training=training)
@@ -228,7 +257,8 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
                                         example_losses + regularization, num_classes))
 
     train_op, _ = make_train_op(config, model, images, loss, steps_total,
-                                tf.compat.v1.train.get_or_create_global_step())
+                                tf.compat.v1.train.get_or_create_global_step(),
+                                slot_variables=fine_tune_variables)
 
     # Fetched by the epoch-metrics hook: Keras-style running averages are per example.
     # Keras averages its running loss over examples (each batch's class-weighted mean x its
@@ -259,16 +289,21 @@ def classification_loss(model: tf.keras.Model, labels, probabilities, num_classe
 
 
 def make_train_op(config: Config, model: tf.keras.Model, images, loss, steps_total: int,
-                  global_step=None):
+                  global_step=None, slot_variables: Sequence[tf.Variable] = ()):
   """(train_op, optimizer) in graph mode: one optimizer step that runs after the BN updates of the
   model's call on `images` (unless --update_ops=skip).
 
   The model_fn and the benchmark's feed_dict loop both build their step here. `global_step`
   becomes the optimizer's step counter, so each train_op run increments it once.
+  `slot_variables`: variables whose optimizer slots are created although this step may not train
+  them (--head_epochs' head phase: phase 2's; they stay at their initial zeros).
   """
   optimizer = make_optimizer(config, steps_total)
   if global_step is not None:
     optimizer.iterations = global_step
+  if slot_variables:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner._create_all_weights(list(slot_variables))  # pylint: disable=protected-access
   bn_updates = batchnorm_updates(model, images) if config.update_ops == "apply" else []
   # Read before the step: the rate this step applies (Keras' schedule(iterations before the step)).
   learning_rate = tf.identity(_current_learning_rate(optimizer), name=LEARNING_RATE_TENSOR)

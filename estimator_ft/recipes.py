@@ -1,17 +1,29 @@
 """Fine-tuning recipes as small pure functions (standard library only), in the style of BiT's
 bit_hyperrule.py: the learning rate as a function of the step, class weights from class counts,
-the early-stopping decision from a metric's history, and which setting changes are safe on resume.
+the early-stopping decision from a metric's history, the phases of two-phase fine-tuning, and
+which setting changes are safe on resume.
 
 Both training paths get their TensorFlow versions from these (model_fn.RecipeSchedule follows
 `learning_rate_at` op for op; both paths weight examples with `class_weights`), so the Keras and
 Estimator paths cannot drift apart, and each rule is testable without TensorFlow.
 """
 
+import dataclasses
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 LR_SCHEDULES = ("constant", "cosine", "step")
 CLASS_WEIGHT_HELP = "none, balanced (n / (k * n_c)) or CLASS=W,... (unnamed classes get 1)"
+
+# The phases of a run (`phases`): one "train" phase, or with --head_epochs a "head" phase (the
+# whole base frozen) and then a "fine_tune" phase (trainable from --fine_tune_from).
+TRAIN_PHASE, HEAD_PHASE, FINE_TUNE_PHASE = "train", "head", "fine_tune"
+# --fine_tune_from value that freezes the whole base (only the head trains).
+HEAD_ONLY = "none"
+# --fine_tune_learning_rate=0 means learning_rate / this: the base's pretrained features need
+# smaller steps than the new head (the Keras transfer-learning guide drops the rate 100x, from
+# Adam's 1e-3 to 1e-5; with this package's default 1e-4 SGD rate, / 10 gives the guide's 1e-5).
+FINE_TUNE_RATE_DIVISOR = 10
 
 
 # ---------------------------------------------------------------- learning rate
@@ -56,6 +68,95 @@ def learning_rate_at(step: int, base: float, steps_per_epoch: int, epochs: int,
     passed = sum(1 for e in decay_epochs if step >= e * steps_per_epoch)
     return base * decay_factor ** passed
   return base
+
+
+# ---------------------------------------------------------------- two-phase fine-tuning
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """Epochs first_epoch..last_epoch (1-based, inclusive) = global steps first_step..end_step - 1,
+  trained at base rate `learning_rate` with the layers from `trainable_from` on (none: head only)."""
+  name: str
+  first_epoch: int
+  last_epoch: int
+  first_step: int
+  end_step: int
+  learning_rate: float
+  trainable_from: str
+
+  def describe(self) -> dict:
+    """What results.json and the log say about the phase."""
+    return {"phase": self.name, "epochs": [self.first_epoch, self.last_epoch],
+            "steps": [self.first_step, self.end_step], "learning_rate": self.learning_rate,
+            "trainable": ("the head only: the whole base frozen, its BatchNorm in inference mode"
+                          if self.trainable_from == HEAD_ONLY else
+                          f"the head and the base from {self.trainable_from}")}
+
+
+def phase_line(phase: Phase) -> str:
+  """One phase for the log: its epochs, base rate and what trains."""
+  described = phase.describe()
+  return (f"epochs {phase.first_epoch}-{phase.last_epoch} (steps {phase.first_step}-"
+          f"{phase.end_step}), base learning rate {phase.learning_rate:g}, trains "
+          f"{described['trainable']}")
+
+
+def phases_note(run_phases: Sequence[Phase]) -> str:
+  """The run plan's note on --head_epochs' phases ('' for a one-phase run)."""
+  if len(run_phases) < 2:
+    return ""
+  return "; " + "; then ".join(f"phase {p.name}: {phase_line(p)}" for p in run_phases)
+
+
+def fine_tune_rate(learning_rate: float, fine_tune_learning_rate: float) -> float:
+  """Phase 2's base rate: --fine_tune_learning_rate, or 0 = learning_rate / FINE_TUNE_RATE_DIVISOR."""
+  return fine_tune_learning_rate or learning_rate / FINE_TUNE_RATE_DIVISOR
+
+
+def phases(epochs: int, head_epochs: int, steps_per_epoch: int, learning_rate: float,
+           fine_tune_learning_rate: float, fine_tune_from: str) -> Tuple[Phase, ...]:
+  """The run's phases in order. head_epochs=0: one phase, the whole run as configured. Else the
+  Keras transfer-learning guide's recipe: `head_epochs` epochs of the new head alone at
+  `learning_rate`, then the rest from `fine_tune_from` at fine_tune_rate(...).
+
+  The schedule shape (warm-up, cosine, step boundaries) spans the whole run in global steps,
+  as without phases; each phase scales it by its own base rate (phase_learning_rate_at).
+  """
+  total = epochs * steps_per_epoch
+  if not head_epochs:
+    return (Phase(TRAIN_PHASE, 1, epochs, 0, total, learning_rate, fine_tune_from),)
+  boundary = head_epochs * steps_per_epoch
+  return (Phase(HEAD_PHASE, 1, head_epochs, 0, boundary, learning_rate, HEAD_ONLY),
+          Phase(FINE_TUNE_PHASE, head_epochs + 1, epochs, boundary, total,
+                fine_tune_rate(learning_rate, fine_tune_learning_rate), fine_tune_from))
+
+
+def phase_at(step: int, run_phases: Sequence[Phase]) -> Phase:
+  """The phase of the optimizer step that runs at global `step` (0 = the first; past the end:
+  the last phase)."""
+  for phase in run_phases:
+    if step < phase.end_step:
+      return phase
+  return run_phases[-1]
+
+
+def phase_of_checkpoint(step: int, run_phases: Sequence[Phase]) -> Phase:
+  """The phase whose training wrote the checkpoint at global `step` (the boundary checkpoint is
+  phase 1's last); its model evaluates that checkpoint, as the Keras path does at the epoch end."""
+  return phase_at(max(step - 1, 0), run_phases)
+
+
+def phases_ahead(step: int, run_phases: Sequence[Phase]) -> Tuple[Phase, ...]:
+  """The phases a run resumed at global `step` still trains, in order (empty when done)."""
+  return tuple(p for p in run_phases if p.end_step > step)
+
+
+def phase_learning_rate_at(step: int, run_phases: Sequence[Phase], steps_per_epoch: int,
+                           epochs: int, schedule: str = "constant", warmup_epochs: float = 0.0,
+                           decay_epochs: Sequence[int] = (), decay_factor: float = 0.1) -> float:
+  """learning_rate_at with the base rate of the phase `step` is in."""
+  return learning_rate_at(step, phase_at(step, run_phases).learning_rate, steps_per_epoch, epochs,
+                          schedule, warmup_epochs, decay_epochs, decay_factor)
 
 
 # ---------------------------------------------------------------- class weights
@@ -134,12 +235,15 @@ def resume_changes(old: Dict, new: Dict) -> Tuple[List[str], List[str]]:
   Settings that always change the next step are in config.CHECKPOINT_DEFINING_FIELDS; these two
   depend on the schedule:
     epochs      the cosine schedule decays over all epochs: more epochs would stretch it mid-run
-    batch_size  steps per epoch change, so warm-up, the schedule and epoch counting would shift
+    batch_size  steps per epoch change, so warm-up, the schedule, the phase boundary of
+                --head_epochs and epoch counting would shift
   Each refused item says what to do; each accepted one is logged.
   """
   refused, accepted = [], []
   schedule = new.get("lr_schedule", "constant")
-  steps_matter = schedule != "constant" or float(new.get("warmup_epochs", 0) or 0) > 0
+  # (the phase boundary of --head_epochs is a step count too)
+  steps_matter = (schedule != "constant" or float(new.get("warmup_epochs", 0) or 0) > 0
+                  or int(new.get("head_epochs", 0) or 0) > 0)
   if "epochs" in old and old["epochs"] != new.get("epochs"):
     if schedule == "cosine":
       refused.append(f"epochs: {old['epochs']} -> {new['epochs']} under --lr_schedule=cosine "
@@ -150,8 +254,9 @@ def resume_changes(old: Dict, new: Dict) -> Tuple[List[str], List[str]]:
                       "does not depend on the number of epochs; training continues to the new end")
   if "batch_size" in old and old["batch_size"] != new.get("batch_size"):
     if steps_matter:
-      refused.append(f"batch_size: {old['batch_size']} -> {new['batch_size']} with a warm-up or "
-                     f"--lr_schedule={schedule} (steps per epoch change, so the schedule would "
+      refused.append(f"batch_size: {old['batch_size']} -> {new['batch_size']} with a warm-up, "
+                     f"--head_epochs or --lr_schedule={schedule} (steps per epoch change, so the "
+                     "schedule or the phase boundary would "
                      f"shift; keep --batch_size={old['batch_size']}, or start a new --model_dir)")
     else:
       accepted.append(f"--batch_size {old['batch_size']} -> {new['batch_size']}: constant "

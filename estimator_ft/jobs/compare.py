@@ -119,7 +119,7 @@ def run_compare(config: Config, output_dir: str, paths) -> dict:
           "fine_tune_from", "optimizer", "learning_rate", "momentum", "batchnorm_momentum",
           "lr_schedule", "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "label_smoothing",
           "weight_decay", "class_weight", "early_stopping_patience", "early_stopping_min_delta",
-          "warm_start_from")},
+          "warm_start_from", "head_epochs", "fine_tune_learning_rate")},
       "notes": {"training": TRAINING_NOTE, "validation": VALIDATION_NOTE},
       "paths": {name: {"description": PATH_DESCRIPTIONS[name], "model_dir": r["model_dir"],
                        "global_step": r["global_step"], "history": r["history"]}

@@ -18,6 +18,7 @@ from estimator_ft import export as export_lib
 from estimator_ft import keras_path
 from estimator_ft import memory as memory_lib
 from estimator_ft import model as model_lib
+from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
 from estimator_ft.config import Config
 from estimator_ft.data import loading
@@ -179,6 +180,9 @@ def _train_in_model_dir(config: Config, splits, initial_weights: str, starting_w
       "update_ops": config.update_ops,
       "wall_time_s": round(time.time() - started, 2),
       "model_dir": config.model_dir,
+      # Which epochs trained what at which base rate (two with --head_epochs).
+      "phases": [phase.describe() for phase in
+                 model_fn_lib.run_phases(config, outcome["steps_per_epoch"])],
       **outcome,
   }
   model_dir_lib.write_results(config, results)

@@ -141,13 +141,6 @@ class CurveWriter:
     self._writer.close()
 
 
-def add_scalars(writer, step: int, values: dict) -> None:
-  """Scalars (TensorBoard's SCALARS tab) at `step` through one of TensorBoard's EventFileWriters."""
-  summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                                       for k, v in values.items()])
-  writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
-
-
 HPARAMS_DIR = "hparams"
 # Final validation figures written beside the settings: the HParams tab's metric columns.
 # (Keras' validation loss and the Estimator's are both "example_loss" there: per-example means.)
