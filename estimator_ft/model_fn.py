@@ -225,10 +225,11 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
     images = features[contract.FEATURE_KEY] if isinstance(features, dict) else features
     training = mode == ModeKeys.TRAIN
     model = model_lib.build_model(config, num_classes)
-    fine_tune_variables = ()
+    # Built with --fine_tune_from's trainable set: phase 2's. With --head_epochs both phases
+    # create the optimizer's slots for all of it, the same way, so their graphs have the same
+    # variables under the same names (the head phase trains only the head's).
+    fine_tune_variables = list(model.trainable_weights) if config.head_epochs else ()
     if phase.name == recipes.HEAD_PHASE:
-      # Built with --fine_tune_from's trainable set: phase 2's, whose slots this phase creates.
-      fine_tune_variables = list(model.trainable_weights)
       model_lib.freeze_whole_base(model)
     if initial_weights:
       model_lib.init_from_initial_weights(model, initial_weights)
@@ -295,15 +296,18 @@ def make_train_op(config: Config, model: tf.keras.Model, images, loss, steps_tot
 
   The model_fn and the benchmark's feed_dict loop both build their step here. `global_step`
   becomes the optimizer's step counter, so each train_op run increments it once.
-  `slot_variables`: variables whose optimizer slots are created although this step may not train
-  them (--head_epochs' head phase: phase 2's; they stay at their initial zeros).
+  `slot_variables`: variables whose optimizer slots are created first, although this step may not
+  train them all (--head_epochs: phase 2's in both phases; in the head phase the base's stay at
+  their initial zeros).
   """
   optimizer = make_optimizer(config, steps_total)
   if global_step is not None:
     optimizer.iterations = global_step
   if slot_variables:
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    inner._create_all_weights(list(slot_variables))  # pylint: disable=protected-access
+    # As apply_gradients creates them: under the optimizer's name scope, outside control flow.
+    with tf.name_scope(inner._name), tf.init_scope():  # pylint: disable=protected-access
+      inner._create_all_weights(list(slot_variables))  # pylint: disable=protected-access
   bn_updates = batchnorm_updates(model, images) if config.update_ops == "apply" else []
   # Read before the step: the rate this step applies (Keras' schedule(iterations before the step)).
   learning_rate = tf.identity(_current_learning_rate(optimizer), name=LEARNING_RATE_TENSOR)

@@ -218,8 +218,11 @@ def batch_losses(tmp_path_factory):
     config = Config(image_size=SIZE, weights="none", dropout=0.0, label_smoothing=0.2,
                     weight_decay=1e-3, class_weight=f"{class_names[-1]}=3", batchnorm_momentum=0.9)
     class_weights = recipes.class_weights(config.class_weight, class_names, [1] * k)
-    prefix = model_lib.save_initial_weights(config, k, str(folder / f"w{k}" / "weights"))
-    model = keras_path.build_compiled_model(config, k, prefix, steps_total=8)
+    # The Keras model's own (seeded) weights are the Estimator's initial weights: one build less.
+    tf.keras.utils.set_random_seed(config.seed)
+    model = keras_path.build_compiled_model(config, k, steps_total=8)
+    prefix = model_lib.write_initial_weights(model.get_weights(), "the Keras model",
+                                             str(folder / f"w{k}" / "weights"))
     # Evaluation first: the training call updates the BN moving statistics.
     keras_eval = float(model.compute_loss(images, tf.constant(labels), model(images, training=False)))
     probabilities = model(images, training=True)
@@ -377,6 +380,7 @@ def test_the_heads_optimizer_state_carries_over_into_phase_2(compared_with_all_r
   for the base's slots, which phase 1's graph created so that phase 2 could restore them.
   """
   import tensorflow as tf
+  from estimator_ft.jobs import compare
   from estimator_ft.run import model_dir as model_dir_lib
   config, output_dir, _ = compared_with_all_recipes
   keras_run = output_dir / "keras"
@@ -388,19 +392,22 @@ def test_the_heads_optimizer_state_carries_over_into_phase_2(compared_with_all_r
                  if "OPTIMIZER_SLOT" in k}
   assert len(keras_slots) == 2  # the head's kernel and bias
   by_shape = {v.shape: v for v in keras_slots.values()}
-  for name in ("head_logits/kernel/momentum", "head_logits/bias/momentum"):
+  keys = list(estimator_reader.get_variable_to_shape_map())
+  # (the Estimator's slot of variable V is <optimizer name>/V/momentum)
+  slot_key = lambda variable: next(k for k in keys if k.endswith(f"/{variable}/momentum"))
+  for name in (slot_key("head_logits/kernel"), slot_key("head_logits/bias")):
     value = estimator_reader.get_tensor(name)
     assert np.abs(value).max() > 0, name
     np.testing.assert_allclose(value, by_shape[value.shape], rtol=1e-3,
                                atol=1e-3 * np.abs(value).max(), err_msg=name)
-  base_slots = [k for k in estimator_reader.get_variable_to_shape_map()
-                if k.endswith("/momentum") and not k.startswith("head_")]
+  layout = compare.weight_layout(config, 2)
+  base_slots = [slot_key(name) for name, trainable in layout
+                if trainable and not name.startswith("head_")]
   assert len(base_slots) > 100
   assert all(not np.any(estimator_reader.get_tensor(k)) for k in base_slots)
   # Phase 2 then moved them: the final checkpoints hold the base's momentum in both paths.
   final = tf.train.load_checkpoint(str(keras_run / f"{model_dir_lib.KERAS_CHECKPOINT_NAME}-{FINAL_STEP}"))
   assert sum("OPTIMIZER_SLOT" in k for k in final.get_variable_to_shape_map()) == len(base_slots) + 2
-  del config
 
 
 def _results(model_dir):
@@ -415,6 +422,7 @@ def _copy_stopped_at(source, target, step):
   import json
   import shutil
   import tensorflow as tf
+  from tensorboard.compat.proto import event_pb2
   from tensorboard.summary.writer.event_file_writer import EventFileWriter
   from estimator_ft.run import events as events_lib
   from estimator_ft.run import model_dir as model_dir_lib
@@ -430,7 +438,8 @@ def _copy_stopped_at(source, target, step):
     for file in source.glob(f"{name}-{kept}.*"):
       shutil.copy(file, target)
     prefixes.append(str(target / f"{name}-{kept}"))
-  tf.train.update_checkpoint_state(str(target), prefixes[-1], all_model_checkpoint_paths=prefixes)
+  tf.compat.v1.train.update_checkpoint_state(str(target), prefixes[-1],
+                                            all_model_checkpoint_paths=prefixes)
   history_file = (model_dir_lib.KERAS_HISTORY_FILE if path == "keras"
                   else model_dir_lib.TRAIN_HISTORY_FILE)
   history = model_dir_lib.read_history(str(source), history_file)
@@ -440,7 +449,7 @@ def _copy_stopped_at(source, target, step):
     writer = EventFileWriter(str(target / "eval"))
     for event in events_lib.iter_events(str(source / "eval")):
       if event.HasField("summary") and event.step <= step:
-        writer.add_event(event)
+        writer.add_event(event_pb2.Event.FromString(event.SerializeToString()))
     writer.close()
 
 
