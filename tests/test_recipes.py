@@ -145,6 +145,18 @@ def test_resuming_with_more_epochs_under_cosine_is_refused(tmp_path):
   assert refused and "--head_epochs" in refused[0] and "keep --batch_size=32" in refused[0]
 
 
+def test_head_epochs_are_refused_in_an_estimator_cluster(monkeypatch):
+  import json
+  from estimator_ft import estimator as estimator_path
+  monkeypatch.setenv("TF_CONFIG", json.dumps({
+      "cluster": {"chief": ["localhost:1"], "worker": ["localhost:2"], "ps": ["localhost:3"]},
+      "task": {"type": "chief", "index": 0}}))
+  config = Config(epochs=3, head_epochs=1)
+  with pytest.raises(ValueError, match="--head_epochs does not work in a TF_CONFIG cluster.*--path=keras"):
+    estimator_path.check_settings(config, ("a", "b"))
+  estimator_path.check_settings(config.replace(head_epochs=0), ("a", "b"))
+
+
 def test_help_describes_every_recipe_flag():
   result = subprocess.run([sys.executable, "-m", "estimator_ft", "train", "--helpfull"],
                           capture_output=True, text=True, timeout=120)
