@@ -90,7 +90,8 @@ class Phase:
             "steps": [self.first_step, self.end_step], "learning_rate": self.learning_rate,
             "trainable": ("the head only: the whole base frozen, its BatchNorm in inference mode"
                           if self.trainable_from == HEAD_ONLY else
-                          f"the head and the base from {self.trainable_from}")}
+                          "the whole model" if self.trainable_from == "all" else
+                          f"the head and the base from layer {self.trainable_from} on")}
 
 
 def phase_line(phase: Phase) -> str:
