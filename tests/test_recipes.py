@@ -467,9 +467,13 @@ def _copy_stopped_at(source, target, step):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path, stopped_at", [
-    ("keras", STEPS_PER_EPOCH),      # in phase 1: resumes into phase 1, then phase 2
-    ("estimator", STEPS_PER_EPOCH),
-    ("keras", HEAD_STEPS),           # killed in phase 2 before its first checkpoint: phase 2
+    # In phase 1: resumes into phase 1, then phase 2. (Not the Estimator too, to keep the file's
+    # time: it would restore a phase-1 checkpoint into the phase-1 graph, then cross the boundary
+    # as the compare's run did - 38 s for little new.)
+    ("keras", STEPS_PER_EPOCH),
+    # Killed in phase 2 before its first checkpoint: resumes in phase 2 (the graph of the phase
+    # of the step, not of the checkpoint's writer).
+    ("keras", HEAD_STEPS),
     ("estimator", HEAD_STEPS),
 ])
 def test_a_run_stopped_in_either_phase_resumes_in_its_phase(
