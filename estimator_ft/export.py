@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import os
+import threading
 import shutil
 import socket
 import tempfile
@@ -424,10 +425,18 @@ class EstimatorSavedModelWriter:
     self._config = config
     self._session_config = session_config
     self._graph = None
+    self._build_lock = threading.Lock()
+
+  def prepare(self) -> None:
+    """Builds the serving graph and its session, once; safe to call from any thread (the
+    Estimator path builds it in the background while the first epoch trains)."""
+    with self._build_lock:
+      if self._graph is None:
+        self._build()
 
   def _build(self):
-    self._graph = tf.Graph()
-    with self._graph.as_default():
+    graph = tf.Graph()
+    with graph.as_default():
       tf.compat.v1.train.create_global_step()
       tf.compat.v1.random.set_random_seed(self._config.seed)
       receiver = serving_input_receiver_fn(self._config.image_size,
@@ -441,12 +450,12 @@ class EstimatorSavedModelWriter:
           serving_only=True)
       self._saver = tf.compat.v1.train.Saver(sharded=True)
       self._main_op = tf.compat.v1.train.Scaffold.default_local_init_op()
-    self._session = tf.compat.v1.Session(graph=self._graph, config=self._session_config)
+    self._session = tf.compat.v1.Session(graph=graph, config=self._session_config)
+    self._graph = graph  # last: a build that failed half-way is retried, never used
 
   def write(self, staging: str, checkpoint_path: str) -> str:
     """The SavedModel of `checkpoint_path`, written into a new folder in `staging`."""
-    if self._graph is None:
-      self._build()
+    self.prepare()
     saved_model_dir = os.path.join(staging, "saved_model")
     # Its own graph as the default: a saver built in graph mode would otherwise restore eagerly.
     with self._graph.as_default():
@@ -462,8 +471,9 @@ class EstimatorSavedModelWriter:
     return saved_model_dir
 
   def close(self):
-    if self._graph is not None:
-      self._session.close()
+    with self._build_lock:
+      if self._graph is not None:
+        self._session.close()
 
 
 def export_estimator(estimator, config: Config, class_names, export_base: str,
