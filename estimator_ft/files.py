@@ -42,11 +42,15 @@ def atomic_write(path: str, mode: str = "w", **open_args):
   fsync_directory(os.path.dirname(path))
 
 
+def json_text(value) -> str:
+  """How this package writes a JSON file: indented, keys sorted (stable diffs), a final newline."""
+  return json.dumps(value, indent=2, sort_keys=True) + "\n"
+
+
 def write_json_atomic(path: str, value) -> None:
   """Writes JSON so that a reader (or a crash) never sees a half-written file."""
   with atomic_write(path) as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
+    f.write(json_text(value))
 
 
 def read_json(path: str, default):
