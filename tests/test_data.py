@@ -213,25 +213,6 @@ def test_augment_is_random_per_seed_and_deterministic():
   np.testing.assert_array_equal(again, outputs[5])
 
 
-@pytest.mark.parametrize("encoded", [
-    images.jpeg_image_bytes(size=3 * SIZE + 5),  # not a multiple of the 8/16-px JPEG blocks
-    images.jpeg_image_bytes(size=3 * SIZE, mode="L"),  # gray: the header says 1 channel
-    images.jpeg_image_bytes(size=3 * SIZE, progressive=True),
-    images.jpeg_image_bytes(size=3 * SIZE, mode="CMYK"),
-    images.png_image_bytes(size=3 * SIZE)], ids=["jpeg", "gray-jpeg", "progressive-jpeg", "cmyk-jpeg", "png"])
-def test_decoding_only_the_crop_window_gives_the_same_pixels(encoded):
-  # What the pipeline's augmenting map runs on encoded bytes (a JPEG decodes its crop window
-  # only) against the crop of the whole decoded image: the same box, the same pixels.
-  decoded = images_lib.decode_rgb(encoded)
-  for index in range(12):
-    seed = tf.constant([3, index], tf.int64)
-    np.testing.assert_array_equal(images_lib.decode_and_augment(encoded, seed, SIZE).numpy(),
-                                  images_lib.augment_image(decoded, seed, SIZE).numpy())
-  decode_and_augment = tf.function(lambda data, seed: images_lib.decode_and_augment(data, seed, SIZE))
-  np.testing.assert_array_equal(decode_and_augment(encoded, tf.constant([3, 7], tf.int64)).numpy(),
-                                images_lib.augment_image(decoded, tf.constant([3, 7]), SIZE).numpy())
-
-
 # ------------------------------------------------------------------ folder pipeline
 
 

@@ -14,12 +14,6 @@ from estimator_ft.data.split import DataError
 CROP_AREA_RANGE = (0.5, 1.0)
 CROP_ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 
-# decode_and_crop_jpeg treats the window's left and right columns as the image's edge when it
-# upsamples subsampled chroma (4:2:0, 4:2:2: each output pixel blends its chroma sample with the
-# next one), so they differ from a whole decode - by up to 64 levels, measured. Decoding one more
-# column on each side and cutting it off gives the whole decode's pixels exactly (tested).
-JPEG_CROP_MARGIN = 1
-
 # ResNet50's caffe-mode input statistics (keras.applications.imagenet_utils), in BGR order.
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -245,69 +239,20 @@ def augment_image(image, seed, image_size: int) -> tf.Tensor:
   Stateless ops make the augmentation a pure function of (image, seed): it does not depend on how
   many map calls run in parallel, and a replayed pipeline augments every element the same way.
   seed: int32/int64 [2]. Returns float32 [size, size, 3] in the input's value range.
-  decode_and_augment is the same for encoded images, decoding a JPEG's crop window only.
   """
-  crop_seed, flip_seed = _augment_seeds(seed)
+  seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+  seeds = tf.random.experimental.stateless_split(seed, num=2)
   image = to_rgb(image)
-  # Slice (a view of whole pixels, any dtype) then the same bilinear resize as resize_image: 1.3x
-  # faster than crop_and_resize, whose per-pixel sampling is the costliest op of the map.
-  crop_begin, crop_size = _crop_window(tf.shape(image), crop_seed)
-  return _resize_and_flip(tf.slice(image, crop_begin, crop_size), flip_seed, image_size)
-
-
-def decode_and_augment(image_bytes, seed, image_size: int,
-                       max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
-  """augment_image(decode_rgb(image_bytes), seed, image_size), pixel for pixel, decoding less.
-
-  A JPEG's crop window is sampled from its header's size (tf.image.extract_jpeg_shape) and only
-  that window is decoded (decode_and_crop_jpeg: libjpeg skips the rows above and below it and
-  the blocks left and right of it), as tensorflow/models' ImageNet input does; the crop keeps at
-  least CROP_AREA_RANGE[0] of the image, so up to half of the decoding is saved. Other formats
-  are decoded whole and cropped. The pixel limit is checked before either.
-  """
-  crop_seed, flip_seed = _augment_seeds(seed)
-  image_bytes = check_pixel_limit(image_bytes, max_pixels)
-
-  def jpeg_window():
-    # The window does not depend on the channels, so the header's (1 for gray) is as good.
-    shape = tf.image.extract_jpeg_shape(image_bytes)
-    crop_begin, crop_size = _crop_window(shape, crop_seed)
-    # Widened by JPEG_CROP_MARGIN columns each side (within the image), then cut to the crop.
-    left = tf.maximum(crop_begin[1] - JPEG_CROP_MARGIN, 0)
-    right = tf.minimum(crop_begin[1] + crop_size[1] + JPEG_CROP_MARGIN, shape[1])
-    window = tf.stack([crop_begin[0], left, crop_size[0], right - left])
-    decoded = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
-    return decoded[:, crop_begin[1] - left:crop_begin[1] - left + crop_size[1]]
-
-  def decoded_crop():
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    crop_begin, crop_size = _crop_window(tf.shape(image), crop_seed)
-    return tf.slice(image, crop_begin, crop_size)
-
-  cropped = tf.cond(tf.io.is_jpeg(image_bytes), jpeg_window, decoded_crop)
-  return _resize_and_flip(tf.ensure_shape(cropped, [None, None, 3]), flip_seed, image_size)
-
-
-def _augment_seeds(seed):
-  """(crop seed, flip seed) of one augmentation seed."""
-  seeds = tf.random.experimental.stateless_split(tf.cast(tf.convert_to_tensor(seed), tf.int64), num=2)
-  return seeds[1], seeds[0]
-
-
-def _crop_window(image_shape, crop_seed):
-  """(begin, size) of the random resized crop of an image of shape [h, w, c]."""
   # An empty box list plus use_image_if_no_bounding_boxes: sample crops of the whole image.
   crop_begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      image_shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=crop_seed,
+      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seeds[1],
       min_object_covered=CROP_AREA_RANGE[0], aspect_ratio_range=CROP_ASPECT_RATIO_RANGE,
       area_range=CROP_AREA_RANGE, use_image_if_no_bounding_boxes=True)
-  return crop_begin, crop_size
-
-
-def _resize_and_flip(cropped, flip_seed, image_size: int) -> tf.Tensor:
-  image = tf.image.resize(cropped, [image_size, image_size])
+  # Slice (a view of whole pixels, any dtype) then the same bilinear resize as resize_image: 1.3x
+  # faster than crop_and_resize, whose per-pixel sampling is the costliest op of the map.
+  image = tf.image.resize(tf.slice(image, crop_begin, crop_size), [image_size, image_size])
   # Flip after the crop: the same distribution as before it, on image_size² pixels only.
-  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  image = tf.image.stateless_random_flip_left_right(image, seed=seeds[0])
   return tf.ensure_shape(tf.cast(image, tf.float32), [image_size, image_size, 3])
 
 

@@ -10,15 +10,13 @@ The order of the steps, and why:
      dropped: that number seeds its augmentation;
   3. skipping to the resume position (indices only: nothing skipped is ever read);
   4. read + decode + augment + preprocess per image, in parallel (images differ in size until
-     resized, and each gets its own crop and flip); an augmented JPEG of a folder or records is
-     decoded only within its crop window (images.decode_and_augment);
+     resized, and each gets its own crop and flip);
   5. batch, then prefetch, so decoding the next batches overlaps the training step.
 """
 
 import tensorflow as tf
 
 from estimator_ft import contract
-from estimator_ft import image_formats
 from estimator_ft.data import images
 from estimator_ft.data import records
 from estimator_ft.data import tfds_source
@@ -66,6 +64,11 @@ def _folder_items(split: Split):
   return tf.constant(split.paths, tf.string), tf.constant(split.labels, tf.int32)
 
 
+def _file_loader(max_pixels: int):
+  """`load(path)`: the file's image at its own size; over max_pixels, an error before decoding."""
+  return lambda path: images.decode_rgb(tf.io.read_file(path), max_pixels)
+
+
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   # The source is a list of file names (or TFDS records), which file-based auto-sharding cannot
@@ -102,20 +105,13 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
   def load_resized(load, item):
     return images.resize_image(load(item), size)
 
-  def augmentation_seed(position):
-    # (run seed, position in the infinite stream): identical for any number of parallel calls,
-    # and the same again when the pipeline is rebuilt and replayed.
-    return tf.stack([tf.constant(seed, tf.int64), position])
-
   def augment_and_preprocess(position, image):
     """image: resized, or (uncached and augmenting) as loaded, which the crop resizes."""
     if augmenting:
-      image = images.augment_image(image, augmentation_seed(position), size)
+      # The seed is (run seed, position in the infinite stream): identical for any number of
+      # parallel calls, and the same again when the pipeline is rebuilt and replayed.
+      image = images.augment_image(image, tf.stack([tf.constant(seed, tf.int64), position]), size)
     return images.preprocess_for_model(image)
-
-  # The encoded bytes of an item and their pixel limit, where the source has them (folders,
-  # records): augmenting, a JPEG is then decoded within its crop window only.
-  encoded_of, max_pixels = None, config.max_image_pixels
 
   def skip_broken(dataset):
     # A file that went bad after the scan (or a corrupt TFDS record) is dropped with a TF
@@ -124,14 +120,13 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     return dataset if mode == "predict" else dataset.ignore_errors(log_warning=True)
 
   if split.is_tfds:
-    examples, load = tfds_source.source_dataset(split, max_pixels)
+    examples, load = tfds_source.source_dataset(split, config.max_image_pixels)
     if training:
       examples = tfds_source.shuffled_stream(examples, split, config)
   elif split.is_records:
     # Serialized records in the order of data/records.py (shard order, interleaved reads and a
     # buffer, all seeded by (seed, epoch)), parsed to (encoded bytes, label) once in that order.
-    # prepare checked the pixel limit of its files; decoding holds records to the default one.
-    encoded_of, max_pixels = tf.identity, image_formats.DEFAULT_MAX_IMAGE_PIXELS
+    load = images.decode_rgb
     if training and not config.cache:
       serialized = records.training_stream(split, seed, config.shuffle_buffer, start_example)
     elif training:
@@ -141,7 +136,7 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     examples = serialized.map(records.parse_record, **parallel)
   else:
     paths, labels = _folder_items(split)
-    encoded_of = tf.io.read_file
+    load = _file_loader(config.max_image_pixels)
     if training and not config.cache:
       order = permuted_indices(split.num_examples, seed, start_example)
     elif training:
@@ -152,9 +147,6 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     else:
       order = tf.data.Dataset.range(split.num_examples)
     examples = order.map(lambda index: (tf.gather(paths, index), tf.gather(labels, index)))
-  if encoded_of is not None:
-    def load(item):
-      return images.decode_rgb(encoded_of(item), max_pixels)
 
   if config.cache:
     # Decode+resize once and cache the un-augmented images; augmentation comes after the cache,
@@ -179,17 +171,10 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
       dataset = examples.enumerate(start=start_example if training else 0)
     # The crop resizes, so augmented images skip load_resized and are interpolated once, from
     # the decoded pixels.
-    if augmenting and encoded_of is not None:
-      def mapped_image(position, item):
-        return images.preprocess_for_model(images.decode_and_augment(
-            encoded_of(item), augmentation_seed(position), size, max_pixels))
-    else:
-      read = load if augmenting else (lambda item: load_resized(load, item))
-
-      def mapped_image(position, item):
-        return augment_and_preprocess(position, read(item))
-    dataset = dataset.map(lambda position, example: (mapped_image(position, example[0]), example[1]),
-                          **parallel)
+    read = load if augmenting else (lambda item: load_resized(load, item))
+    dataset = dataset.map(
+        lambda position, example: (augment_and_preprocess(position, read(example[0])), example[1]),
+        **parallel)
     dataset = skip_broken(dataset)
 
   if mode == "predict":
