@@ -10,7 +10,10 @@ folder named after the scheme. What a URL gives instead:
     temporary name is fresh every time);
   * replace_tree: file systems that cannot rename a folder in one step (object stores, ram://)
     get its files renamed one by one, the `last` file last (what a reader waits for);
-  * no fsync: the file system's own close is what makes a write durable there.
+  * no fsync: the file system's own close is what makes a write durable there;
+  * listdir keeps only names that exist (ram:// also lists the tails of a folder's siblings);
+  * checkpoint_reader / checkpoint_argument: checkpoints read without TensorFlow's guess
+    whether a prefix is a folder (ram:// takes every prefix for one).
 The run lock is run/model_dir's (flock locally, a lease on a URL).
 """
 
