@@ -10,6 +10,11 @@ import json
 import os
 
 
+def is_local(path: str) -> bool:
+  """A path of this machine's file system (flock works), not a TensorFlow URL (gs://, ram://...)."""
+  return "://" not in path
+
+
 def fsync_directory(directory: str) -> None:
   """Makes a rename or new entry in `directory` durable (without it a power cut can undo it)."""
   try:

@@ -223,10 +223,12 @@ def check_fine_tune_from(fine_tune_from: str) -> None:
 
 def resolve_warm_start(source: str):
   """(checkpoint path, the source run's config dict, its class names) of MODEL_DIR|CHECKPOINT."""
-  checkpoint = tf.train.latest_checkpoint(source) if storage.isdir(source) else source
-  run_dir = source if storage.isdir(source) else os.path.dirname(source)
+  # A prefix first: ram:// takes every prefix for a folder (see storage.checkpoint_reader).
+  is_prefix = storage.exists(source + ".index")
+  checkpoint = source if is_prefix else tf.train.latest_checkpoint(source)
+  run_dir = os.path.dirname(source) if is_prefix else source
   config_path = os.path.join(run_dir, RUN_CONFIG_FILE)
-  if not checkpoint or not tf.io.gfile.exists(checkpoint + ".index"):
+  if not checkpoint or not storage.exists(checkpoint + ".index"):
     raise WeightsError(f"--warm_start_from={source}: no checkpoint there. Give the model_dir of an "
                        "earlier estimator_ft run (either path) or one of its checkpoint prefixes.")
   if not storage.isfile(config_path):

@@ -30,11 +30,7 @@ from typing import List, Optional
 import tensorflow as tf
 
 from estimator_ft import files
-
-
-def is_local(path: str) -> bool:
-  """A path of this machine's file system (flock works), not a TensorFlow URL (gs://, ram://...)."""
-  return "://" not in path
+from estimator_ft.files import is_local
 
 
 def is_absolute(path: str) -> bool:

@@ -11,6 +11,7 @@ import os
 import pytest
 import tensorflow as tf
 
+from estimator_ft import model as model_lib
 from estimator_ft import storage
 from estimator_ft.config import Config
 from estimator_ft.jobs import prepare
@@ -145,3 +146,15 @@ def test_storage_behaves_on_a_url_as_on_a_local_folder(where, tmp_path):
     storage.rmtree(f"{root}/{folder}")
   assert storage.listdir(root) == []
   storage.rmtree(f"{root}/gone")  # nothing to delete is fine
+
+
+@pytest.mark.slow
+def test_a_run_on_the_non_local_file_system_is_a_warm_start_source(ram_run):
+  # Its model_dir or one of its checkpoint prefixes (which ram:// also takes for a folder).
+  path, model_dir, _, _ = ram_run
+  checkpoint = f"{model_dir}/{CHECKPOINT_NAMES[path]}-{STEPS}"
+  for source in (model_dir, checkpoint):
+    Config(records_dir=RECORDS, model_dir=f"{ROOT}/warm", warm_start_from=source).validate()
+    found, config, class_names = model_lib.resolve_warm_start(source)
+    assert found == checkpoint and config["path"] == path
+    assert class_names == ("horizontal", "vertical")
