@@ -26,6 +26,7 @@ from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
 from estimator_ft import recipes
+from estimator_ft import storage
 from estimator_ft.config import Config
 from estimator_ft.data import pipeline
 from estimator_ft.data import records
@@ -539,7 +540,7 @@ def checkpoint_weights(config: Config, num_classes: int, checkpoint_path: str) -
   """
   with tf.Graph().as_default():
     names = [w.name.split(":")[0] for w in model_lib.build_model(config, num_classes).weights]
-  reader = tf.train.load_checkpoint(checkpoint_path)
+  reader = storage.checkpoint_reader(checkpoint_path)
   return [reader.get_tensor(name) for name in names]
 
 
