@@ -10,6 +10,9 @@ Layers, each importing only from those above it in this list (tests/test_layout.
   config, recipes                 the frozen run configuration: defaults, flag help, validators;
                                   the recipes as pure functions (schedule, class weights, early
                                   stopping, resume rules)
+  storage                         a run's files on this machine or any TensorFlow file system
+                                  (gs://, ram://): the one place that decides local calls (fsync,
+                                  one-step renames) or tf.io.gfile
   reports/                        classification statistics (scikit-learn) and their plots
                                   (matplotlib): metrics, plots; no TensorFlow
   data/                           the one tf.data pipeline: split, images, folders, tfds_source,

@@ -15,6 +15,7 @@ import math
 import os
 from typing import Sequence
 
+from estimator_ft import files
 from estimator_ft import image_formats
 from estimator_ft import recipes
 
@@ -335,8 +336,10 @@ class Config:
     if self.weights not in ("imagenet", "none") and not os.path.isfile(self.weights):
       raise ValueError(f"--weights={self.weights}: no such file. Give the path of a Keras .h5 "
                        "weights file for ResNet50 without its top, or use --weights=imagenet or none.")
-    if self.warm_start_from and not os.path.exists(self.warm_start_from + (
-        "" if os.path.isdir(self.warm_start_from) else ".index")):
+    # A URL (gs://...) is checked when the run reads it (model.resolve_warm_start, tf.io.gfile).
+    if (self.warm_start_from and files.is_local(self.warm_start_from)
+        and not os.path.exists(self.warm_start_from + (
+            "" if os.path.isdir(self.warm_start_from) else ".index"))):
       raise ValueError(f"--warm_start_from={self.warm_start_from}: no such model_dir or checkpoint. "
                        "Give the model_dir of an earlier run (either path) or a checkpoint prefix.")
     if not self.fine_tune_from:

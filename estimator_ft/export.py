@@ -46,9 +46,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import socket
-import tempfile
+import threading
 import time
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -68,6 +67,7 @@ from estimator_ft import contract
 from estimator_ft import image_formats
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import serving
+from estimator_ft import storage
 from estimator_ft.config import Config
 from estimator_ft.data import images as images_lib
 
@@ -227,7 +227,7 @@ def warmup_logs(images: Sequence[bytes], image_size: int) -> list:
 def write_warmup_requests(saved_model_dir: str, images: Sequence[bytes], image_size: int) -> str:
   """Writes assets.extra/tf_serving_warmup_requests into a (staging) SavedModel folder."""
   path = os.path.join(saved_model_dir, WARMUP_FILE)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  storage.makedirs(os.path.dirname(path))
   with tf.io.TFRecordWriter(path) as writer:
     for log in warmup_logs(images, image_size):
       writer.write(log.SerializeToString())
@@ -263,14 +263,12 @@ def remove_stale_staging(export_base: str) -> list:
   checked from here, and TF Serving ignores them anyway.
   """
   removed = []
-  if not os.path.isdir(export_base):
-    return removed
   host = socket.gethostname()
-  for name in os.listdir(export_base):
+  for name in storage.listdir(export_base):
     owner = _staging_owner(name)
     if owner and owner[0] == host and not _process_alive(owner[1]):
       path = os.path.join(export_base, name)
-      shutil.rmtree(path, ignore_errors=True)
+      storage.rmtree(path)
       removed.append(path)
   if removed:
     logger.info("Removed %d staging folder(s) of killed exports in %s", len(removed), export_base)
@@ -282,7 +280,7 @@ def remove_old_versions(export_base: str, keep: int) -> list:
   versions = serving.version_dirs(export_base)
   doomed = [path for _, path in versions[:max(len(versions) - keep, 0)]]
   for path in doomed:
-    shutil.rmtree(path, ignore_errors=True)
+    storage.rmtree(path)
   return doomed
 
 
@@ -290,16 +288,14 @@ def _rewrite_signatures(saved_model_dir: str, edit) -> None:
   """Applies `edit(signature_def_map)` to a SavedModel's signatures, in place."""
   path = os.path.join(saved_model_dir, contract.SAVED_MODEL_FILE)
   saved_model = saved_model_pb2.SavedModel()
-  with open(path, "rb") as f:
-    saved_model.ParseFromString(f.read())
+  saved_model.ParseFromString(storage.read_bytes(path))
   for meta_graph in saved_model.meta_graphs:
     edit(meta_graph.signature_def)
-  with open(path, "wb") as f:
-    f.write(saved_model.SerializeToString(deterministic=True))
+  storage.write_bytes(path, saved_model.SerializeToString(deterministic=True))
   # The fingerprint hashes saved_model.pb, so it is written after the edit; the Estimator's TF1
   # builder writes none at all, and loaders log its absence.
-  with open(os.path.join(saved_model_dir, FINGERPRINT_FILE), "wb") as f:
-    f.write(fingerprinting_pywrap.CreateFingerprintDef(saved_model_dir))
+  storage.write_bytes(os.path.join(saved_model_dir, FINGERPRINT_FILE),
+                      fingerprinting_pywrap.CreateFingerprintDef(saved_model_dir))
 
 
 def _select_estimator_signatures(signature_map) -> None:
@@ -320,8 +316,7 @@ def next_version(export_base: str) -> int:
   """The Unix time, or one more than the newest version if that is not older (clock skew, or
   two exports within a second): TF Serving serves the highest number, so it must be the newest.
   Every numbered entry counts (a TFLite export's versions hold no SavedModel)."""
-  names = os.listdir(export_base) if os.path.isdir(export_base) else []
-  newest = max((int(name) for name in names if name.isdigit()), default=0)
+  newest = max((int(name) for name in storage.listdir(export_base) if name.isdigit()), default=0)
   return max(int(time.time()), newest + 1)
 
 
@@ -332,24 +327,26 @@ def publish_version(export_base: str, write_version: Callable[[str], str]) -> st
   it may also use for scratch files) and returns its folder; that folder is renamed into
   export_base/<next version> in one step, so the version appears complete or not at all. The
   staging folder goes whatever happens; one left by a killed process goes with the next export.
+  On a non-local file system the version's files are renamed one by one, saved_model.pb last
+  (storage.replace_tree), so TF Serving never finds a saved_model.pb with files missing.
   """
-  os.makedirs(export_base, exist_ok=True)
+  storage.makedirs(export_base)
   remove_stale_staging(export_base)
-  staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-",
-                             dir=export_base)
+  staging = storage.make_unique_dir(
+      export_base, f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-")
   try:
     version_dir = write_version(staging)
     for attempt in range(_PUBLISH_ATTEMPTS):
       target = os.path.join(export_base, str(next_version(export_base)))
       try:
-        # One rename: the version folder appears complete or not at all.
-        os.replace(version_dir, target)
+        # Locally one rename: the version folder appears complete or not at all.
+        storage.replace_tree(version_dir, target, last=contract.SAVED_MODEL_FILE)
         break
       except OSError:
-        if attempt == _PUBLISH_ATTEMPTS - 1 or not os.path.exists(target):
+        if attempt == _PUBLISH_ATTEMPTS - 1 or not storage.exists(target):
           raise
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.rmtree(staging)
   return target
 
 
@@ -373,22 +370,17 @@ def _publish(export_base: str, write_saved_model, finish_signatures, info: dict,
       if extras.write_beside is not None:
         info["beside"] = extras.write_beside(saved_model_dir, checkpoint_path)
     info_path = os.path.join(saved_model_dir, EXPORT_INFO_FILE)
-    os.makedirs(os.path.dirname(info_path), exist_ok=True)
-    with open(info_path, "w") as f:
-      json.dump(info, f, indent=2, sort_keys=True)
+    storage.makedirs(os.path.dirname(info_path))
+    storage.write_bytes(info_path, json.dumps(info, indent=2, sort_keys=True).encode("utf-8"))
     return saved_model_dir
 
   return publish_version(export_base, write)
 
 
 def read_export_info(version_dir: str) -> dict:
-  path = os.path.join(version_dir, EXPORT_INFO_FILE)
-  if not os.path.exists(path):
-    return {}
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return storage.read_json(os.path.join(version_dir, EXPORT_INFO_FILE), {})
+  except (OSError, ValueError, tf.errors.OpError):
     return {}
 
 
@@ -424,10 +416,18 @@ class EstimatorSavedModelWriter:
     self._config = config
     self._session_config = session_config
     self._graph = None
+    self._build_lock = threading.Lock()
+
+  def prepare(self) -> None:
+    """Builds the serving graph and its session, once; safe to call from any thread (the
+    Estimator path builds it in the background while the first epoch trains)."""
+    with self._build_lock:
+      if self._graph is None:
+        self._build()
 
   def _build(self):
-    self._graph = tf.Graph()
-    with self._graph.as_default():
+    graph = tf.Graph()
+    with graph.as_default():
       tf.compat.v1.train.create_global_step()
       tf.compat.v1.random.set_random_seed(self._config.seed)
       receiver = serving_input_receiver_fn(self._config.image_size,
@@ -441,12 +441,12 @@ class EstimatorSavedModelWriter:
           serving_only=True)
       self._saver = tf.compat.v1.train.Saver(sharded=True)
       self._main_op = tf.compat.v1.train.Scaffold.default_local_init_op()
-    self._session = tf.compat.v1.Session(graph=self._graph, config=self._session_config)
+    self._session = tf.compat.v1.Session(graph=graph, config=self._session_config)
+    self._graph = graph  # last: a build that failed half-way is retried, never used
 
   def write(self, staging: str, checkpoint_path: str) -> str:
     """The SavedModel of `checkpoint_path`, written into a new folder in `staging`."""
-    if self._graph is None:
-      self._build()
+    self.prepare()
     saved_model_dir = os.path.join(staging, "saved_model")
     # Its own graph as the default: a saver built in graph mode would otherwise restore eagerly.
     with self._graph.as_default():
@@ -462,8 +462,9 @@ class EstimatorSavedModelWriter:
     return saved_model_dir
 
   def close(self):
-    if self._graph is not None:
-      self._session.close()
+    with self._build_lock:
+      if self._graph is not None:
+        self._session.close()
 
 
 def export_estimator(estimator, config: Config, class_names, export_base: str,

@@ -50,6 +50,7 @@ from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import serving
 from estimator_ft import serving_tflite
+from estimator_ft import storage
 from estimator_ft.config import Config
 from estimator_ft.data import images as images_lib
 
@@ -118,11 +119,10 @@ def write_files(folder: str, tflite_model: bytes, class_names) -> dict:
     if "\n" in name or "\r" in name:
       raise ValueError(f"Class name {name!r} holds a line break, which labels.txt (one name per "
                        "line) cannot carry: rename that class folder.")
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, serving.TFLITE_FILE), "wb") as f:
-    f.write(tflite_model)
-  with open(os.path.join(folder, serving.LABELS_FILE), "w", encoding="utf-8") as f:
-    f.write("".join(f"{name}\n" for name in class_names))
+  storage.makedirs(folder)
+  storage.write_bytes(os.path.join(folder, serving.TFLITE_FILE), tflite_model)
+  storage.write_bytes(os.path.join(folder, serving.LABELS_FILE),
+                      "".join(f"{name}\n" for name in class_names).encode("utf-8"))
   return {"file": serving.TFLITE_FILE, "labels": serving.LABELS_FILE, "bytes": len(tflite_model)}
 
 
@@ -215,19 +215,15 @@ def export_version(export_base: str, tflite_model: bytes, class_names, info: dic
       saved_model_dir = reference(os.path.join(staging, "reference"))
       record["measurements"] = measure(os.path.join(version, serving.TFLITE_FILE), saved_model_dir,
                                        measure_images, latency_runs)
-    with open(os.path.join(version, INFO_FILE), "w") as f:
-      json.dump(record, f, indent=2, sort_keys=True)
+    storage.write_bytes(os.path.join(version, INFO_FILE),
+                        json.dumps(record, indent=2, sort_keys=True).encode("utf-8"))
     return version
 
   return export_lib.publish_version(export_base, write)
 
 
 def read_info(version_dir: str) -> dict:
-  path = os.path.join(version_dir, INFO_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(os.path.join(version_dir, INFO_FILE), {})
 
 
 def format_measurements(info: dict) -> str:

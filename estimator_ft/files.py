@@ -10,6 +10,11 @@ import json
 import os
 
 
+def is_local(path: str) -> bool:
+  """A path of this machine's file system (flock works), not a TensorFlow URL (gs://, ram://...)."""
+  return "://" not in path
+
+
 def fsync_directory(directory: str) -> None:
   """Makes a rename or new entry in `directory` durable (without it a power cut can undo it)."""
   try:
@@ -42,11 +47,15 @@ def atomic_write(path: str, mode: str = "w", **open_args):
   fsync_directory(os.path.dirname(path))
 
 
+def json_text(value) -> str:
+  """How this package writes a JSON file: indented, keys sorted (stable diffs), a final newline."""
+  return json.dumps(value, indent=2, sort_keys=True) + "\n"
+
+
 def write_json_atomic(path: str, value) -> None:
   """Writes JSON so that a reader (or a crash) never sees a half-written file."""
   with atomic_write(path) as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
+    f.write(json_text(value))
 
 
 def read_json(path: str, default):

@@ -462,11 +462,12 @@ def _warn_about_estimator_only_settings(config: Config) -> None:
 
 
 def train(config: Config, splits, initial_weights: str,
-          extras: export_lib.ExportExtras = export_lib.NO_EXTRAS) -> dict:
+          extras: export_lib.ExportExtras = export_lib.NO_EXTRAS, callbacks=()) -> dict:
   """Trains with `model.fit` up to `config.epochs` epochs, resuming from model_dir's checkpoints.
 
   extras: what the export carries besides the SavedModel (warm-up images, chosen by the job);
   with --export_tflite it also holds the TFLite model of the final weights.
+  callbacks: more Keras callbacks for `fit`, after the path's own (the bench's timers).
   """
   class_names = tuple(splits.class_names)
   num_classes = len(class_names)
@@ -495,8 +496,8 @@ def train(config: Config, splits, initial_weights: str,
       # No Keras TensorBoard callback: its tags (epoch_loss at the epoch index...) would not
       # overlay the Estimator's; _Curves writes the common ones at the global step.
       curves = _Curves(config, class_names, steps_per_epoch, writes_outputs)
-      callbacks = [_StopOnNaN(config), epoch_end, _EarlyStopping(config, epoch_end), curves,
-                   _Progress(config, steps_per_epoch)]
+      fit_callbacks = [_StopOnNaN(config), epoch_end, _EarlyStopping(config, epoch_end), curves,
+                       _Progress(config, steps_per_epoch), *callbacks]
       if writes_outputs:
         summaries.write_config_summary(config, class_names)
     phase_switch = _Phases(model, config, num_classes)
@@ -515,7 +516,7 @@ def train(config: Config, splits, initial_weights: str,
       phase_switch.enter(phase)
       model.fit(training_dataset(splits.train, config, start_batch), epochs=phase.last_epoch,
                 initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                validation_data=validation, callbacks=callbacks, verbose=0,
+                validation_data=validation, callbacks=fit_callbacks, verbose=0,
                 class_weight=_fit_class_weight(config, splits.train))
       start_batch = phase.end_step
     if not epoch_end.epochs_trained:

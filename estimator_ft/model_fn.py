@@ -8,10 +8,11 @@ handled explicitly here:
    (and Dropout is active only while training). Nothing depends on a global learning phase.
 2. BatchNormalization moving-statistics updates. Inside a model_fn, Keras layers add *nothing* to
    `tf.compat.v1.GraphKeys.UPDATE_OPS`, so the usual `get_collection(UPDATE_OPS)` recipe trains
-   with frozen moving statistics and evaluation then uses the initial ones. Grouping all of
-   `model.updates` fails instead: the functional model also holds updates built on its own
-   `Input` placeholder. We take `model.get_updates_for(images)` - exactly the updates of the call
-   on the tensors this model_fn was fed - and make the optimizer step depend on them.
+   with frozen moving statistics and evaluation then uses the initial ones. We take
+   `model.get_updates_for(images)` - exactly the updates of the call on the tensors this
+   model_fn was fed, never any built on the functional model's own `Input` placeholder (which
+   nothing feeds; model.build_model builds none in graph mode) - and make the optimizer step
+   depend on them.
 """
 
 import math

@@ -34,9 +34,16 @@ TFLITE = "tflite"
 
 
 # ---------------------------------------------------------------- versions (TF Serving layout)
+# Read through tf.io.gfile, so an export base on any TensorFlow file system (gs://, ram://) is
+# listed as a local one is (what TF Serving itself reads them with).
 
 def is_saved_model_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, contract.SAVED_MODEL_FILE))
+  saved_model = os.path.join(path, contract.SAVED_MODEL_FILE)
+  return tf.io.gfile.exists(saved_model) and not tf.io.gfile.isdir(saved_model)
+
+
+def _names_in(folder: str) -> List[str]:
+  return [name.rstrip("/") for name in tf.io.gfile.listdir(folder)] if tf.io.gfile.isdir(folder) else []
 
 
 def version_dirs(export_base: str) -> List[Tuple[int, str]]:
@@ -45,10 +52,8 @@ def version_dirs(export_base: str) -> List[Tuple[int, str]]:
   A version is what TF Serving would load: a folder named by an integer, holding a SavedModel.
   Hidden staging folders of an export in progress (or of one that was killed) are not versions.
   """
-  if not os.path.isdir(export_base):
-    return []
   versions = []
-  for name in os.listdir(export_base):
+  for name in _names_in(export_base):
     path = os.path.join(export_base, name)
     if name.isdigit() and is_saved_model_dir(path):
       versions.append((int(name), path))
@@ -61,10 +66,8 @@ def newest_version(export_base: str) -> Optional[str]:
 
 
 def _newest_numbered_dir(export_base: str) -> Optional[str]:
-  if not os.path.isdir(export_base):
-    return None
-  numbered = [int(name) for name in os.listdir(export_base)
-              if name.isdigit() and os.path.isdir(os.path.join(export_base, name))]
+  numbered = [int(name) for name in _names_in(export_base)
+              if name.isdigit() and tf.io.gfile.isdir(os.path.join(export_base, name))]
   return os.path.join(export_base, str(max(numbered))) if numbered else None
 
 

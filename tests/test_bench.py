@@ -118,6 +118,12 @@ def test_the_first_periodic_summary_step_falls_in_the_warmup(warmup):
   assert config.save_summary_steps == bench_plan.summary_steps_within_warmup(bench_plan.WARMUP_STEPS)
 
 
+def test_the_fraction_of_peak_target_follows_the_cpu_kind():
+  assert bench_plan.fraction_of_peak_target(["avx2", "avx512f", "avx512_vnni"]) == 0.85
+  assert bench_plan.fraction_of_peak_target(["avx2"]) == 0.80
+  assert bench_plan.fraction_of_peak_target([]) == 0.80
+
+
 def test_spread_reports_min_median_max_of_the_runs():
   assert bench_timing.spread([3, 1, 2]) == {"min": 1.0, "median": 2.0, "max": 3.0, "runs": [3.0, 1.0, 2.0]}
   # An even number of runs: the median is the mean of the middle two, not one of the runs.
@@ -260,8 +266,15 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   assert results["estimator_epoch_overhead_s"] == overhead["epoch_overhead_s"]
   assert overhead["evaluation_s"] > 0 and overhead["exports"] >= overhead["epochs"]
   assert math.isfinite(overhead["epoch_overhead_s"])
+  keras_overhead = results["keras_epoch_overhead_run"]
+  assert 0 < keras_overhead["startup_s"] < keras_overhead["wall_s"]
+  assert results["keras_epoch_overhead_s"] == keras_overhead["epoch_overhead_s"]
+  assert keras_overhead["epochs"] == overhead["epochs"] == 1
+  assert keras_overhead["steps_per_epoch"] == overhead["steps_per_epoch"] == 1
 
   env = results["environment"]
+  assert results["targets"]["estimator_fraction_of_peak"]["minimum"] == (
+      bench_plan.fraction_of_peak_target(env["cpu_features"]))
   assert env["tensorflow"].startswith("2.15") and env["cpu_cores"] >= 1
   assert isinstance(env["onednn"], bool)
   assert set(results["phases"]) >= {

@@ -1,5 +1,6 @@
 """Tests of estimator_ft.data: decoding, the tf.data pipeline, folder scan and bad input, TFDS."""
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ from estimator_ft.data import loading as loading_lib
 from estimator_ft.data import pipeline as pipeline_lib
 from estimator_ft.data import split as split_lib
 from estimator_ft.data import synthetic as synthetic_lib
+from estimator_ft.data import tfds_source
 try:
   from tests import images  # repo root on sys.path: `python -m pytest`, or tests/ is a package
 except ImportError:
@@ -652,6 +654,107 @@ def test_tfds_not_prepared_explains_how_to_prepare(tmp_path):
     loading_lib.load_splits(config)
   with pytest.raises(split_lib.DataError, match="--tfds_name='no_such_dataset_xyz'"):
     loading_lib.load_splits(config.replace(tfds_name="no_such_dataset_xyz"))
+
+
+# TFDS splits larger than the shuffle buffer, generated class after class: 3x the default buffer.
+TFDS_PER_CLASS = 1536
+
+
+@pytest.fixture(scope="module")
+def class_sorted_tfds(tmp_path_factory):
+  """Two small TFDS datasets prepared locally (no download), both generated class 0 then class 1,
+  each image's pixels holding its generation index: class_sorted_hashed with TFDS' default
+  storage (examples shuffled by a hash of their keys when written), class_sorted_unshuffled with
+  that shuffling disabled (stored in generation order: class-sorted). Returns their data_dir."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class ClassSorted(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+    DISABLE_SHUFFLING = False
+
+    def _info(self):
+      features = tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(8, 8, 3)),
+          "label": tfds.features.ClassLabel(names=["first", "second"])})
+      return tfds.core.DatasetInfo(builder=self, features=features,
+                                   disable_shuffling=self.DISABLE_SHUFFLING)
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for index in range(2 * TFDS_PER_CLASS):
+        pixels = np.zeros((8, 8, 3), np.uint8)
+        pixels[..., 0], pixels[..., 1] = divmod(index, 256)
+        yield index, {"image": pixels, "label": index // TFDS_PER_CLASS}
+
+  # Subclasses register under their snake_case class names, so tfds.builder(name) finds them.
+  registered = set(tfds.list_builders(with_community_datasets=False))
+  if "class_sorted_hashed" not in registered:
+    class ClassSortedHashed(ClassSorted):  # pylint: disable=unused-variable
+      pass
+
+    class ClassSortedUnshuffled(ClassSorted):  # pylint: disable=unused-variable
+      DISABLE_SHUFFLING = True
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  for name in ("class_sorted_hashed", "class_sorted_unshuffled"):
+    tfds.builder(name, data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+def generation_indices(images):
+  """The generation index each preprocessed (caffe: BGR minus the mean) image encodes."""
+  red = np.rint(images[:, 0, 0, 2] + images_lib.IMAGENET_MEAN_BGR[2]).astype(int)
+  green = np.rint(images[:, 0, 0, 1] + images_lib.IMAGENET_MEAN_BGR[1]).astype(int)
+  return red * 256 + green
+
+
+@pytest.mark.parametrize("name", ["class_sorted_hashed", "class_sorted_unshuffled"])
+def test_a_class_sorted_tfds_split_larger_than_the_buffer_is_mixed_every_epoch(
+    class_sorted_tfds, name, tmp_path):
+  config = make_config(tmp_path, tfds_name=name, tfds_data_dir=class_sorted_tfds, tfds_train_split="train",
+                       tfds_validation_split="train", batch_size=SORTED_BATCH, augment=False)
+  split = loading_lib.load_splits(config).train
+  n = split.num_examples
+  assert n == 2 * TFDS_PER_CLASS > 2 * config.shuffle_buffer
+  stored = generation_indices(np.concatenate([f["image"] for f, _ in pipeline_lib.make_dataset(
+      split, config, "eval").as_numpy_iterator()]))
+  # What TFDS' own storage gives: the default writes a hash-shuffled order; the other keeps the
+  # class-sorted generation order, which only a whole-split buffer mixes.
+  assert split.tfds_generation_order == (name == "class_sorted_unshuffled")
+  first_class_share = np.mean(stored[:n // 4] < TFDS_PER_CLASS)
+  assert first_class_share == (1.0 if split.tfds_generation_order else pytest.approx(0.5, abs=0.1))
+  batches = take(pipeline_lib.make_dataset(split, config, "train"), 2 * n // SORTED_BATCH)
+  indices = generation_indices(np.concatenate([f["image"] for f, _ in batches]))
+  labels = np.concatenate([l for _, l in batches])
+  np.testing.assert_array_equal(labels, indices // TFDS_PER_CLASS)
+  first, second = indices[:n], indices[n:]
+  assert sorted(first) == sorted(second) == list(range(n))  # every example exactly once per epoch
+  assert list(first) != list(second)
+  for batch_labels in labels[:SORTED_BATCHES_CHECKED * SORTED_BATCH].reshape(-1, SORTED_BATCH):
+    assert 0.2 <= np.mean(batch_labels) <= 0.8, batch_labels
+
+
+def test_only_a_tfds_split_in_generation_order_gets_a_whole_split_buffer(caplog):
+  hashed = split_lib.Split(name="train", class_names=("a", "b"), num_examples=50_000,
+                           tfds_name="d", tfds_split="train", tfds_num_bytes=10**9)
+  assert tfds_source.training_shuffle_buffer(hashed, 1024) == 1024
+  assert tfds_source.training_shuffle_buffer(dataclasses.replace(hashed, num_examples=100), 1024) == 100
+  ordered = dataclasses.replace(hashed, tfds_generation_order=True)
+  assert tfds_source.training_shuffle_buffer(ordered, 1024) == 50_000
+  too_large = dataclasses.replace(ordered, tfds_num_bytes=tfds_source.WHOLE_SPLIT_BUFFER_BYTES + 1)
+  assert tfds_source.training_shuffle_buffer(too_large, 1024) == 1024
+  with caplog.at_level(logging.INFO):
+    tfds_source.log_stored_order(hashed, 1024)
+    assert not caplog.records
+    tfds_source.log_stored_order(ordered, 1024)
+    tfds_source.log_stored_order(too_large, 1024)
+  (whole,), (warned,) = ([r for r in caplog.records if r.levelno == level]
+                         for level in (logging.INFO, logging.WARNING))
+  assert "shuffling the whole split (50000 examples" in whole.getMessage()
+  assert "a buffer of 1024 of its 50000 examples" in warned.getMessage()
+  assert "estimator-ft prepare" in warned.getMessage()
 
 
 # ------------------------------------------------------------------ synthetic data

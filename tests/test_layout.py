@@ -13,6 +13,7 @@ LAYERS = (
     ("contract", "files", "progress", "messages", "image_formats", "cluster", "sample_data",
      "tf_environment", "memory", "interrupts"),
     ("config", "recipes"),
+    ("storage",),
     ("reports",),
     ("data",),
     ("model",),

@@ -66,17 +66,30 @@ def test_batchnorm_updates_takes_the_fed_call_not_the_models_own_input():
     model(images, training=True)
     updates = model_fn_lib.batchnorm_updates(model, images)
     assert len(updates) == 106
-    # Grouping model.updates wholesale would also pull in the updates built on the model's own
-    # Input placeholder, which nothing feeds ("You must feed a value for placeholder tensor").
-    assert len(model.updates) == 212
     placeholder = model.inputs[0].op
     assert not any(placeholder in _ancestors(u if isinstance(u, tf.Operation) else u.op)
                    for u in updates)
     with tf.compat.v1.Session() as session:
       session.run(tf.compat.v1.global_variables_initializer())
       session.run(updates)  # runs: depends only on the fed tensor
-      with pytest.raises(tf.errors.InvalidArgumentError, match="must feed a value for placeholder"):
-        session.run(model.updates)
+
+
+def test_graph_construction_builds_no_learning_phase_conds_and_restores_the_phase():
+  # Keras calls each layer once on the functional model's own Input while building it; in a TF1
+  # graph that call read the learning-phase placeholder: a tf.cond and a BN update per layer
+  # (212 updates, 5,269 ops at 64 px) that no step runs. build_model fixes the phase while it
+  # builds, so only the fed call's 106 updates exist.
+  config = make_config()
+  graph = tf.Graph()
+  with graph.as_default():
+    model = model_lib.build_model(config, 2)
+    conds = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+    assert conds == []
+    assert model.updates == []
+    model(tf.zeros([BATCH, SIZE, SIZE, 3]), training=True)
+    assert len(model.updates) == 106
+    # The phase was restored: outside build_model it is the placeholder again.
+    assert isinstance(tf.compat.v1.keras.backend.learning_phase(), tf.Tensor)
 
 
 def test_frozen_base_runs_batchnorm_in_inference_mode():

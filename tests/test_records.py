@@ -12,6 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from estimator_ft import cluster
+from estimator_ft import storage
 from estimator_ft.config import Config
 from estimator_ft.data import loading
 from estimator_ft.data import pipeline
@@ -236,9 +237,17 @@ def test_records_written_and_read_back_on_ram_filesystem(tiny_dataset):
   assert batch[0]["image"].shape == (6, SIZE, SIZE, 3)
 
 
-def test_a_non_local_model_dir_is_refused_for_training_with_what_to_do():
-  with pytest.raises(ValueError, match="not supported yet .*only --records_dir"):
-    model_dir_lib.ensure_writable_dir("ram://estimator_ft_test/training")
+def test_a_non_local_model_dir_is_created_and_an_unknown_scheme_refused_with_what_to_do():
+  model_dir_lib.ensure_writable_dir("ram://estimator_ft_test/training")
+  assert tf.io.gfile.isdir("ram://estimator_ft_test/training")
+  assert tf.io.gfile.listdir("ram://estimator_ft_test/training") == []  # the probe is gone
+  with pytest.raises(ValueError, match=r"--model_dir=nofs://b/x is not writable through "
+                                       r"TensorFlow's file system \(.*nofs.*\)\. Check the URL"):
+    model_dir_lib.ensure_writable_dir("nofs://b/x")
+  # A job whose reports are written with local calls says so.
+  with pytest.raises(ValueError, match=r"--output_dir=ram://r/c: this must be a local folder "
+                                       r"\(the reports\)"):
+    model_dir_lib.ensure_writable_dir("ram://r/c", "--output_dir", local_only="the reports")
 
 
 def test_a_non_local_model_dir_is_guarded_by_a_lease():
@@ -263,7 +272,7 @@ def test_a_non_local_model_dir_is_guarded_by_a_lease():
     holder = json.loads(tf.io.gfile.GFile(lease_file).read())["holder"]
     assert holder.startswith(f"pid {os.getpid()} on "), holder
   # run_lock takes a lease, not flock, on a non-local file system.
-  assert not model_dir_lib.is_local(model_dir) and model_dir_lib.is_local("/tmp/model")
+  assert not storage.is_local(model_dir) and storage.is_local("/tmp/model")
 
 
 def test_bench_measures_the_records_pipeline(prepared, tiny_dataset):

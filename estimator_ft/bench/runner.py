@@ -19,8 +19,8 @@ from estimator_ft.bench.plan import BenchPlan, bench_config, make_plan
 from estimator_ft.bench.report import format_table, summarize
 from estimator_ft.bench.timing import PhaseClock
 from estimator_ft.bench.training_rates import (end_to_end_times, estimator_epoch_overhead,
-                                               feed_dict_rates, paired_training_rates,
-                                               short_run_accuracy)
+                                               feed_dict_rates, keras_epoch_overhead,
+                                               paired_training_rates, short_run_accuracy)
 from estimator_ft.data import loading
 
 
@@ -75,6 +75,11 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
       folder_step_s = config.batch_size / statistics.median(training["folder"])
       overhead = estimator_epoch_overhead(
           config.replace(model_dir=os.path.join(scratch, "overhead")), splits, plan, folder_step_s)
+    with clock.phase("Keras fit epoch overhead"):
+      keras_step_s = config.batch_size / statistics.median(training["keras"])
+      keras_overhead = keras_epoch_overhead(
+          config.replace(model_dir=os.path.join(scratch, "keras_overhead")), splits, plan,
+          keras_step_s)
     with clock.phase("a complete short train on each path, end to end"):
       end_to_end = end_to_end_times(config, plan, scratch)
     accuracy = None
@@ -86,7 +91,7 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
                           "validation_images": splits.validation.num_examples},
              "environment": env}
   results.update(summarize(plan, matmul, forward_flops, loaders, training, feed_dict, overhead,
-                           end_to_end))
+                           end_to_end, keras_overhead, env["cpu_features"]))
   if accuracy:
     results["accuracy"] = accuracy
   if records_rates:

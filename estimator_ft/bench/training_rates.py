@@ -195,6 +195,49 @@ def estimator_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan,
   }
 
 
+class _FirstBatchClock(tf.keras.callbacks.Callback):
+  """When `fit` begins its first batch: the Keras path's end of start-up."""
+
+  def __init__(self):
+    super().__init__()
+    self.first_batch = None
+
+  def on_train_batch_begin(self, batch, logs=None):
+    if self.first_batch is None:
+      self.first_batch = time.time()
+
+
+def keras_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan,
+                         seconds_per_step: float) -> dict:
+  """The Keras path's counterpart of estimator_epoch_overhead: the same short run (epochs, steps,
+  checkpoints, validation passes, the final export) through keras_path.train.
+
+  startup_s: from the call to the first batch of `fit` (model, compile, datasets, restore).
+  epoch_overhead_s: per epoch, the time after that which is not training steps (seconds_per_step
+  from Keras' own measured rate). As on the Estimator path it holds the first step's one-time
+  costs (here the tracing of fit's train and test functions), each epoch's checkpoint and
+  validation pass, and the final export (the Keras path exports once, at the end).
+  """
+  train = subset(splits.train, plan.overhead_steps_per_epoch * config.batch_size)
+  short = dataclasses.replace(splits, train=train)
+  steps_per_epoch = split_lib.steps_per_epoch(train, config.batch_size)
+  run_config = config.replace(path="keras", epochs=plan.overhead_epochs, save_checkpoints_steps=0,
+                              save_summary_steps=Config.save_summary_steps)
+  clock = _FirstBatchClock()
+  started = time.time()
+  keras_path.train(run_config, short, initial_weights="", callbacks=[clock])
+  finished = time.time()
+  steps = plan.overhead_epochs * steps_per_epoch
+  return {
+      "wall_s": finished - started,
+      "startup_s": clock.first_batch - started,
+      "epoch_overhead_s": (finished - clock.first_batch - steps * seconds_per_step)
+                          / plan.overhead_epochs,
+      "epochs": plan.overhead_epochs,
+      "steps_per_epoch": steps_per_epoch,
+  }
+
+
 class BatchLossRecorder(tf.estimator.SessionRunHook):
   """Per-example mean training loss of every Estimator step (model_fn's train_batch tensors)."""
 

@@ -20,6 +20,7 @@ def load_splits(config) -> Splits:
   config.validate_data_settings(DataError)
   if config.tfds_name:
     train = tfds_source.tfds_split(config, "train")
+    tfds_source.log_stored_order(train, config.shuffle_buffer)
     validation = tfds_source.tfds_split(config, "validation")
     source = f"TFDS {config.tfds_name}"
   elif config.records_dir:

@@ -27,6 +27,11 @@ class Split:
   tfds_data_dir: str = ""
   tfds_image_key: str = "image"
   tfds_label_key: str = "label"
+  # True when the TFDS builder stored the split in generation order (its `disable_shuffling`),
+  # which may be class-sorted; TFDS otherwise stores examples in the order of a hash of their keys.
+  tfds_generation_order: bool = False
+  # An estimate of the split's encoded size (for the shuffle buffer's memory); 0 if unknown.
+  tfds_num_bytes: int = 0
   # A records source (data/records.py): the shard files and the examples in each.
   record_files: tuple = ()
   record_counts: tuple = ()

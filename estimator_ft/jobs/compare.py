@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from estimator_ft import files
 from estimator_ft import keras_path
 from estimator_ft import model as model_lib
+from estimator_ft import storage
 from estimator_ft.config import Config
 from estimator_ft.data import loading
 from estimator_ft.jobs import train as train_job
@@ -92,7 +93,10 @@ def path_config(config: Config, output_dir: str, name: str) -> Config:
 def run_compare(config: Config, output_dir: str, paths) -> dict:
   """Trains each path from the same initial weights; writes and returns the comparison."""
   paths = check_paths(paths)
-  model_dir_lib.ensure_writable_dir(output_dir, "--output_dir")
+  model_dir_lib.ensure_writable_dir(
+      output_dir, "--output_dir",
+      local_only=("the comparison's CSV and plots are written with local-file calls; train "
+                  "--model_dir may be on any TensorFlow file system"))
   if config.dropout or config.augment:
     logger.warning("compare with --dropout=%s --augment=%s: random dropout masks and crops differ "
                    "between paths, so keras and estimator will not agree closely. The compare "
@@ -203,7 +207,7 @@ def final_weights(run_config: Config, num_classes: int, layout) -> list:
   if run_config.path == "keras":
     return keras_path.checkpoint_weights(
         run_config, num_classes, keras_path.latest_checkpoint(run_config.model_dir))
-  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_config.model_dir))
+  reader = storage.checkpoint_reader(tf.train.latest_checkpoint(run_config.model_dir))
   return [reader.get_tensor(name) for name, _ in layout]
 
 

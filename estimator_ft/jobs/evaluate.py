@@ -299,7 +299,9 @@ def run_evaluate(output_dir: str, validation_dir: str = "", model_dir: str = "",
     logger.info("Evaluating on the run's validation folder %s (--validation_dir picks another).",
                 folder)
   split, missing = load_folder(folder, model.class_names, bad_images)
-  model_dir_lib.ensure_writable_dir(output_dir, "--output_dir")
+  model_dir_lib.ensure_writable_dir(
+      output_dir, "--output_dir",
+      local_only="the report's CSV files and plots are written with local-file calls")
   logger.info("Predicting %d images with %s", split.num_examples, model.path)
   probabilities = predict_probabilities(model, split, batch_size)
   labels = np.asarray(split.labels, np.int64)

@@ -78,7 +78,11 @@ def export_from_checkpoint(model_dir: str, export_dir=None, *, export_format: st
   default_base = export_tflite.TFLITE_EXPORT if export_format == "tflite" else export_lib.MANUAL_EXPORT
   export_base = export_dir or os.path.join(model_dir, export_lib.EXPORT_DIR, default_base)
   # Before the model is built: an unwritable destination fails at once, saying what to do.
-  model_dir_lib.ensure_writable_dir(export_base, "--export_dir" if export_dir else "--model_dir")
+  model_dir_lib.ensure_writable_dir(
+      export_base, "--export_dir" if export_dir else "--model_dir",
+      local_only=("--measure_images loads the staged model.tflite in the TFLite interpreter, which "
+                  "reads local files only; or pass --measure_images=0"
+                  if export_format == "tflite" and measure_images else ""))
   checkpoint_path = _latest_checkpoint(config)
   with faults.explained_write_failures(export_base, job="export"):
     if export_format == "tflite":

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from estimator_ft import progress
+from estimator_ft import storage
 from estimator_ft.data import folders
 from estimator_ft.data import records
 from estimator_ft.data.split import DataError, Split
@@ -34,15 +35,6 @@ logger = logging.getLogger("estimator_ft")
 PARTIAL_DIR = ".partial"
 PLAN_FILE = "plan.json"
 PROGRESS_EVERY_S = 5.0
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-  """gfile: write beside the target, then rename over it (atomic on local and ram:// file systems;
-  object stores make a written object visible whole anyway)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def _fingerprint(splits: dict, shard_counts: dict, max_side: int, seed: int) -> str:
@@ -141,7 +133,7 @@ def run_prepare(train_dir: str, validation_dir: str, output_dir: str, num_shards
     raise DataError(f"--output_dir={output_dir} is not empty and is not a prepared data set: "
                     "give a new or empty folder.")
   tf.io.gfile.makedirs(partial)
-  _write_text_atomic(plan_path, json.dumps({"fingerprint": fingerprint}))
+  storage.write_json_atomic(plan_path, {"fingerprint": fingerprint})
 
   started = time.time()
   total = sum(split.num_examples for split in splits.values())
@@ -186,7 +178,7 @@ def run_prepare(train_dir: str, validation_dir: str, output_dir: str, num_shards
           "shards": shards,
           "skipped": [{"path": p, "reason": r} for p, r in split.skipped],
       }
-  _write_text_atomic(description_path, json.dumps(description, indent=2, sort_keys=True) + "\n")
+  storage.write_json_atomic(description_path, description)
   tf.io.gfile.rmtree(partial)
   elapsed = time.time() - started
   logger.info("Prepared %d train shards and %d validation shards (%d images) in %s: %.1f s, "

@@ -5,6 +5,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from estimator_ft import storage
+
 
 class NaNLossError(ValueError):
   """Training produced a NaN loss; checkpoints written before it are intact."""
@@ -15,7 +17,7 @@ def last_finite_checkpoint(model_dir: str):
   state = tf.train.get_checkpoint_state(model_dir)
   for path in reversed(list(state.all_model_checkpoint_paths) if state else []):
     try:
-      reader = tf.train.load_checkpoint(path)
+      reader = storage.checkpoint_reader(path)
     except (tf.errors.OpError, ValueError):
       continue
     dtypes = reader.get_variable_to_dtype_map()

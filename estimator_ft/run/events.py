@@ -4,12 +4,12 @@ A process killed mid-write leaves a truncated last record; the records before it
 each view uses them and says that the file was damaged.
 """
 
-import glob
 import logging
-import os
 from typing import Dict, Iterator
 
 import tensorflow as tf
+
+from estimator_ft import storage
 
 logger = logging.getLogger("estimator_ft")
 
@@ -18,7 +18,7 @@ EVENT_FILE_PATTERN = "events.out.tfevents.*"
 
 def iter_events(directory: str) -> Iterator:
   """Every event of every event file directly in `directory` (oldest file first)."""
-  for path in sorted(glob.glob(os.path.join(glob.escape(directory), EVENT_FILE_PATTERN))):
+  for path in storage.glob_in(directory, EVENT_FILE_PATTERN):
     try:
       yield from tf.compat.v1.train.summary_iterator(path)
     except tf.errors.DataLossError:

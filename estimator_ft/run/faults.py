@@ -15,16 +15,15 @@ export write into one clear message (the checkpoints written before it are intac
 
 import contextlib
 import errno
-import glob
 import logging
 import os
 import re
-import shutil
 from typing import List, Optional, Tuple
 
 import tensorflow as tf
 
 from estimator_ft import messages
+from estimator_ft import storage
 
 logger = logging.getLogger("estimator_ft")
 
@@ -46,10 +45,10 @@ def checkpoint_problem(prefix: str) -> Optional[str]:
   Reads every tensor: the index alone says nothing of the data file, and TensorFlow checks each
   tensor's CRC32C only when it is read. (About a second for ResNet50 with its optimizer slots.)
   """
-  if not os.path.exists(prefix + ".index"):
+  if not storage.exists(prefix + ".index"):
     return "its files are missing"
   try:
-    reader = tf.train.load_checkpoint(prefix)
+    reader = storage.checkpoint_reader(prefix)
     for name in reader.get_variable_to_shape_map():
       reader.get_tensor(name)
   # The reader raises IndexError for a data file shorter than the index says.
@@ -62,7 +61,7 @@ def _checkpoints_on_disk(model_dir: str, checkpoint_name: str) -> List[Tuple[int
   """[(step, prefix)] of `<checkpoint_name>-<step>` checkpoints with an index file, newest first."""
   pattern = re.compile(re.escape(checkpoint_name) + r"-(\d+)\.index$")
   found = []
-  for path in glob.glob(os.path.join(glob.escape(model_dir), f"{checkpoint_name}-*.index")):
+  for path in storage.glob_in(model_dir, f"{checkpoint_name}-*.index"):
     match = pattern.search(os.path.basename(path))
     if match:
       found.append((int(match.group(1)), path[:-len(".index")]))
@@ -77,7 +76,7 @@ def _step_of(prefix: str) -> Optional[int]:
 def _named_checkpoints(model_dir: str) -> Tuple[Optional[str], List[str], Optional[str]]:
   """(latest, all listed, problem) from model_dir/checkpoint; problem says why it is unusable."""
   state_path = os.path.join(model_dir, CHECKPOINT_STATE_FILE)
-  if not os.path.exists(state_path):
+  if not storage.exists(state_path):
     return None, [], f"{state_path} is missing"
   # None when the file does not parse (TensorFlow only logs a warning then).
   state = tf.train.get_checkpoint_state(model_dir)
@@ -85,7 +84,7 @@ def _named_checkpoints(model_dir: str) -> Tuple[Optional[str], List[str], Option
     return None, [], f"{state_path} is damaged (it does not name a checkpoint)"
 
   def absolute(path):
-    return path if os.path.isabs(path) else os.path.join(model_dir, path)
+    return path if storage.is_absolute(path) else os.path.join(model_dir, path)
 
   return (absolute(state.model_checkpoint_path),
           [absolute(p) for p in state.all_model_checkpoint_paths], None)
@@ -97,9 +96,9 @@ def remove_stale_temporaries(model_dir: str, checkpoint_name: str) -> List[str]:
   Only call this while holding model_dir's run lock: a live run's save in progress looks the same.
   """
   removed = []
-  for path in glob.glob(os.path.join(glob.escape(model_dir), f"{checkpoint_name}-*{_TEMP_SUFFIX}")):
-    if os.path.isdir(path) and _step_of(path[:-len(_TEMP_SUFFIX)]) is not None:
-      shutil.rmtree(path, ignore_errors=True)
+  for path in storage.glob_in(model_dir, f"{checkpoint_name}-*{_TEMP_SUFFIX}"):
+    if storage.isdir(path) and _step_of(path[:-len(_TEMP_SUFFIX)]) is not None:
+      storage.rmtree(path)
       removed.append(path)
   if removed:
     logger.info("Removed %d unfinished checkpoint save(s) of an earlier run: %s", len(removed),
@@ -121,8 +120,8 @@ def list_unlisted_checkpoints(model_dir: str, checkpoint_name: str) -> List[str]
   if state_problem:
     return []  # a missing or damaged state file: recover_checkpoint_state's fallback handles it
   on_disk = _checkpoints_on_disk(model_dir, checkpoint_name)
-  listed = [p for p in listed if os.path.exists(p + ".index")]
-  if latest and os.path.exists(latest + ".index") and latest not in listed:
+  listed = [p for p in listed if storage.exists(p + ".index")]
+  if latest and storage.exists(latest + ".index") and latest not in listed:
     listed.append(latest)
   latest_step = max((_step_of(p) or 0 for p in listed), default=-1)
   _remove_data_without_index(model_dir, checkpoint_name, latest_step)
@@ -132,8 +131,8 @@ def list_unlisted_checkpoints(model_dir: str, checkpoint_name: str) -> List[str]
     return []
   ordered = sorted(set(listed) | set(added), key=lambda p: _step_of(p) or 0)
   tf.compat.v1.train.update_checkpoint_state(
-      model_dir, os.path.relpath(ordered[-1], model_dir),
-      all_model_checkpoint_paths=[os.path.relpath(p, model_dir) for p in ordered])
+      model_dir, storage.checkpoint_state_name(ordered[-1], model_dir),
+      all_model_checkpoint_paths=[storage.checkpoint_state_name(p, model_dir) for p in ordered])
   logger.info("Listed %d complete checkpoint(s) that model_dir/checkpoint did not name (a save "
               "was interrupted before it could record them): %s", len(added),
               ", ".join(os.path.basename(p) for p in added))
@@ -142,11 +141,11 @@ def list_unlisted_checkpoints(model_dir: str, checkpoint_name: str) -> List[str]
 
 def _remove_data_without_index(model_dir: str, checkpoint_name: str, latest_step: int) -> None:
   pattern = re.compile(re.escape(checkpoint_name) + r"-(\d+)\.data-\d+-of-\d+$")
-  for path in glob.glob(os.path.join(glob.escape(model_dir), f"{checkpoint_name}-*.data-*")):
+  for path in storage.glob_in(model_dir, f"{checkpoint_name}-*.data-*"):
     match = pattern.search(os.path.basename(path))
     if (match and int(match.group(1)) > latest_step
-        and not os.path.exists(path[:path.rindex(".data-")] + ".index")):
-      os.remove(path)
+        and not storage.exists(path[:path.rindex(".data-")] + ".index")):
+      storage.remove(path)
       logger.info("Removed %s: the data of a save that was interrupted before its index.",
                   os.path.basename(path))
 
@@ -186,7 +185,7 @@ def recover_checkpoint_state(model_dir: str, checkpoint_name: str) -> Optional[s
           "%s. Resuming from %s instead: the newest intact checkpoint (step %s); the steps after it "
           "are trained again.%s", problem[0].upper() + problem[1:], prefix, _step_of(prefix),
           f" Delete the damaged files {latest}.* to free their space." if latest and
-          os.path.exists(latest + ".index") else "")
+          storage.exists(latest + ".index") else "")
       return prefix
     damaged.add(prefix)
   also_damaged = sorted((p for p in damaged if p and p != latest), key=_step_of)
@@ -202,11 +201,11 @@ def _make_latest(model_dir: str, prefix: str, listed: List[str]) -> None:
   """Rewrites model_dir/checkpoint to name `prefix`, keeping the older listed ones tracked."""
   step = _step_of(prefix)
   older = [p for p in listed if p != prefix and (_step_of(p) or 0) < step and
-           os.path.exists(p + ".index")]
-  # Relative, as both paths write them: model_dir stays movable.
+           storage.exists(p + ".index")]
   tf.compat.v1.train.update_checkpoint_state(
-      model_dir, os.path.relpath(prefix, model_dir),
-      all_model_checkpoint_paths=[os.path.relpath(p, model_dir) for p in older + [prefix]])
+      model_dir, storage.checkpoint_state_name(prefix, model_dir),
+      all_model_checkpoint_paths=[storage.checkpoint_state_name(p, model_dir) for p in older + [prefix]])
+
 
 
 # ---------------------------------------------------------------- failed writes

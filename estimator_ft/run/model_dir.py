@@ -11,6 +11,8 @@
   train_history.json   the Estimator path's per-epoch training averages
   keras_history.json   the Keras path's per-epoch history
 In a TF_CONFIG cluster only the chief writes these; the other tasks wait for its files.
+model_dir may be on any TensorFlow file system (gs://, hdfs://, ram://): every file operation on it
+goes through storage.py, which keeps the local calls (fsync, one-step renames) for local folders.
 """
 
 import contextlib
@@ -27,9 +29,10 @@ from typing import Optional, Tuple
 import tensorflow as tf
 
 from estimator_ft import config as config_lib
-from estimator_ft import files
+from estimator_ft import messages
 from estimator_ft import model as model_lib
 from estimator_ft import recipes
+from estimator_ft import storage
 from estimator_ft.config import Config
 
 logger = logging.getLogger("estimator_ft")
@@ -61,17 +64,16 @@ def write_run_config(config: Config, class_names: Tuple[str, ...], model_dir: Op
   """Writes `config.json` (the resolved config plus class names) atomically into model_dir."""
   model_dir = model_dir or config.model_dir
   record = {"config": config.to_dict(), "class_names": list(class_names)}
-  files.write_json_atomic(os.path.join(model_dir, CONFIG_FILE), record)
+  storage.write_json_atomic(os.path.join(model_dir, CONFIG_FILE), record)
 
 
 def read_run_config(model_dir: str) -> Optional[dict]:
   path = os.path.join(model_dir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
+    return json.loads(storage.read_bytes(path).decode("utf-8"))
+  except (OSError, ValueError, tf.errors.OpError) as e:
     raise ValueError(f"{path} is unreadable ({e}). It records the configuration of the run in "
                      "this model_dir; restore it, or use a new --model_dir.") from e
 
@@ -117,8 +119,7 @@ def checkpoint_steps(model_dir: str) -> list:
   """The steps of the training checkpoints in model_dir (either path's names), sorted."""
   pattern = re.compile(rf"^(?:{re.escape(ESTIMATOR_CHECKPOINT_NAME)}|"
                        rf"{re.escape(KERAS_CHECKPOINT_NAME)})-(\d+)\.index$")
-  names = os.listdir(model_dir) if os.path.isdir(model_dir) else []
-  return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+  return sorted(int(m.group(1)) for m in map(pattern.match, storage.listdir(model_dir)) if m)
 
 
 def never_trained(model_dir: str) -> bool:
@@ -128,7 +129,7 @@ def never_trained(model_dir: str) -> bool:
   config.json was written, an interrupt or a crash in its first steps - so it has nothing a
   resume could continue.
   """
-  return (not os.path.exists(os.path.join(model_dir, RESULTS_FILE))
+  return (not storage.exists(os.path.join(model_dir, RESULTS_FILE))
           and all(step == 0 for step in checkpoint_steps(model_dir)))
 
 
@@ -166,18 +167,21 @@ def _set_aside_untrained_run(model_dir: str, differences: list) -> str:
   stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
   aside = os.path.join(model_dir, f"{UNTRAINED_RUN_PREFIX}{stamp}")
   suffix = 0
-  while os.path.exists(aside):
+  while storage.exists(aside):
     suffix += 1
     aside = os.path.join(model_dir, f"{UNTRAINED_RUN_PREFIX}{stamp}-{suffix}")
-  os.makedirs(aside)
+  storage.makedirs(aside)
   step_zero = re.compile(rf"^(?:{re.escape(ESTIMATOR_CHECKPOINT_NAME)}|"
                          rf"{re.escape(KERAS_CHECKPOINT_NAME)})-0\.")
   names = [CONFIG_FILE, os.path.dirname(INITIAL_WEIGHTS_PREFIX), "checkpoint", TRAIN_HISTORY_FILE,
-           KERAS_HISTORY_FILE] + [n for n in os.listdir(model_dir) if step_zero.match(n)]
+           KERAS_HISTORY_FILE] + [n for n in storage.listdir(model_dir) if step_zero.match(n)]
   for name in names:
-    if os.path.exists(os.path.join(model_dir, name)):
-      os.replace(os.path.join(model_dir, name), os.path.join(aside, name))
-  files.fsync_directory(model_dir)
+    source = os.path.join(model_dir, name)
+    if storage.isdir(source):
+      storage.replace_tree(source, os.path.join(aside, name))
+    elif storage.exists(source):
+      storage.replace(source, os.path.join(aside, name))
+  storage.fsync_directory(model_dir)
   logger.warning("--model_dir=%s held the config.json of a run that never trained, with other "
                  "settings (%s): this run replaces it; that run's files are kept in %s.",
                  model_dir, "; ".join(differences), aside)
@@ -186,15 +190,28 @@ def _set_aside_untrained_run(model_dir: str, differences: list) -> str:
 
 # ---------------------------------------------------------------- preparing and locking
 
-def ensure_writable_dir(path: str, flag: str = "--model_dir") -> None:
-  """Creates `path` and proves it is writable, with a what-to-do message if not."""
-  if not is_local(path):
-    # Records may be on any TensorFlow file system; the model_dir contract (atomic config.json
-    # and results.json, the fault handling, the export publishing) still uses local-file calls,
-    # which would silently write into a local folder named after the URL's scheme.
-    raise ValueError(f"{flag}={path}: a model_dir on a non-local file system is not supported "
-                     "yet (only --records_dir may be one). Train into a local folder and copy "
-                     "it, e.g. with gsutil -m cp -r.")
+def ensure_writable_dir(path: str, flag: str = "--model_dir", local_only: str = "") -> None:
+  """Creates `path` and proves it is writable, with a what-to-do message if not.
+
+  local_only: why `path` must be a local folder (a job whose reports are written with local
+  calls); empty when any TensorFlow file system will do.
+  """
+  if not storage.is_local(path):
+    if local_only:
+      raise ValueError(f"{flag}={path}: this must be a local folder ({local_only}). Write it "
+                       "locally and copy it, e.g. with gsutil -m cp -r.")
+    try:
+      storage.makedirs(path)
+      probe = os.path.join(path, f".write_probe_{os.getpid()}")
+      storage.write_bytes(probe, b"ok")
+      storage.remove(probe)
+    except tf.errors.OpError as e:
+      raise ValueError(f"{flag}={path} is not writable through TensorFlow's file system "
+                       f"({messages.short_tf_error(e)}). Check "
+                       "the URL, your credentials and that TensorFlow supports its scheme "
+                       "(gs:// and ram:// are built in; s3:// and hdfs:// need tensorflow-io); "
+                       "nothing was written.") from e
+    return
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_probe_{os.getpid()}")
@@ -212,11 +229,6 @@ def ensure_writable_dir(path: str, flag: str = "--model_dir") -> None:
                      "or fix its permissions / free disk space; nothing was written.") from e
 
 
-def is_local(path: str) -> bool:
-  """A path of this machine's file system (flock works), not a TensorFlow URL (gs://, ram://...)."""
-  return "://" not in path
-
-
 @contextlib.contextmanager
 def run_lock(model_dir: str):
   """An exclusive lock on model_dir for the life of this process.
@@ -226,7 +238,7 @@ def run_lock(model_dir: str):
   TensorFlow file system (gs://, hdfs://, ram://) cannot be flocked: there a lease guards it
   (lease_lock).
   """
-  if not is_local(model_dir):
+  if not storage.is_local(model_dir):
     with lease_lock(model_dir):
       yield
     return
@@ -341,7 +353,7 @@ def prepare_model_dir(config: Config, class_names) -> bool:
 
 
 def _has_checkpoint(model_dir: str) -> bool:
-  return os.path.exists(os.path.join(model_dir, "checkpoint"))
+  return storage.exists(os.path.join(model_dir, "checkpoint"))
 
 
 
@@ -370,24 +382,24 @@ def latest_checkpoint_step(model_dir: str) -> int:
   latest = tf.train.latest_checkpoint(model_dir)
   if latest is None:
     return 0
-  return int(tf.train.load_checkpoint(latest).get_tensor(tf.compat.v1.GraphKeys.GLOBAL_STEP))
+  return int(storage.checkpoint_reader(latest).get_tensor(tf.compat.v1.GraphKeys.GLOBAL_STEP))
 
 
 # ---------------------------------------------------------------- results and histories
 
 def write_results(config: Config, results: dict) -> str:
   path = os.path.join(config.model_dir, RESULTS_FILE)
-  files.write_json_atomic(path, results)
+  storage.write_json_atomic(path, results)
   return path
 
 
 def read_history(model_dir: str, file_name: str) -> list:
   """One of the per-epoch history files (TRAIN_HISTORY_FILE, KERAS_HISTORY_FILE); [] if none yet."""
-  return files.read_json(os.path.join(model_dir, file_name), [])
+  return storage.read_json(os.path.join(model_dir, file_name), [])
 
 
 def write_history(model_dir: str, file_name: str, history: list) -> None:
-  files.write_json_atomic(os.path.join(model_dir, file_name), history)
+  storage.write_json_atomic(os.path.join(model_dir, file_name), history)
 
 
 # ---------------------------------------------------------------- a cluster's chief
@@ -398,7 +410,7 @@ def wait_for_chief(model_dir: str, prefix: str, role: str, timeout_s: float = CH
   config_path = os.path.join(model_dir, CONFIG_FILE)
   deadline = time.monotonic() + timeout_s
   logged = False
-  while not (os.path.exists(config_path) and _checkpoint_complete(prefix)):
+  while not (storage.exists(config_path) and _checkpoint_complete(prefix)):
     if time.monotonic() > deadline:
       raise ValueError(
           f"{role} waited {timeout_s:g} s for the chief to write {config_path} and the initial "
@@ -414,5 +426,5 @@ def _checkpoint_complete(prefix: str) -> bool:
   # The index and data files are renamed into place one after the other: wait for both.
   directory = os.path.dirname(prefix) or "."
   data_prefix = os.path.basename(prefix) + ".data-"
-  has_data = os.path.isdir(directory) and any(n.startswith(data_prefix) for n in os.listdir(directory))
-  return os.path.exists(prefix + ".index") and has_data
+  has_data = any(n.startswith(data_prefix) for n in storage.listdir(directory))
+  return storage.exists(prefix + ".index") and has_data
