@@ -12,6 +12,7 @@ The training input is one infinite, reshuffled stream, so epochs are counted in 
 import logging
 import math
 import os
+import signal
 import threading
 import time
 
@@ -22,6 +23,7 @@ from tensorflow_estimator.python.estimator import estimator as tf_estimator_impl
 from estimator_ft import cluster as cluster_lib
 from estimator_ft import export as export_lib
 from estimator_ft import export_tflite
+from estimator_ft import interrupts
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
@@ -430,6 +432,12 @@ class GraphPrebuildHook(tf.estimator.SessionRunHook):
   session is created: the training graph is complete by then, so no two threads ever build Keras
   layers at once. A build that fails here is left to fail again, with its traceback, where its
   owner needs it (`prepare` retries).
+
+  Ctrl-C and SIGTERM stay the main thread's (interrupts.stop_on_signals): the builder thread
+  blocks both, since a Python thread that receives a signal can delay its handler in the main
+  thread; and whoever runs the hook calls `join()` on every way out, so no build is still
+  running while an interrupted process unwinds and exits (measured: a daemon thread inside a
+  graph build at exit aborted the process, "terminate called ... exception not rethrown").
   """
 
   def __init__(self, *prepares):
@@ -437,10 +445,12 @@ class GraphPrebuildHook(tf.estimator.SessionRunHook):
     self._thread = None
 
   def after_create_session(self, session, coord):
-    self._thread = threading.Thread(target=self._build_all, name="graph-prebuild", daemon=True)
-    self._thread.start()
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._build_all, name="graph-prebuild", daemon=True)
+      self._thread.start()
 
   def _build_all(self):
+    signal.pthread_sigmask(signal.SIG_BLOCK, interrupts.SIGNALS)
     for prepare in self._prepares:
       try:
         prepare()
@@ -448,9 +458,12 @@ class GraphPrebuildHook(tf.estimator.SessionRunHook):
         logger.debug("Background graph build failed; it is retried when needed.", exc_info=True)
         return
 
-  def end(self, session):
+  def join(self):
     if self._thread is not None:
       self._thread.join()
+
+  def end(self, session):
+    self.join()
 
 
 class EarlyStoppingSaverHook(tf.compat.v1.train.CheckpointSaverHook):
@@ -718,6 +731,7 @@ def _train_and_evaluate_in_process(estimator, config: Config, class_names, valid
     estimator.train(train_spec.input_fn, max_steps=train_spec.max_steps,
                     hooks=list(train_spec.hooks) + [prebuild], saving_listeners=[evaluator])
   finally:
+    prebuild.join()  # an interrupted or failed segment too: never exit during a graph build
     writer.close()
 
 

@@ -76,7 +76,9 @@ cli.run_main(["estimator-ft", "predict"] + sys.argv[1:])
 PREDICT_MODULES = {"estimator_ft", "estimator_ft.cli", "estimator_ft.config", "estimator_ft.serving",
                    "estimator_ft.contract", "estimator_ft.tf_environment",
                    "estimator_ft.image_formats", "estimator_ft.messages",
-                   "estimator_ft.interrupts", "estimator_ft.cluster", "estimator_ft.recipes"}
+                   "estimator_ft.interrupts", "estimator_ft.cluster", "estimator_ft.recipes",
+                   # config's path checks (files.is_local): standard library only
+                   "estimator_ft.files"}
 
 
 # ---------------------------------------------------------------- fixtures

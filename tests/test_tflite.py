@@ -51,7 +51,7 @@ TFLITE_PREDICT_MODULES = {
     "estimator_ft.serving", "estimator_ft.contract", "estimator_ft.image_formats",
     "estimator_ft.messages", "estimator_ft.data", "estimator_ft.data.images",
     "estimator_ft.data.split", "estimator_ft.tf_environment", "estimator_ft.interrupts",
-    "estimator_ft.cluster", "estimator_ft.recipes"}
+    "estimator_ft.cluster", "estimator_ft.recipes", "estimator_ft.files"}
 
 
 # ---------------------------------------------------------------- fixtures
