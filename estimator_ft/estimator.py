@@ -12,7 +12,6 @@ The training input is one infinite, reshuffled stream, so epochs are counted in 
 import logging
 import math
 import os
-import signal
 import threading
 import time
 
@@ -23,7 +22,6 @@ from tensorflow_estimator.python.estimator import estimator as tf_estimator_impl
 from estimator_ft import cluster as cluster_lib
 from estimator_ft import export as export_lib
 from estimator_ft import export_tflite
-from estimator_ft import interrupts
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
@@ -347,8 +345,7 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
     self._build_lock = threading.Lock()
 
   def prepare(self) -> None:
-    """Builds the evaluation graph and its session, once; safe to call from any thread
-    (GraphPrebuildHook builds it in the background while the first epoch trains)."""
+    """Builds the evaluation graph and its session, once; safe to call from any thread."""
     with self._build_lock:
       if self._graph is None:
         self._build()
@@ -420,50 +417,6 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
     with self._build_lock:
       if self._graph is not None:
         self._session.close()
-
-
-class GraphPrebuildHook(tf.estimator.SessionRunHook):
-  """Builds graphs the run will need later in a background thread, once training has started.
-
-  The in-process evaluation and serving graphs are built once per process, but each is seconds
-  of Python (ResNet50 and its pipelines: 4.4 s and 3.4 s at 64 px on 2 cores, measured) that
-  stalled the end of the first epoch. A training step runs in TensorFlow's own threads with the
-  GIL released, so the builds overlap with the first epoch's steps. They start after the
-  session is created: the training graph is complete by then, so no two threads ever build Keras
-  layers at once. A build that fails here is left to fail again, with its traceback, where its
-  owner needs it (`prepare` retries).
-
-  Ctrl-C and SIGTERM stay the main thread's (interrupts.stop_on_signals): the builder thread
-  blocks both, since a Python thread that receives a signal can delay its handler in the main
-  thread; and whoever runs the hook calls `join()` on every way out, so no build is still
-  running while an interrupted process unwinds and exits (measured: a daemon thread inside a
-  graph build at exit aborted the process, "terminate called ... exception not rethrown").
-  """
-
-  def __init__(self, *prepares):
-    self._prepares = prepares
-    self._thread = None
-
-  def after_create_session(self, session, coord):
-    if self._thread is None:
-      self._thread = threading.Thread(target=self._build_all, name="graph-prebuild", daemon=True)
-      self._thread.start()
-
-  def _build_all(self):
-    signal.pthread_sigmask(signal.SIG_BLOCK, interrupts.SIGNALS)
-    for prepare in self._prepares:
-      try:
-        prepare()
-      except Exception:  # pylint: disable=broad-except
-        logger.debug("Background graph build failed; it is retried when needed.", exc_info=True)
-        return
-
-  def join(self):
-    if self._thread is not None:
-      self._thread.join()
-
-  def end(self, session):
-    self.join()
 
 
 class EarlyStoppingSaverHook(tf.compat.v1.train.CheckpointSaverHook):
@@ -726,12 +679,10 @@ def _train_and_evaluate_in_process(estimator, config: Config, class_names, valid
   exporters = export_lib.make_exporters(config, class_names, extras, writer)
   evaluator = InProcessEvaluator(estimator, model_fn, config, validation_split, exporters,
                                  max_steps or train_spec.max_steps, start_step)
-  prebuild = GraphPrebuildHook(evaluator.prepare, *([writer.prepare] if exporters else []))
   try:
     estimator.train(train_spec.input_fn, max_steps=train_spec.max_steps,
-                    hooks=list(train_spec.hooks) + [prebuild], saving_listeners=[evaluator])
+                    hooks=list(train_spec.hooks), saving_listeners=[evaluator])
   finally:
-    prebuild.join()  # an interrupted or failed segment too: never exit during a graph build
     writer.close()
 
 

@@ -419,8 +419,7 @@ class EstimatorSavedModelWriter:
     self._build_lock = threading.Lock()
 
   def prepare(self) -> None:
-    """Builds the serving graph and its session, once; safe to call from any thread (the
-    Estimator path builds it in the background while the first epoch trains)."""
+    """Builds the serving graph and its session, once; safe to call from any thread."""
     with self._build_lock:
       if self._graph is None:
         self._build()

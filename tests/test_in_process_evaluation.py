@@ -39,7 +39,7 @@ def test_in_process_evaluation_equals_estimator_evaluate(trained):
                                  checkpoint_path=checkpoint, name="reference")
   evaluator = estimator_path.InProcessEvaluator(estimator, model_fn, config, splits.validation,
                                                 exporters=[], max_steps=3)
-  # Built in another thread, as GraphPrebuildHook does while the first epoch trains.
+  # prepare() builds once, from any thread.
   background = threading.Thread(target=evaluator.prepare)
   background.start()
   background.join()
@@ -80,23 +80,3 @@ def test_one_serving_graph_writes_the_estimators_export_again_and_again(trained,
         contract.PROBABILITIES].numpy())
   np.testing.assert_array_equal(outputs[0], outputs[2])
   np.testing.assert_array_equal(outputs[1], outputs[2])
-
-
-def test_prebuild_runs_the_builds_in_a_background_thread_and_leaves_failures_to_their_owner():
-  built = []
-
-  def build():
-    built.append(threading.current_thread().name)
-
-  def broken():
-    raise RuntimeError("a build that fails")
-
-  hook = estimator_path.GraphPrebuildHook(build, build)
-  hook.after_create_session(session=None, coord=None)
-  hook.end(session=None)  # waits for the thread
-  assert built == ["graph-prebuild", "graph-prebuild"]
-  # A failure stops the thread quietly; the owner's prepare() builds again and raises there.
-  hook = estimator_path.GraphPrebuildHook(broken, build)
-  hook.after_create_session(session=None, coord=None)
-  hook.end(session=None)
-  assert len(built) == 2
