@@ -12,7 +12,6 @@ The training input is one infinite, reshuffled stream, so epochs are counted in 
 import logging
 import math
 import os
-import threading
 import time
 
 import tensorflow as tf
@@ -342,13 +341,6 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
     self._start_step = start_step
     self._eval_dir = os.path.join(config.model_dir, EVAL_DIR)
     self._graph = None
-    self._build_lock = threading.Lock()
-
-  def prepare(self) -> None:
-    """Builds the evaluation graph and its session, once; safe to call from any thread."""
-    with self._build_lock:
-      if self._graph is None:
-        self._build()
 
   def _build(self):
     graph = tf.Graph()
@@ -378,7 +370,8 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
 
   def evaluate(self, checkpoint_path: str) -> dict:
     """The eval metrics of `checkpoint_path`, also written to model_dir/eval for its step."""
-    self.prepare()
+    if self._graph is None:
+      self._build()
     # Its own graph as the default: a saver built in graph mode would otherwise restore eagerly.
     with self._graph.as_default():
       self._session.run(self._reset)
@@ -414,9 +407,8 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
                       metrics, is_the_final_export=global_step_value >= self._max_steps)
 
   def end(self, session, global_step_value):
-    with self._build_lock:
-      if self._graph is not None:
-        self._session.close()
+    if self._graph is not None:
+      self._session.close()
 
 
 class EarlyStoppingSaverHook(tf.compat.v1.train.CheckpointSaverHook):

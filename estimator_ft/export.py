@@ -47,7 +47,6 @@ import logging
 import math
 import os
 import socket
-import threading
 import time
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -416,13 +415,6 @@ class EstimatorSavedModelWriter:
     self._config = config
     self._session_config = session_config
     self._graph = None
-    self._build_lock = threading.Lock()
-
-  def prepare(self) -> None:
-    """Builds the serving graph and its session, once; safe to call from any thread."""
-    with self._build_lock:
-      if self._graph is None:
-        self._build()
 
   def _build(self):
     graph = tf.Graph()
@@ -445,7 +437,8 @@ class EstimatorSavedModelWriter:
 
   def write(self, staging: str, checkpoint_path: str) -> str:
     """The SavedModel of `checkpoint_path`, written into a new folder in `staging`."""
-    self.prepare()
+    if self._graph is None:
+      self._build()
     saved_model_dir = os.path.join(staging, "saved_model")
     # Its own graph as the default: a saver built in graph mode would otherwise restore eagerly.
     with self._graph.as_default():
@@ -461,9 +454,8 @@ class EstimatorSavedModelWriter:
     return saved_model_dir
 
   def close(self):
-    with self._build_lock:
-      if self._graph is not None:
-        self._session.close()
+    if self._graph is not None:
+      self._session.close()
 
 
 def export_estimator(estimator, config: Config, class_names, export_base: str,

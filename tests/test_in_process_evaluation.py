@@ -2,7 +2,6 @@
 results identical to Estimator.evaluate and Estimator.export_saved_model."""
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -39,10 +38,6 @@ def test_in_process_evaluation_equals_estimator_evaluate(trained):
                                  checkpoint_path=checkpoint, name="reference")
   evaluator = estimator_path.InProcessEvaluator(estimator, model_fn, config, splits.validation,
                                                 exporters=[], max_steps=3)
-  # prepare() builds once, from any thread.
-  background = threading.Thread(target=evaluator.prepare)
-  background.start()
-  background.join()
   first, again = evaluator.evaluate(checkpoint), evaluator.evaluate(checkpoint)
   assert set(first) == set(reference)
   for name in reference:
