@@ -21,6 +21,7 @@ from tensorflow_estimator.python.estimator import estimator as tf_estimator_impl
 from estimator_ft import cluster as cluster_lib
 from estimator_ft import export as export_lib
 from estimator_ft import export_tflite
+from estimator_ft import interrupts
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
@@ -134,6 +135,14 @@ def _summary_writer(model_dir: str):
 
 
 # ---------------------------------------------------------------- hooks
+
+class StopOnSignalHook(tf.estimator.SessionRunHook):
+  """Delivers a Ctrl-C or SIGTERM whose Interrupted Python dropped (see interrupts) at the next
+  training step."""
+
+  def before_run(self, run_context):
+    interrupts.raise_if_received()
+
 
 class ProgressHook(tf.estimator.SessionRunHook):
   """Logs epoch, step, steps/s, images/s, loss and ETA every `every_n_steps` steps."""
@@ -379,6 +388,7 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
       context = tf.estimator.SessionRunContext(
           original_args=tf.estimator.SessionRunArgs(self._update), session=self._session)
       while True:
+        interrupts.raise_if_received()
         hook_args = [hook.before_run(context) for hook in self._hooks]
         try:
           self._session.run([self._update] + [args.fetches for args in hook_args if args])
@@ -572,7 +582,8 @@ def train(config: Config, splits, initial_weights: str,
   train_config = config.replace(seed=config.seed + trainer_id)
 
   def train_spec(phase, start_batch):
-    hooks = [ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
+    hooks = [StopOnSignalHook(),
+             ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
                           config.save_checkpoints_steps or steps_per_epoch)]
     if config.early_stopping_patience and not in_cluster:
       hooks.append(EarlyStoppingSaverHook(config, steps_per_epoch))

@@ -8,6 +8,12 @@ the train job adds where it stopped. The CLI prints that one line and exits 128 
 number, the shell's convention: 130 for SIGINT, 143 for SIGTERM, so a scheduler still sees a
 terminated job. A second signal while the first one unwinds ends the process at once, and so
 does a watchdog if the main thread has not noticed the first one a minute later.
+
+Python runs the handler wherever the main thread is, and drops an exception raised inside a
+finalizer (`__del__`, a weakref callback - graph construction runs many) with an "Exception
+ignored" line: that Interrupted never reaches the job. So the signal is also recorded, training
+and evaluation steps call `raise_if_received()`, and a block that ends normally after one raises
+it then: a stop asked for is never lost.
 """
 
 import contextlib
@@ -19,6 +25,8 @@ import time
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long the main thread may take to notice a signal before the process is ended anyway.
 FORCE_EXIT_AFTER_S = 60
+# The signals the active stop_on_signals block has received (process-wide, as handlers are).
+_received = []
 
 
 class Interrupted(KeyboardInterrupt):
@@ -53,13 +61,13 @@ def stop_on_signals(enabled: bool = True, force_exit_after_s: float = FORCE_EXIT
   if not enabled or threading.current_thread() is not threading.main_thread():
     yield
     return
-  fired = []
+  _received.clear()
 
   def handler(signum, frame):
     del frame
-    if fired:  # the first one is still unwinding: stop now
+    if _received:  # the first one is still unwinding: stop now
       os._exit(128 + signum)
-    fired.append(signum)
+    _received.append(signum)
     raise Interrupted(signum)
 
   previous = {}
@@ -79,6 +87,23 @@ def stop_on_signals(enabled: bool = True, force_exit_after_s: float = FORCE_EXIT
     for number, old in previous.items():
       signal.signal(number, old)
     os.close(writer)  # the watchdog's read ends (EOF) and it closes the reader
+    received, _received[:] = list(_received), []
+  if received:  # the block's work ended, but its Interrupted was dropped on the way
+    interrupted = Interrupted(received[0])
+    interrupted.detail = (f"interrupted ({interrupted.signal_name}) as the job was ending; "
+                          "it had finished its work")
+    raise interrupted
+
+
+def raise_if_received() -> None:
+  """Raises Interrupted if the active block has received a signal (in the main thread only).
+
+  Called before each training and evaluation step: normally the handler's own Interrupted is
+  already unwinding the run and this never sees it; when Python dropped that one, this delivers
+  the stop at the next step.
+  """
+  if _received and threading.current_thread() is threading.main_thread():
+    raise Interrupted(_received[0])
 
 
 def _watch(reader: int, numbers, force_exit_after_s: float) -> None:

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from estimator_ft import export as export_lib
 from estimator_ft import export_tflite
+from estimator_ft import interrupts
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
@@ -294,6 +295,17 @@ class _EpochEnd(tf.keras.callbacks.Callback):
                 entry.get("val_loss", math.nan), entry.get("val_accuracy", math.nan))
 
 
+class _StopOnSignal(tf.keras.callbacks.Callback):
+  """Delivers a Ctrl-C or SIGTERM whose Interrupted Python dropped (see interrupts) at the next
+  training or validation step."""
+
+  def on_train_batch_begin(self, batch, logs=None):
+    interrupts.raise_if_received()
+
+  def on_test_batch_begin(self, batch, logs=None):
+    interrupts.raise_if_received()
+
+
 class _Progress(tf.keras.callbacks.Callback):
   """Steps/s, images/s, running loss and ETA every `log_every_n_steps` steps, as the Estimator's."""
 
@@ -496,7 +508,7 @@ def train(config: Config, splits, initial_weights: str,
       # No Keras TensorBoard callback: its tags (epoch_loss at the epoch index...) would not
       # overlay the Estimator's; _Curves writes the common ones at the global step.
       curves = _Curves(config, class_names, steps_per_epoch, writes_outputs)
-      fit_callbacks = [_StopOnNaN(config), epoch_end, _EarlyStopping(config, epoch_end), curves,
+      fit_callbacks = [_StopOnSignal(), _StopOnNaN(config), epoch_end, _EarlyStopping(config, epoch_end), curves,
                        _Progress(config, steps_per_epoch), *callbacks]
       if writes_outputs:
         summaries.write_config_summary(config, class_names)

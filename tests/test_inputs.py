@@ -580,14 +580,63 @@ def test_the_first_progress_lines_after_a_resume_have_no_nan(monkeypatch, caplog
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM
 
 _BLOCKED_IN_CPP = """
-import sys
+import sys, threading, time
 import tensorflow as tf
 from estimator_ft import interrupts
 server = tf.distribute.Server.create_local_server()
-with interrupts.stop_on_signals(force_exit_after_s=1):
+main = threading.main_thread().ident
+
+def say_ready_once_the_main_thread_is_in_cpp():
+  # Not before: a signal that arrived while the main thread still ran Python would be raised
+  # there (a traceback, exit 1), which is not what this tests.
+  while sys._current_frames()[main].f_code.co_name != "join":
+    time.sleep(0.01)
+  time.sleep(0.5)  # from server_lib's join() into the C++ wait
   print("ready", flush=True)
+
+threading.Thread(target=say_ready_once_the_main_thread_is_in_cpp, daemon=True).start()
+with interrupts.stop_on_signals(force_exit_after_s=1):
   server.join()  # C++: the Python handler never gets to run
 """
+
+
+_DROPPED_IN_A_FINALIZER = """
+import os, signal, sys
+from estimator_ft import interrupts
+
+class Garbage:
+  def __del__(self):  # the handler runs here; Python prints "Exception ignored" and goes on
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(1000))
+
+with interrupts.stop_on_signals(force_exit_after_s=60):
+  Garbage()  # collected at once
+  print("the job went on", flush=True)
+  if sys.argv[1] == "step":  # what each training and evaluation step of either path runs
+    from estimator_ft import estimator, keras_path
+    for next_step in (lambda: estimator.StopOnSignalHook().before_run(None),
+                      lambda: keras_path._StopOnSignal().on_train_batch_begin(0),
+                      lambda: keras_path._StopOnSignal().on_test_batch_begin(0)):
+      try:
+        next_step()
+      except interrupts.Interrupted as e:
+        print("delivered at the next step:", e.signal_name, flush=True)
+    raise SystemExit(130)
+print("not reached", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["step", "end"])
+def test_a_signal_whose_interrupted_python_dropped_still_stops_the_job(where):
+  process = subprocess.run([sys.executable, "-c", _DROPPED_IN_A_FINALIZER, where], cwd=REPO,
+                           text=True, capture_output=True, timeout=60, check=False)
+  assert "Exception ignored" in process.stderr  # the handler's own Interrupted was dropped
+  assert "the job went on" in process.stdout and "not reached" not in process.stdout
+  if where == "step":
+    assert process.stdout.count("delivered at the next step: SIGINT") == 3, process.stdout
+  else:  # no step came: the block's end raises it, with what happened
+    assert "interrupts.Interrupted: SIGINT" in process.stderr.strip().splitlines()[-1]
+    assert process.returncode == 1  # (an uncaught exception here; the CLI prints the line, 130)
 
 
 def test_a_signal_the_main_thread_cannot_notice_still_ends_the_process(monkeypatch):
