@@ -101,6 +101,10 @@ def convert(config: Config, class_names, weights, quantize: str,
 
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
       [classify.get_concrete_function()], model)
+  # Convert the frozen function itself. TF 2.15's default writes the model out as a temporary
+  # SavedModel and converts that: the same flatbuffer for this graph (no resources or control
+  # flow left once frozen), but ResNet50 at 32 px took 23 s instead of 6 s (measured).
+  converter.experimental_lower_to_saved_model = False
   if quantize != "none":
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
   if quantize == "float16":

@@ -689,18 +689,6 @@ def _wait_for_checkpoint(process, model_dir, log, beyond: int, timeout=600):
   pytest.fail("no new checkpoint in time")
 
 
-def _wait_for_line(process, log, text: str, timeout=600):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if text in log.read_text():
-      return
-    if process.poll() is not None:
-      pytest.fail(f"the run ended (exit {process.returncode}) before {text!r}:\n{log.read_text()}")
-    time.sleep(0.1)
-  process.kill()
-  pytest.fail(f"no {text!r} in time")
-
-
 def _assert_every_checkpoint_listed(model_dir):
   state = tf.train.get_checkpoint_state(str(model_dir))
   listed = {os.path.basename(p) for p in state.all_model_checkpoint_paths}
@@ -719,13 +707,12 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_rerun_resumes(tiny_datase
     log = tmp_path / f"{signal_number}.log"
     with open(log, "w") as output:
       process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    resumed_from = previous_step
     try:
       previous_step = _wait_for_checkpoint(process, model_dir, log, previous_step)
-      # Signalled once that checkpoint's evaluation has been logged, i.e. while training steps
-      # run. A signal that arrived while the first evaluation built its graph was lost under
-      # load in three fresh-clone suites (the run trained on and exited 0): a known defect,
-      # see BUILD_NOTES "Faults and bad input".
-      _wait_for_line(process, log, f"Evaluation at step {previous_step}:")
+      # Signalled as soon as the checkpoint is listed: its evaluation is starting, and the first
+      # one builds its graph, where the handler often runs inside a finalizer whose exception
+      # Python drops (before interrupts recorded it, such a run trained on and exited 0).
       process.send_signal(signal_number)
       process.wait(timeout=300)
     finally:
@@ -741,10 +728,7 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_rerun_resumes(tiny_datase
                         rf"is {re.escape(str(model_dir))}/model\.ckpt-\d+; re-run the same "
                         r"command to resume from it\.", last), last
     _assert_every_checkpoint_listed(model_dir)
+    if signal_number == signal.SIGTERM:  # the second run is the rerun of the first
+      assert f"resuming from {model_dir}/model.ckpt-{resumed_from}" in text, text
+      assert " nan " not in text and "nan steps/s" not in text
     previous_step = int(re.search(r"model\.ckpt-(\d+)", last).group(1))
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr
-  assert f"resuming from {model_dir}/model.ckpt-{previous_step}" in result.stderr
-  assert " nan " not in result.stderr and "nan steps/s" not in result.stderr
-  assert json.loads((model_dir / "results.json").read_text())["global_step"] == 6
-  _assert_every_checkpoint_listed(model_dir)
