@@ -177,6 +177,13 @@ def test_preprocess_is_keras_resnet50_preprocess_input():
   # Caffe mode, spelled out: RGB -> BGR, then the ImageNet channel means removed.
   r, g, b = batch[0, 0, 0]
   np.testing.assert_allclose(ours[0, 0, 0], [b - 103.939, g - 116.779, r - 123.68], atol=1e-3)
+  # One image, and a batch the size the pipeline preprocesses (other convolution kernels may
+  # serve larger inputs): still Keras' values exactly, fractional pixels (resized) included.
+  np.testing.assert_array_equal(images_lib.preprocess_for_model(tf.constant(batch[0])).numpy(),
+                                keras[0])
+  large = rng.uniform(0, 255, (8, 224, 224, 3)).astype(np.float32)
+  np.testing.assert_array_equal(images_lib.preprocess_for_model(tf.constant(large)).numpy(),
+                                tf.keras.applications.resnet50.preprocess_input(large.copy()))
 
 
 def test_decode_and_preprocess_is_decode_then_preprocess():

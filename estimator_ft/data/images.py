@@ -16,6 +16,8 @@ CROP_ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 
 # ResNet50's caffe-mode input statistics (keras.applications.imagenet_utils), in BGR order.
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
+# [1, 1, in, out]: output channel k is input channel 2 - k (RGB -> BGR).
+_RGB_TO_BGR_KERNEL = [[[[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]]
 
 
 def decode_rgb(image_bytes, max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
@@ -221,13 +223,25 @@ def resize_image(image, image_size: int) -> tf.Tensor:
 def preprocess_for_model(images) -> tf.Tensor:
   """Float RGB 0..255 -> what Keras' ResNet50 expects (caffe mode: BGR, ImageNet mean removed).
 
-  The same arithmetic as keras.applications.resnet50.preprocess_input, bit for bit (tested), so
-  ImageNet weights see exactly the input they were trained on. Keras flips the channels with a
-  strided slice, which made it the slowest op of the training map (3x the time of
-  tf.reverse + subtract at 224 px, measured).
+  images: [h, w, 3] or a batch [b, h, w, 3]. The same arithmetic as
+  keras.applications.resnet50.preprocess_input, bit for bit (tested), so ImageNet weights see
+  exactly the input they were trained on. The channel flip is a 1x1 convolution with a
+  permutation kernel, and the mean its bias: products by 0 and 1 and sums with zeros are exact
+  in float32, so the values are those of flip-then-subtract. Why not tf.reverse (or Keras'
+  strided slice, 3x slower still): over a last axis of 3 it is the slowest op of the input
+  pipeline - 0.25 ms a 224-px image on a batch of 32, 0.70 ms on one image, against 0.09 ms and
+  0.41 ms as a convolution (Zen 4, one core's worth). Pinned to the CPU: a GPU would run the
+  convolution in TF32 (TensorFlow's default on Ampere and later), which rounds fractional pixels.
   """
   images = tf.cast(images, tf.float32)
-  return tf.reverse(images, axis=[-1]) - tf.constant(IMAGENET_MEAN_BGR, tf.float32)
+  one_image = images.shape.rank == 3
+  with tf.device("/cpu:0"):
+    batch = images[tf.newaxis] if one_image else images
+    preprocessed = tf.nn.bias_add(
+        tf.nn.conv2d(batch, tf.constant(_RGB_TO_BGR_KERNEL, tf.float32), strides=1,
+                     padding="VALID"),
+        -tf.constant(IMAGENET_MEAN_BGR, tf.float32))
+  return preprocessed[0] if one_image else preprocessed
 
 
 def augment_image(image, seed, image_size: int) -> tf.Tensor:
