@@ -589,7 +589,12 @@ main = threading.main_thread().ident
 def say_ready_once_the_main_thread_is_in_cpp():
   # Not before: a signal that arrived while the main thread still ran Python would be raised
   # there (a traceback, exit 1), which is not what this tests.
-  while sys._current_frames()[main].f_code.co_name != "join":
+  def in_server_join():
+    code = sys._current_frames()[main].f_code
+    return code.co_name == "join" and code.co_filename.endswith("server_lib.py")
+
+  deadline = time.monotonic() + 60  # never a hung test: past it, the assertions below fail
+  while not in_server_join() and time.monotonic() < deadline:
     time.sleep(0.01)
   time.sleep(0.5)  # from server_lib's join() into the C++ wait
   print("ready", flush=True)
