@@ -508,7 +508,8 @@ def train(config: Config, splits, initial_weights: str,
       # No Keras TensorBoard callback: its tags (epoch_loss at the epoch index...) would not
       # overlay the Estimator's; _Curves writes the common ones at the global step.
       curves = _Curves(config, class_names, steps_per_epoch, writes_outputs)
-      fit_callbacks = [_StopOnSignal(), _StopOnNaN(config), epoch_end, _EarlyStopping(config, epoch_end), curves,
+      fit_callbacks = [_StopOnSignal(), _StopOnNaN(config), epoch_end,
+                       _EarlyStopping(config, epoch_end), curves,
                        _Progress(config, steps_per_epoch), *callbacks]
       if writes_outputs:
         summaries.write_config_summary(config, class_names)

@@ -228,9 +228,9 @@ def preprocess_for_model(images) -> tf.Tensor:
   exactly the input they were trained on. The channel flip is a 1x1 convolution with a
   permutation kernel, and the mean its bias: products by 0 and 1 and sums with zeros are exact
   in float32, so the values are those of flip-then-subtract. Why not tf.reverse (or Keras'
-  strided slice, 3x slower still): over a last axis of 3 it is the slowest op of the input
-  pipeline - 0.25 ms a 224-px image on a batch of 32, 0.70 ms on one image, against 0.09 ms and
-  0.41 ms as a convolution (Zen 4, one core's worth). Pinned to the CPU: a GPU would run the
+  strided slice, 3x slower still): over a last axis of 3 it was the slowest op of the input
+  pipeline - per 224-px image 0.25 ms in a batch of 32 and 0.70 ms alone, against 0.09 ms and
+  0.41 ms as a convolution (Zen 4, measured). Pinned to the CPU: a GPU would run the
   convolution in TF32 (TensorFlow's default on Ampere and later), which rounds fractional pixels.
   """
   images = tf.cast(images, tf.float32)
