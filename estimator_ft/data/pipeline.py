@@ -158,7 +158,7 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
       # The seed is (run seed, position in the infinite stream): identical for any number of
       # parallel calls, and the same again when the pipeline is rebuilt and replayed.
       image = images.augment_image(image, tf.stack([tf.constant(seed, tf.int64), position]), size)
-    return tf.cast(image, tf.float32)
+    return image
 
   def skip_broken(dataset):
     # A file that went bad after the scan (or a corrupt TFDS record) is dropped with a TF
@@ -229,14 +229,12 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
   # Train is infinite, so dropping the remainder loses nothing and gives a static batch size
   # (XLA and distribution strategies prefer it); eval keeps it so every example counts once.
   dataset = dataset.batch(config.batch_size, drop_remainder=training)
-  if mode == "predict":
-    dataset = dataset.map(
-        lambda batch, labels: {contract.FEATURE_KEY: images.preprocess_for_model(batch)},
-        **parallel)
-  else:
-    dataset = dataset.map(
-        lambda batch, labels: ({contract.FEATURE_KEY: images.preprocess_for_model(batch)}, labels),
-        **parallel)
+
+  def for_model(batch, labels):
+    features = {contract.FEATURE_KEY: images.preprocess_for_model(batch)}
+    return features if mode == "predict" else (features, labels)
+
+  dataset = dataset.map(for_model, **parallel)
   return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
