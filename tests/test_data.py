@@ -439,27 +439,6 @@ def test_input_fn_builds_in_graph_mode(splits, tmp_path):
   assert images_value.shape == (4, SIZE, SIZE, 3) and labels_value.shape == (4,)
 
 
-def test_the_file_list_stays_out_of_the_graph(splits, tmp_path):
-  # 200,000 paths of ~50 characters (10 MB of text): as graph constants they made the GraphDef
-  # that size, 149 MB at ImageNet's 1.28 M, which the Estimator writes to TensorBoard at every
-  # start. Read at run time instead, the graph stays the same small size for any list.
-  many = 200_000
-  names = tuple(f"/data/train/class_{i % 7}/image_{i:09d}.jpeg" for i in range(many))
-  large = dataclasses.replace(splits.train, num_examples=many, paths=names,
-                              labels=tuple(i % 7 for i in range(many)))
-  config = make_config(tmp_path, "x", "y")
-  sizes = {}
-  for name, split in (("small", splits.train), ("large", large)):
-    for mode in ("train", "eval"):
-      with tf.Graph().as_default() as graph:
-        tf.compat.v1.data.make_one_shot_iterator(
-            pipeline_lib.make_dataset(split, config, mode)).get_next()
-        sizes[name, mode] = graph.as_graph_def().ByteSize()
-  for mode in ("train", "eval"):
-    assert sizes["large", mode] < sizes["small", mode] + 10_000, sizes
-    assert sizes["large", mode] < 1_000_000, sizes
-
-
 def test_file_corrupted_after_scan_is_skipped_not_fatal(tmp_path):
   written = write_identified_set(tmp_path / "train", {"a": 3, "b": 3})
   split = folders_lib.scan_image_folder(str(tmp_path / "train"), "train")

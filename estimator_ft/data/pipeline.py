@@ -17,18 +17,9 @@ The order of the steps, and why:
   6. prefetch, so decoding the next batches overlaps the training step.
 """
 
-import atexit
-import functools
-import hashlib
-import os
-import shutil
-import tempfile
-
-import numpy as np
 import tensorflow as tf
 
 from estimator_ft import contract
-from estimator_ft import files as files_lib
 from estimator_ft.data import images
 from estimator_ft.data import records
 from estimator_ft.data import tfds_source
@@ -69,46 +60,11 @@ def permuted_indices(num_examples: int, seed: int, start_example: int = 0) -> tf
   return indices.skip(offset)
 
 
-def _folder_list(split: Split) -> tf.data.Dataset:
-  """One element, (paths string [n], labels int32 [n]), read when the pipeline runs.
-
-  Not constants in the graph: at ImageNet's 1.28 M paths they made a 149 MB GraphDef (6 s to
-  build), which the Estimator writes to TensorBoard at every start, and past ~17 M paths
-  protobuf's 2 GB limit would fail it. Read from files written once per process, the list is a
-  value flowing through the pipeline, never part of a graph or of tf.data's serialised datasets.
-  """
+def _folder_items(split: Split):
   if not split.paths:
     raise DataError(f"The {split.name} split has no image paths and no TFDS source; build it "
                     "with load_splits or scan_image_folder.")
-  paths_file, labels_file = _list_files(split)
-  shape = [len(split.paths)]  # static, so each path and label taken from them is a scalar
-  return tf.data.Dataset.from_tensors((paths_file, labels_file)).map(
-      lambda paths, labels: (
-          tf.ensure_shape(tf.io.parse_tensor(tf.io.read_file(paths), tf.string), shape),
-          tf.ensure_shape(tf.io.parse_tensor(tf.io.read_file(labels), tf.int32), shape)))
-
-
-@functools.lru_cache(maxsize=8)
-def _list_files(split: Split):
-  """The split's paths and labels as serialised TensorProtos in this process's scratch folder."""
-  files = []
-  for values, dtype in ((np.array(split.paths, dtype=object), tf.string),
-                        (np.array(split.labels, dtype=np.int32), tf.int32)):
-    content = tf.make_tensor_proto(values, dtype=dtype).SerializeToString()
-    # Named by content: two splits never share a file unless they hold the same list.
-    path = os.path.join(_scratch_dir(), hashlib.sha1(content).hexdigest() + ".pb")
-    if not os.path.exists(path):
-      with files_lib.atomic_write(path, "wb") as f:
-        f.write(content)
-    files.append(path)
-  return tuple(files)
-
-
-@functools.lru_cache(maxsize=1)
-def _scratch_dir() -> str:
-  folder = tempfile.mkdtemp(prefix="estimator_ft_lists_")
-  atexit.register(shutil.rmtree, folder, ignore_errors=True)
-  return folder
+  return tf.constant(split.paths, tf.string), tf.constant(split.labels, tf.int32)
 
 
 def _file_loader(max_pixels: int):
@@ -182,20 +138,18 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
       serialized = records.in_order(split)
     examples = serialized.map(records.parse_record, **parallel)
   else:
+    paths, labels = _folder_items(split)
     load = _file_loader(config.max_image_pixels)
-
-    def order():
-      if training and not config.cache:
-        return permuted_indices(split.num_examples, seed, start_example)
-      if training:
-        # Cached: one pass is decoded and kept, so the order is fixed when it is cached - make it
-        # a permutation (epoch 0's), never the class-sorted folder order; each epoch then mixes
-        # it again through the shuffle buffer below.
-        return tf.data.Dataset.from_tensor_slices(epoch_permutation(split.num_examples, seed, 0))
-      return tf.data.Dataset.range(split.num_examples)
-
-    examples = _folder_list(split).flat_map(lambda paths, labels: order().map(
-        lambda index: (tf.gather(paths, index), tf.gather(labels, index))))
+    if training and not config.cache:
+      order = permuted_indices(split.num_examples, seed, start_example)
+    elif training:
+      # Cached: one pass is decoded and kept, so the order is fixed when it is cached - make it
+      # a permutation (epoch 0's), never the class-sorted folder order; each epoch then mixes it
+      # again through the shuffle buffer below.
+      order = tf.data.Dataset.from_tensor_slices(epoch_permutation(split.num_examples, seed, 0))
+    else:
+      order = tf.data.Dataset.range(split.num_examples)
+    examples = order.map(lambda index: (tf.gather(paths, index), tf.gather(labels, index)))
 
   if config.cache:
     # Decode+resize once and cache the un-augmented images; augmentation comes after the cache,
