@@ -291,6 +291,36 @@ def test_the_training_pipeline_drops_an_image_over_the_limit(tiny_dataset, tmp_p
     tf.function(images_lib.decode_rgb)(tf.constant(png.read_bytes()))
 
 
+def test_a_folder_scanned_without_gifs_skips_the_frame_walk_and_refuses_a_gif_that_appears(
+    tiny_dataset, tmp_path):
+  animation = gif_bomb(5, 16)
+  folders_seen = {}
+  for name, disguise_before_scan in (("plain", False), ("with_gif", True)):
+    root = tmp_path / name
+    shutil.copytree(tiny_dataset / "validation", root)
+    replaced = sorted((root / "vertical").iterdir())[0]
+    if disguise_before_scan:  # a GIF under another name: the scan reads its content
+      replaced.write_bytes(animation)
+    split = folders.scan_image_folder(str(root), "validation")
+    if not disguise_before_scan:
+      replaced.write_bytes(animation)  # after the scan
+    folders_seen[name] = split
+    config = Config(image_size=SIZE, batch_size=16)
+    labels = np.concatenate([y.numpy() for _, y in pipeline.make_dataset(split, config, "eval")])
+    # Scanned without a GIF: the one that appeared is refused; scanned with it: decoded.
+    assert len(labels) == split.num_examples - (0 if disguise_before_scan else 1), name
+  assert not folders_seen["plain"].holds_gif and folders_seen["with_gif"].holds_gif
+  uncounted = tf.function(lambda data: images_lib.decode_rgb(data, LIMIT, count_gif_frames=False))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="changed after the scan"):
+    uncounted(tf.constant(animation))
+  for kind in ("JPEG", "PNG", "BMP"):
+    assert uncounted(tf.constant(image_bytes(37, 23, kind))).shape == (23, 37, 3), kind
+  # Over the limit by its size, refused without the frame walk too.
+  with pytest.raises(tf.errors.InvalidArgumentError, match="is over the limit of"):
+    tf.function(lambda data: images_lib.decode_rgb(data, 1000, count_gif_frames=False))(
+        tf.constant(image_bytes(37, 37, "PNG")))
+
+
 def test_serving_signatures_refuse_a_bomb_before_decoding(colour_export, tiny_dataset, bombs):
   png, gif = bombs
   good = sorted((tiny_dataset / "validation" / "horizontal").iterdir())[0].read_bytes()

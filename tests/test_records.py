@@ -1,5 +1,6 @@
 """Sharded TFRecords: `estimator-ft prepare`, the records stream, each trainer its own shards."""
 
+import dataclasses
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from estimator_ft import cluster
+from estimator_ft import image_formats
 from estimator_ft import storage
 from estimator_ft.config import Config
 from estimator_ft.data import loading
@@ -213,6 +215,31 @@ def test_make_dataset_on_records_resumes_at_a_batch_and_evaluates_every_example(
   cached = config.replace(cache=True)
   batch = next(iter(pipeline.make_dataset(splits.train, cached, "train")))
   assert batch[0]["image"].shape == (6, SIZE, SIZE, 3)
+
+
+def _dataset_ops(dataset) -> set:
+  graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())  # pylint: disable=protected-access
+  return ({node.op for node in graph.node}
+          | {node.op for function in graph.library.function for node in function.node_def})
+
+
+def test_records_are_checked_for_pixels_once_by_prepare_and_again_only_under_a_lower_limit(prepared):
+  output_dir, description = prepared
+  assert description[records.VERIFIED_MAX_PIXELS_KEY] == image_formats.DEFAULT_MAX_IMAGE_PIXELS
+  config = Config(records_dir=str(output_dir), image_size=SIZE, batch_size=8)
+  validation = loading.load_splits(config).validation
+  assert validation.verified_max_pixels == image_formats.DEFAULT_MAX_IMAGE_PIXELS
+  verified = pipeline.make_dataset(validation, config, "eval")
+  assert "ExtractJpegShape" not in _dataset_ops(verified)
+  assert sorted(np.concatenate([y.numpy() for _, y in verified])) == [0] * 4 + [1] * 4
+  # Under a limit below the 32 x 32 images, every one is checked again, and refused.
+  strict = config.replace(max_image_pixels=SIZE * SIZE - 1)
+  checked = pipeline.make_dataset(validation, strict, "eval")
+  assert "ExtractJpegShape" in _dataset_ops(checked)
+  assert list(checked) == []
+  # Records from before the limit was recorded are checked too.
+  unverified = dataclasses.replace(validation, verified_max_pixels=0)
+  assert "ExtractJpegShape" in _dataset_ops(pipeline.make_dataset(unverified, config, "eval"))
 
 
 def test_records_dir_is_one_source_among_the_others(prepared):

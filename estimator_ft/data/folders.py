@@ -333,4 +333,6 @@ def scan_image_folder(root: str, name: str, bad_images: str = "fail", cache_dir:
                     "remove the folder.")
   return Split(name=name, class_names=class_names, num_examples=len(kept),
                paths=tuple(p for p, _, _ in kept), labels=tuple(i for _, i, _ in kept),
-               skipped=tuple(bad), content_hashes=tuple(f.sha1 for _, _, f in kept))
+               skipped=tuple(bad), content_hashes=tuple(f.sha1 for _, _, f in kept),
+               # A file whose format the scan could not name counts as a possible GIF.
+               holds_gif=any(f.format in (image_formats.GIF, "") for _, _, f in kept))

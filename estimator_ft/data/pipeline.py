@@ -11,7 +11,7 @@ The order of the steps, and why:
   3. skipping to the resume position (indices only: nothing skipped is ever read);
   4. read + decode + augment per image, in parallel (images differ in size until resized, and
      each gets its own crop and flip);
-  5. batch, then preprocess for the model: the channel flip and mean work elementwise, so a batch
+  5. batch (in parallel), then preprocess for the model: the channel flip and mean work elementwise, so a batch
      gets the values its images would, in one op (0.09 instead of 0.70 ms a 224-px image, see
      images.preprocess_for_model);
   6. prefetch, so decoding the next batches overlaps the training step.
@@ -67,9 +67,26 @@ def _folder_items(split: Split):
   return tf.constant(split.paths, tf.string), tf.constant(split.labels, tf.int32)
 
 
-def _file_loader(max_pixels: int):
-  """`load(path)`: the file's image at its own size; over max_pixels, an error before decoding."""
-  return lambda path: images.decode_rgb(tf.io.read_file(path), max_pixels)
+def _file_loader(split: Split, max_pixels: int):
+  """`load(path)`: the file's image at its own size; over max_pixels, an error before decoding.
+
+  The check runs for every file: one may have changed since the scan checked it.
+  """
+  return lambda path: images.decode_rgb(tf.io.read_file(path), max_pixels, split.holds_gif)
+
+
+def _record_loader(split: Split, max_pixels: int):
+  """`load(encoded bytes)` for records: their pixel limit was checked once, by prepare, under
+  split.verified_max_pixels; checked again only under a lower --max_image_pixels (or for records
+  prepared before the limit was recorded)."""
+  if split.verified_max_pixels and split.verified_max_pixels <= max_pixels:
+    return images.decode_verified_rgb
+  return lambda encoded: images.decode_rgb(encoded, max_pixels)
+
+
+def _one(item: tuple):
+  """A map's arguments as one item: tf.data passes a tuple element (TFDS) as several."""
+  return item if len(item) > 1 else item[0]
 
 
 def _options() -> tf.data.Options:
@@ -105,9 +122,6 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
   seed = config.seed
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-  def load_resized(load, item):
-    return images.resize_image(load(item), size)
-
   def augmented(position, image):
     """image: resized, or (uncached and augmenting) as loaded, which the crop resizes."""
     if augmenting:
@@ -122,40 +136,51 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     # every later prediction onto the wrong input.
     return dataset if mode == "predict" else dataset.ignore_errors(log_warning=True)
 
+  # `examples`: the stream of cheap items in their final order (file indices, serialized records
+  # or TFDS examples); `read(item)`: (the image at its own size, label), run in the one parallel
+  # map per image below - each tf.data stage costs every element its own hand-off.
   if split.is_tfds:
     examples, load = tfds_source.source_dataset(split, config.max_image_pixels)
     if training:
       examples = tfds_source.shuffled_stream(examples, split, config)
+    read = lambda item: (load(item[0]), item[1])  # pylint: disable=unnecessary-lambda-assignment
   elif split.is_records:
     # Serialized records in the order of data/records.py (shard order, interleaved reads and a
-    # buffer, all seeded by (seed, epoch)), parsed to (encoded bytes, label) once in that order.
-    load = images.decode_rgb
+    # buffer, all seeded by (seed, epoch)).
+    load = _record_loader(split, config.max_image_pixels)
     if training and not config.cache:
-      serialized = records.training_stream(split, seed, config.shuffle_buffer, start_example)
+      examples = records.training_stream(split, seed, config.shuffle_buffer, start_example)
     elif training:
-      serialized = records.epoch_records(split, seed, 0, config.shuffle_buffer)
+      examples = records.epoch_records(split, seed, 0, config.shuffle_buffer)
     else:
-      serialized = records.in_order(split)
-    examples = serialized.map(records.parse_record, **parallel)
+      examples = records.in_order(split)
+
+    def read(serialized):
+      encoded, label = records.parse_record(serialized)
+      return load(encoded), label
   else:
     paths, labels = _folder_items(split)
-    load = _file_loader(config.max_image_pixels)
+    load = _file_loader(split, config.max_image_pixels)
     if training and not config.cache:
-      order = permuted_indices(split.num_examples, seed, start_example)
+      examples = permuted_indices(split.num_examples, seed, start_example)
     elif training:
       # Cached: one pass is decoded and kept, so the order is fixed when it is cached - make it
       # a permutation (epoch 0's), never the class-sorted folder order; each epoch then mixes it
       # again through the shuffle buffer below.
-      order = tf.data.Dataset.from_tensor_slices(epoch_permutation(split.num_examples, seed, 0))
+      examples = tf.data.Dataset.from_tensor_slices(epoch_permutation(split.num_examples, seed, 0))
     else:
-      order = tf.data.Dataset.range(split.num_examples)
-    examples = order.map(lambda index: (tf.gather(paths, index), tf.gather(labels, index)))
+      examples = tf.data.Dataset.range(split.num_examples)
+    read = lambda index: (load(tf.gather(paths, index)), tf.gather(labels, index))  # pylint: disable=unnecessary-lambda-assignment
+
+  def read_resized(item):
+    image, label = read(item)
+    return images.resize_image(image, size), label
 
   if config.cache:
     # Decode+resize once and cache the un-augmented images; augmentation comes after the cache,
     # so every epoch still gets new crops. Cached images are resized (originals may not fit in
     # memory), so here crops come from the resized image.
-    dataset = examples.map(lambda item, label: (load_resized(load, item), label), **parallel)
+    dataset = examples.map(lambda *item: read_resized(_one(item)), **parallel)
     dataset = skip_broken(dataset).cache()
     if training:
       shuffle_buffer = max(1, min(config.shuffle_buffer, split.num_examples))
@@ -170,19 +195,25 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     if training and split.is_tfds:
       dataset = examples.enumerate().skip(start_example)
     else:
-      # Folder train streams start at start_example already; number them from there.
+      # Folder and records train streams start at start_example already; number them from there.
       dataset = examples.enumerate(start=start_example if training else 0)
-    # The crop resizes, so augmented images skip load_resized and are interpolated once, from
+    # The crop resizes, so augmented images skip the resize and are interpolated once, from
     # the decoded pixels.
-    read = load if augmenting else (lambda item: load_resized(load, item))
-    dataset = dataset.map(
-        lambda position, example: (augmented(position, read(example[0])), example[1]),
-        **parallel)
+    read_one = read if augmenting else read_resized
+
+    def read_augmented(position, item):
+      image, label = read_one(item)
+      return augmented(position, image), label
+
+    dataset = dataset.map(read_augmented, **parallel)
     dataset = skip_broken(dataset)
 
   # Train is infinite, so dropping the remainder loses nothing and gives a static batch size
   # (XLA and distribution strategies prefer it); eval keeps it so every example counts once.
-  dataset = dataset.batch(config.batch_size, drop_remainder=training)
+  # In parallel: skip_broken between the map and the batch keeps tf.data from fusing the two, so
+  # the batch is a stage of its own that copies every image once more (~0.1 ms of CPU less an
+  # image at 224 px with these threads, measured on records).
+  dataset = dataset.batch(config.batch_size, drop_remainder=training, **parallel)
 
   def for_model(batch, labels):
     features = {contract.FEATURE_KEY: images.preprocess_for_model(batch)}

@@ -43,6 +43,9 @@ TARGET_SHARD_BYTES = 150 * 1024 * 1024
 
 KEY_ENCODED = "image/encoded"
 KEY_FORMAT = "image/format"
+# dataset.json: the --max_image_pixels limit prepare's scan held every image to (absent before it
+# was recorded, and then the pipeline checks every image again).
+VERIFIED_MAX_PIXELS_KEY = "verified_max_image_pixels"
 KEY_LABEL = "image/class/label"
 KEY_TEXT = "image/class/text"
 KEY_FILENAME = "image/filename"
@@ -133,7 +136,8 @@ def records_split(records_dir: str, which: str) -> Split:
   counts = tuple(int(shard["num_examples"]) for shard in split["shards"])
   return Split(name=which, class_names=tuple(description["class_names"]),
                num_examples=sum(counts), record_files=files, record_counts=counts,
-               skipped=tuple((s["path"], s["reason"]) for s in split.get("skipped", ())))
+               skipped=tuple((s["path"], s["reason"]) for s in split.get("skipped", ())),
+               verified_max_pixels=int(description.get(VERIFIED_MAX_PIXELS_KEY, 0)))
 
 
 def trainer_split(split: Split, task: Optional["cluster_lib.Task"]) -> Split:

@@ -22,6 +22,10 @@ class Split:
   skipped: tuple = ()
   # SHA-1 of each file's bytes, aligned with `paths` (folder sources): leakage checks.
   content_hashes: tuple = ()
+  # Whether any image may be a GIF (folder sources: by content, as the scan saw it). Only then
+  # does the pipeline's pixel check count GIF frames (see images.check_pixel_limit); True when
+  # unknown.
+  holds_gif: bool = True
   tfds_name: str = ""
   tfds_split: str = ""
   tfds_data_dir: str = ""
@@ -35,6 +39,10 @@ class Split:
   # A records source (data/records.py): the shard files and the examples in each.
   record_files: tuple = ()
   record_counts: tuple = ()
+  # The pixel limit every image's header was checked against when the source was written (records:
+  # by prepare's scan; the shards' CRCs guard the bytes since), so the pipeline need not check it
+  # again under a limit at least as high; 0 when unknown.
+  verified_max_pixels: int = 0
 
   @property
   def is_tfds(self) -> bool:

@@ -24,6 +24,7 @@ from typing import List
 import numpy as np
 import tensorflow as tf
 
+from estimator_ft import image_formats
 from estimator_ft import progress
 from estimator_ft import storage
 from estimator_ft.data import folders
@@ -95,7 +96,11 @@ def run_prepare(train_dir: str, validation_dir: str, output_dir: str, num_shards
   if num_shards < 0 or max_side < 0:
     raise ValueError("--num_shards and --max_side must be >= 0 (0: sized automatically / keep "
                      "the original bytes).")
-  splits = {name: folders.scan_image_folder(folder, name, bad_images, scan_cache_dir, rescan)
+  # Every image is held to this limit here, once, and dataset.json says so: training from the
+  # records then skips the per-image header check (the shards' CRCs guard the bytes since).
+  pixel_limit = image_formats.DEFAULT_MAX_IMAGE_PIXELS
+  splits = {name: folders.scan_image_folder(folder, name, bad_images, scan_cache_dir, rescan,
+                                            max_image_pixels=pixel_limit)
             for name, folder in (("train", train_dir), ("validation", validation_dir))}
   class_names = splits["train"].class_names
   if splits["validation"].class_names != class_names:
@@ -145,6 +150,7 @@ def run_prepare(train_dir: str, validation_dir: str, output_dir: str, num_shards
                               "note": ("images with a longer side above max_side re-encoded as "
                                        "JPEG quality 95, the others kept byte for byte")
                               if max_side else "original bytes of every file"},
+                 records.VERIFIED_MAX_PIXELS_KEY: pixel_limit,
                  "seed": seed, "splits": {}}
   reencoded = 0
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
