@@ -218,12 +218,13 @@ def test_make_dataset_on_records_resumes_at_a_batch_and_evaluates_every_example(
 
 
 def _dataset_ops(dataset) -> set:
-  graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())  # pylint: disable=protected-access
+  serialized = dataset._as_serialized_graph().numpy()  # pylint: disable=protected-access
+  graph = tf.compat.v1.GraphDef.FromString(serialized)
   return ({node.op for node in graph.node}
           | {node.op for function in graph.library.function for node in function.node_def})
 
 
-def test_records_are_checked_for_pixels_once_by_prepare_and_again_only_under_a_lower_limit(prepared):
+def test_records_are_checked_for_pixels_by_prepare_and_again_only_under_a_lower_limit(prepared):
   output_dir, description = prepared
   assert description[records.VERIFIED_MAX_PIXELS_KEY] == image_formats.DEFAULT_MAX_IMAGE_PIXELS
   config = Config(records_dir=str(output_dir), image_size=SIZE, batch_size=8)

@@ -11,8 +11,8 @@ The order of the steps, and why:
   3. skipping to the resume position (indices only: nothing skipped is ever read);
   4. read + decode + augment per image, in parallel (images differ in size until resized, and
      each gets its own crop and flip);
-  5. batch (in parallel), then preprocess for the model: the channel flip and mean work elementwise, so a batch
-     gets the values its images would, in one op (0.09 instead of 0.70 ms a 224-px image, see
+  5. batch (in parallel), then preprocess for the model: the channel flip and mean work
+     elementwise, so a batch gets the values its images would, in one op (0.09 instead of 0.70 ms a 224-px image, see
      images.preprocess_for_model);
   6. prefetch, so decoding the next batches overlaps the training step.
 """
@@ -143,7 +143,9 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     examples, load = tfds_source.source_dataset(split, config.max_image_pixels)
     if training:
       examples = tfds_source.shuffled_stream(examples, split, config)
-    read = lambda item: (load(item[0]), item[1])  # pylint: disable=unnecessary-lambda-assignment
+
+    def read(item):
+      return load(item[0]), item[1]
   elif split.is_records:
     # Serialized records in the order of data/records.py (shard order, interleaved reads and a
     # buffer, all seeded by (seed, epoch)).
@@ -170,7 +172,9 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
       examples = tf.data.Dataset.from_tensor_slices(epoch_permutation(split.num_examples, seed, 0))
     else:
       examples = tf.data.Dataset.range(split.num_examples)
-    read = lambda index: (load(tf.gather(paths, index)), tf.gather(labels, index))  # pylint: disable=unnecessary-lambda-assignment
+
+    def read(index):
+      return load(tf.gather(paths, index)), tf.gather(labels, index)
 
   def read_resized(item):
     image, label = read(item)
