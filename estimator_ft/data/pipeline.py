@@ -12,8 +12,8 @@ The order of the steps, and why:
   4. read + decode + augment per image, in parallel (images differ in size until resized, and
      each gets its own crop and flip);
   5. batch (in parallel), then preprocess for the model: the channel flip and mean work
-     elementwise, so a batch gets the values its images would, in one op (0.09 instead of 0.70 ms a 224-px image, see
-     images.preprocess_for_model);
+     elementwise, so a batch gets the values its images would, in one op (0.09 instead of
+     0.70 ms a 224-px image, see images.preprocess_for_model);
   6. prefetch, so decoding the next batches overlaps the training step.
 """
 
