@@ -101,9 +101,11 @@ def _session_config(config: Config):
 
 
 def estimator_model_fn(config: Config, class_names, steps_per_epoch: int,
-                       initial_weights: str = "", class_weights=None, phase=None):
+                       initial_weights: str = "", class_weights=None, phase=None,
+                       validation_examples: int = 0):
   """model_fn.build_model_fn's model_fn (for `phase`, default the run's last), whose evaluations
-  also write the validation curves."""
+  also write the validation curves - and warn when they read fewer than `validation_examples`
+  (0: not known)."""
   class_names = tuple(class_names)
   model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights,
                                          class_weights, phase)
@@ -113,18 +115,18 @@ def estimator_model_fn(config: Config, class_names, steps_per_epoch: int,
     if mode != tf.estimator.ModeKeys.EVAL:
       return spec
     metrics = {name: value for name, (value, _) in spec.eval_metric_ops.items()}
-    hook = ValidationCurvesHook(config.model_dir, class_names, metrics)
+    hook = ValidationCurvesHook(config.model_dir, class_names, metrics, validation_examples)
     return spec._replace(evaluation_hooks=tuple(spec.evaluation_hooks) + (hook,))
 
   return model_fn_with_validation_curves
 
 
 def make_estimator(config: Config, class_names, steps_per_epoch: int, initial_weights: str = "",
-                   class_weights=None, phase=None):
+                   class_weights=None, phase=None, validation_examples: int = 0):
   """The Estimator of estimator_model_fn (one per phase of --head_epochs: their graphs differ)."""
   return tf.estimator.Estimator(
       model_fn=estimator_model_fn(config, class_names, steps_per_epoch, initial_weights,
-                                  class_weights, phase),
+                                  class_weights, phase, validation_examples),
       config=make_run_config(config, steps_per_epoch))
 
 
@@ -299,10 +301,12 @@ class ValidationCurvesHook(tf.estimator.SessionRunHook):
   global step, into model_dir beside the training curves.
   """
 
-  def __init__(self, model_dir: str, class_names, metric_values: dict):
+  def __init__(self, model_dir: str, class_names, metric_values: dict,
+               expected_examples: int = 0):
     self._model_dir = model_dir
     self._class_names = tuple(class_names)
     self._metric_values = metric_values
+    self._expected_examples = expected_examples
 
   def begin(self):
     graph = tf.compat.v1.get_default_graph()
@@ -315,6 +319,7 @@ class ValidationCurvesHook(tf.estimator.SessionRunHook):
 
   def end(self, session):
     metrics, matrix, step = session.run([self._metric_values, self._matrix, self._global_step])
+    summaries.partial_validation_warning(matrix, self._expected_examples)
     summary = summaries.curve_summary(
         summaries.validation_scalars(metrics),
         {summaries.CONFUSION_MATRIX_IMAGE: summaries.confusion_matrix_png(matrix, self._class_names)})
@@ -563,7 +568,8 @@ def train(config: Config, splits, initial_weights: str,
   def phase_estimator(phase):
     if phase.name not in estimators:
       estimators[phase.name] = make_estimator(config, class_names, steps_per_epoch,
-                                              initial_weights, class_weights, phase)
+                                              initial_weights, class_weights, phase,
+                                              splits.validation.num_examples)
     return estimators[phase.name]
 
   # The latest checkpoint's phase evaluates it if the run that wrote it could not.
@@ -676,7 +682,7 @@ def _train_and_evaluate_in_process(estimator, config: Config, class_names, valid
   checkpoint evaluated and exported in this process, from an evaluation graph and a serving
   graph built once (InProcessEvaluator); the export of the run's `max_steps` is the final one."""
   model_fn = estimator_model_fn(config, class_names, steps_per_epoch, initial_weights,
-                                class_weights, phase)
+                                class_weights, phase, validation_split.num_examples)
   writer = export_lib.EstimatorSavedModelWriter(model_fn, config,
                                                 estimator.config.session_config)
   exporters = export_lib.make_exporters(config, class_names, extras, writer)

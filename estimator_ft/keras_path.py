@@ -367,11 +367,13 @@ class _Curves(tf.keras.callbacks.Callback):
   (training) and the whole validation pass, confusion matrix included (epoch end).
   """
 
-  def __init__(self, config: Config, class_names, steps_per_epoch: int, writes_outputs: bool):
+  def __init__(self, config: Config, class_names, steps_per_epoch: int, writes_outputs: bool,
+               validation_examples: int = 0):
     super().__init__()
     self._config = config
     self._class_names = tuple(class_names)
     self._steps_per_epoch = steps_per_epoch
+    self._validation_examples = validation_examples
     self._writer = summaries.CurveWriter(config.model_dir) if writes_outputs else None
     self._last_step = None
 
@@ -398,6 +400,7 @@ class _Curves(tf.keras.callbacks.Callback):
     images = {}
     matrix = logs.get("val_" + CONFUSION_MATRIX_METRIC)
     if matrix is not None:
+      summaries.partial_validation_warning(matrix, self._validation_examples)
       images[summaries.CONFUSION_MATRIX_IMAGE] = summaries.confusion_matrix_png(
           np.rint(np.asarray(matrix)).astype(np.int64), self._class_names)
     validation = {k: v for k, v in _scalar_logs(logs).items() if k.startswith("val_")}
@@ -507,7 +510,8 @@ def train(config: Config, splits, initial_weights: str,
     if ahead:
       # No Keras TensorBoard callback: its tags (epoch_loss at the epoch index...) would not
       # overlay the Estimator's; _Curves writes the common ones at the global step.
-      curves = _Curves(config, class_names, steps_per_epoch, writes_outputs)
+      curves = _Curves(config, class_names, steps_per_epoch, writes_outputs,
+                       splits.validation.num_examples)
       fit_callbacks = [_StopOnSignal(), _StopOnNaN(config), epoch_end,
                        _EarlyStopping(config, epoch_end), curves,
                        _Progress(config, steps_per_epoch), *callbacks]

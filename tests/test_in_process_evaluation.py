@@ -1,6 +1,8 @@
 """The Estimator path's evaluation and exports inside the training process: graphs built once,
 results identical to Estimator.evaluate and Estimator.export_saved_model."""
 
+import dataclasses
+import logging
 import os
 
 import numpy as np
@@ -75,3 +77,26 @@ def test_one_serving_graph_writes_the_estimators_export_again_and_again(trained,
         contract.PROBABILITIES].numpy())
   np.testing.assert_array_equal(outputs[0], outputs[2])
   np.testing.assert_array_equal(outputs[1], outputs[2])
+
+
+def test_a_validation_pass_that_could_not_read_every_example_says_so(trained, tmp_path, caplog):
+  config, splits, estimator, _ = trained
+  validation = splits.validation
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"not an image")  # a file damaged after the scan
+  damaged = dataclasses.replace(validation, paths=(str(broken),) + validation.paths[1:])
+  expected = validation.num_examples
+  model_fn = estimator_path.estimator_model_fn(config, splits.class_names, 4,
+                                               validation_examples=expected)
+  evaluator = estimator_path.InProcessEvaluator(estimator, model_fn, config, damaged,
+                                                exporters=[], max_steps=3)
+  with caplog.at_level(logging.WARNING, logger="estimator_ft"):
+    evaluator.evaluate(estimator.latest_checkpoint())
+  assert (f"The validation pass read {expected - 1} of {expected} examples: the other 1 could "
+          "not be read") in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="estimator_ft"):
+    evaluator_whole = estimator_path.InProcessEvaluator(estimator, model_fn, config, validation,
+                                                        exporters=[], max_steps=3)
+    evaluator_whole.evaluate(estimator.latest_checkpoint())
+  assert "The validation pass read" not in caplog.text

@@ -1,7 +1,9 @@
 """The Keras reference path: results.json contract, resume, NaN stop, the Estimator's batches."""
 
 import json
+import logging
 import os
+import types
 
 import numpy as np
 import pytest
@@ -196,3 +198,17 @@ def test_exact_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_dataset
   different = keras_path.checkpoint_weights(replayed, num_classes,
                                             keras_path.latest_checkpoint(replayed.model_dir))
   assert max(float(np.max(np.abs(a - e))) for a, e in zip(different, expected)) > 1e-4
+
+
+def test_the_keras_validation_curves_say_when_a_pass_read_part_of_the_split(tmp_path, caplog):
+  config = Config(model_dir=str(tmp_path), image_size=32)
+  curves = keras_path._Curves(  # pylint: disable=protected-access
+      config, ("a", "b"), steps_per_epoch=4, writes_outputs=True, validation_examples=8)
+  curves.set_model(types.SimpleNamespace(optimizer=types.SimpleNamespace(
+      iterations=tf.Variable(4, dtype=tf.int64))))
+  with caplog.at_level(logging.WARNING, logger="estimator_ft"):
+    for epoch, read in enumerate(([[3., 1.], [0., 3.]], [[4., 1.], [0., 3.]])):  # 7, then 8
+      curves.on_epoch_end(epoch, {"val_loss": 0.5, "val_confusion_matrix": np.array(read)})
+  curves.close()
+  assert caplog.text.count("The validation pass read 7 of 8 examples") == 1
+  assert summaries.partial_validation_warning([[2, 0], [0, 2]], 0) is None  # count unknown

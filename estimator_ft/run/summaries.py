@@ -17,10 +17,13 @@ folder, which the history is read from), under other tags.
 """
 
 import json
+import logging
 import os
 import struct
 import time
 from typing import Dict, Optional
+
+import numpy as np
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
@@ -29,6 +32,8 @@ from tensorboard.util import tensor_util
 
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft.reports import plots
+
+logger = logging.getLogger("estimator_ft")
 
 CONFIG_SUMMARY_DIR = "config"
 
@@ -102,6 +107,25 @@ def validation_scalars(metrics: dict) -> Dict[str, float]:
     except (TypeError, ValueError):
       continue
   return scalars
+
+
+def partial_validation_warning(matrix, expected_examples: int) -> Optional[str]:
+  """Logs and returns a warning when a validation pass read fewer examples than its split holds
+  (the sum of the pass's confusion matrix against `expected_examples`; 0: not known, no check).
+
+  The pipeline drops what cannot be read - a file changed or damaged since the scan, or a damaged
+  records shard, whose remaining records are lost with it - with a TensorFlow warning only; the
+  metrics then describe part of the split, which nobody should mistake for the whole.
+  """
+  evaluated = int(np.rint(np.sum(matrix)))
+  if not expected_examples or evaluated >= expected_examples:
+    return None
+  message = (f"The validation pass read {evaluated} of {expected_examples} examples: the other "
+             f"{expected_examples - evaluated} could not be read (TensorFlow's warnings above say "
+             "why), so these validation metrics cover only part of the split. Fix or remove the "
+             "damaged files (prepare records again) and evaluate again.")
+  logger.warning(message)
+  return message
 
 
 def confusion_matrix_png(matrix, class_names) -> bytes:
