@@ -114,16 +114,18 @@ def partial_validation_warning(matrix, expected_examples: int) -> Optional[str]:
   (the sum of the pass's confusion matrix against `expected_examples`; 0: not known, no check).
 
   The pipeline drops what cannot be read - a file changed or damaged since the scan, or a damaged
-  records shard, whose remaining records are lost with it - with a TensorFlow warning only; the
-  metrics then describe part of the split, which nobody should mistake for the whole.
+  records shard, whose remaining records are lost with it - with only a TensorFlow warning, which
+  the CLI hides with the rest of TensorFlow's C++ log unless --verbosity is given; the metrics
+  then describe part of the split, which nobody should mistake for the whole.
   """
   evaluated = int(np.rint(np.sum(matrix)))
   if not expected_examples or evaluated >= expected_examples:
     return None
   message = (f"The validation pass read {evaluated} of {expected_examples} examples: the other "
-             f"{expected_examples - evaluated} could not be read (TensorFlow's warnings above say "
-             "why), so these validation metrics cover only part of the split. Fix or remove the "
-             "damaged files (prepare records again) and evaluate again.")
+             f"{expected_examples - evaluated} could not be read, so these validation metrics "
+             "cover only part of the split. TensorFlow names each error in a warning (shown with "
+             "--verbosity=0); fix or remove the damaged files (or prepare the records again) and "
+             "evaluate again.")
   logger.warning(message)
   return message
 
