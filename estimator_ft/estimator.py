@@ -298,7 +298,8 @@ class ValidationCurvesHook(tf.estimator.SessionRunHook):
 
   Runs the model_fn's confusion-matrix update with each evaluation batch, and at the end writes
   validation/<metric> (run/summaries.py) and the confusion heat map at the evaluated checkpoint's
-  global step, into model_dir beside the training curves.
+  global step, into model_dir beside the training curves; warns when the pass read fewer than
+  `expected_examples` (summaries.partial_validation_warning).
   """
 
   def __init__(self, model_dir: str, class_names, metric_values: dict,
