@@ -169,12 +169,12 @@ def header_pixels(image_bytes, max_pixels: int = image_formats.DEFAULT_MAX_IMAGE
   tf.where. (As a tf.case over the formats, with each header word a chain of byte ops, this
   check cost 0.8 ms a 224-px training image - more than half the decode of a 500x375 JPEG.)
   """
-  width, height, frames, _ = _header_facts(image_bytes, max_pixels, count_gif_frames=True)
+  width, height, frames, _ = _declared_size(image_bytes, max_pixels, count_gif_frames=True)
   return width, height, frames
 
 
 @tf.autograph.experimental.do_not_convert
-def _header_facts(image_bytes, max_pixels: int, count_gif_frames: bool):
+def _declared_size(image_bytes, max_pixels: int, count_gif_frames: bool):
   """header_pixels' (width, height, frames) and whether the bytes are a GIF; frames is 1 for a
   GIF unless count_gif_frames."""
   image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
@@ -230,7 +230,7 @@ def check_pixel_limit(image_bytes, max_pixels: int = image_formats.DEFAULT_MAX_I
     if problem:
       raise tf.errors.InvalidArgumentError(None, None, problem)
     return image_bytes
-  width, height, frames, is_gif = _header_facts(image_bytes, max_pixels, count_gif_frames)
+  width, height, frames, is_gif = _declared_size(image_bytes, max_pixels, count_gif_frames)
   # A GIF's frames are counted up to the first one past the limit, so over it: "at least".
   at_least = tf.where(width * height * frames > max_pixels, "at least ", "")
   frames_note = tf.where(frames > 1, tf.strings.join([" x ", at_least, tf.strings.as_string(frames),
