@@ -64,6 +64,7 @@ from tensorflow_estimator.python.estimator.export import export_lib as estimator
 
 from estimator_ft import contract
 from estimator_ft import image_formats
+from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import serving
 from estimator_ft import storage
@@ -423,7 +424,8 @@ class EstimatorSavedModelWriter:
       tf.compat.v1.random.set_random_seed(self._config.seed)
       receiver = serving_input_receiver_fn(self._config.image_size,
                                            self._config.max_image_pixels)()
-      spec = self._model_fn(receiver.features, None, tf.estimator.ModeKeys.PREDICT)
+      with model_lib.restored_variables_scope():  # each export restores them all first
+        spec = self._model_fn(receiver.features, None, tf.estimator.ModeKeys.PREDICT)
       export_outputs = estimator_export_lib.export_outputs_for_mode(
           mode=spec.mode, serving_export_outputs=spec.export_outputs,
           predictions=spec.predictions, loss=spec.loss, metrics=spec.eval_metric_ops)

@@ -47,6 +47,9 @@ BATCH_CORRECT_TENSOR = "train_batch/correct"
 BATCH_SIZE_TENSOR = "train_batch/size"
 # The learning rate of the step a train op runs (read before the step increments the counter).
 LEARNING_RATE_TENSOR = "train_batch/learning_rate"
+# A bool the training summary hook feeds at every step: true on the steps that write summaries.
+WRITE_SUMMARIES_TENSOR = "train_batch/write_summaries"
+INPUT_IMAGES_IN_SUMMARY = 3
 # The confusion matrix an evaluation accumulates (int64 [C, C], rows: true class), and the op that
 # adds a batch to it: the evaluation hook of estimator.py runs one with every batch and draws the
 # other for TensorBoard. Not an eval metric: eval results must stay scalars (exporters, history).
@@ -271,7 +274,14 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
     tf.identity(batch_size, name=BATCH_SIZE_TENSOR)
     # Training accuracy, loss and learning rate go to TensorBoard as the common curves both paths
     # write (run/summaries.py, from estimator.EpochMetricsHook), not as per-batch summaries here.
-    tf.compat.v1.summary.image("input_images", _viewable(images), max_outputs=3)
+    # A few input images on the summary steps only, without a step that fetches more than the
+    # others: the slice holds no image unless the hook feeds `write_summaries` (see
+    # estimator.TrainingSummaryHook for why every step fetches the same).
+    write_summaries = tf.compat.v1.placeholder_with_default(False, [],
+                                                            name=WRITE_SUMMARIES_TENSOR)
+    shown = INPUT_IMAGES_IN_SUMMARY * tf.cast(write_summaries, tf.int32)
+    tf.compat.v1.summary.image("input_images", _viewable(images[:shown]),
+                               max_outputs=INPUT_IMAGES_IN_SUMMARY)
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op)
 
   return model_fn

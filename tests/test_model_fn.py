@@ -1,10 +1,13 @@
 """The model_fn, once per ModeKeys, and the BatchNorm update ops it puts in the train op."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from estimator_ft import contract
+from estimator_ft import estimator as estimator_path
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft.config import Config
@@ -213,3 +216,58 @@ def test_evaluation_is_deterministic(tmp_path):
   second = estimator.evaluate(input_fn)
   assert first == second
   assert 0.0 <= first["accuracy"] <= 1.0 and np.isfinite(first["example_loss"])
+
+
+def test_training_summary_hook_fetches_the_same_at_every_step(tmp_path):
+  """One set of fetches and feeds for every training step (a Session builds an executor per set:
+  ~1 s at 64 px), the input images only on the summary steps, and the summary events where
+  SummarySaverHook would write them."""
+  graph, spec = call_model_fn(ModeKeys.TRAIN)
+  hook = estimator_path.TrainingSummaryHook(str(tmp_path), every_n_steps=2)
+  requests, images_per_step = [], []
+  with graph.as_default():
+    hook.begin()
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      for _ in range(3):
+        context = tf.estimator.SessionRunContext(tf.estimator.SessionRunArgs(spec.train_op), session)
+        args = hook.before_run(context)
+        requests.append((sorted(args.fetches), sorted(t.name for t in args.feed_dict)))
+        _, results = session.run([spec.train_op, args.fetches], feed_dict=args.feed_dict)
+        hook.after_run(context, tf.estimator.SessionRunValues(results, None, None))
+        summary = tf.compat.v1.Summary.FromString(results["summary"])
+        images_per_step.append(sum(v.tag.startswith("input_images") for v in summary.value))
+      hook.end(session)
+  assert requests == [requests[0]] * 3
+  assert images_per_step == [3, 0, 3]
+  written = {}
+  for path in tf.io.gfile.glob(str(tmp_path / "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      if event.HasField("summary"):
+        written.setdefault(event.step, set()).update(v.tag for v in event.summary.value)
+      elif event.HasField("session_log"):
+        written.setdefault(event.step, set()).add("session_log")
+  assert sorted(written) == [1, 3]
+  assert "session_log" in written[1] and "session_log" not in written[3]
+  assert all(any(tag.startswith("input_images") for tag in tags) for tags in written.values())
+
+
+def test_restored_variables_scope_starts_global_variables_at_zero_and_keeps_local_initializers():
+  config = make_config()
+  op_counts, weights, local_values = [], None, None
+  for restored in (False, True):
+    graph = tf.Graph()
+    with graph.as_default():
+      with model_lib.restored_variables_scope() if restored else contextlib.nullcontext():
+        model = model_lib.build_model(config, 2)
+        accumulator = tf.compat.v1.get_variable(
+            "accumulator", initializer=tf.ones([3]),
+            collections=[tf.compat.v1.GraphKeys.LOCAL_VARIABLES])
+      op_counts.append(len(graph.get_operations()))
+      with tf.compat.v1.Session() as session:
+        session.run([tf.compat.v1.global_variables_initializer(),
+                     tf.compat.v1.local_variables_initializer()])
+        weights, local_values = session.run(model.weights), session.run(accumulator)
+  assert len(weights) == 320 and not any(w.any() for w in weights)
+  assert local_values.tolist() == [1.0, 1.0, 1.0]
+  assert op_counts[1] < 0.8 * op_counts[0], op_counts  # the initializers' ops are gone
