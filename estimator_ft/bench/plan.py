@@ -75,6 +75,10 @@ QUICK_LIMITS = dict(steps=5, repeats=2, warmup_steps=3, loader_batches=8, overhe
 # Keeps the Estimator's checkpoint saver out of the timed steps: it saves at the start and at the
 # end of the run only.
 _NO_CHECKPOINT_DURING_TIMING = 10**9
+# Summaries at the first step only (both paths write theirs then): no timed step encodes the
+# input-image summary or writes an event. (Which steps write no longer changes the training
+# step's fetches: see estimator.TrainingSummaryHook.)
+_NO_SUMMARY_DURING_TIMING = 10**9
 _NO_PROGRESS_LOG = 10**9
 
 
@@ -104,19 +108,5 @@ def bench_config(plan: BenchPlan, data_dir: str, model_dir: str) -> Config:
       model_dir=model_dir, image_size=plan.image_size, batch_size=plan.batch_size, weights="none",
       precision=plan.precision, jit=plan.jit, epochs=1,
       save_checkpoints_steps=_NO_CHECKPOINT_DURING_TIMING,
-      save_summary_steps=summary_steps_within_warmup(plan.warmup_steps),
+      save_summary_steps=_NO_SUMMARY_DURING_TIMING,
       log_every_n_steps=_NO_PROGRESS_LOG).validate()
-
-
-def summary_steps_within_warmup(warmup_steps: int) -> int:
-  """A summary period whose first periodic summary step falls inside the warm-up steps.
-
-  A tf.compat.v1 Session builds (prunes and optimizes) one executor per distinct set of fetches,
-  the first time it sees it: about 0.9 s for ResNet50 at 64 px on 2 cores. The Estimator's
-  summary hook adds its fetches every save_summary_steps steps, so its first periodic summary
-  step costs that once per run (measured with save_summary_steps=10: step 10 took 1.29 s, steps
-  20, 30 and 40 0.41 s like any other). Paid during the warm-up, it stays out of the
-  steady-state figures; a cached summary step then costs no measurable time. (With a single
-  warm-up step no period can do that: summaries then run every step.)
-  """
-  return max(1, warmup_steps - 1)
