@@ -594,7 +594,7 @@ def check_phases_outside_clusters(config: Config) -> None:
 
 
 def train(config: Config, splits, initial_weights: str,
-          extras: export_lib.ExportExtras = export_lib.NO_EXTRAS) -> dict:
+          extras: export_lib.ExportExtras = export_lib.NO_EXTRAS, hooks=()) -> dict:
   """Runs train_and_evaluate to `epochs` epochs (resuming if model_dir has checkpoints).
 
   With --head_epochs, one training segment per phase still ahead (recipes.phases_ahead of the
@@ -603,6 +603,7 @@ def train(config: Config, splits, initial_weights: str,
 
   extras: what the exports carry besides the SavedModel (warm-up images, chosen by the job);
   with --export_tflite the best exporter also writes the TFLite model.
+  hooks: more training hooks (the benchmark's step clocks), run after the run's own.
   """
   check_phases_outside_clusters(config)
   class_names = tuple(splits.class_names)
@@ -638,6 +639,8 @@ def train(config: Config, splits, initial_weights: str,
   trainer_id = estimator.config.global_id_in_cluster or 0
   train_config = config.replace(seed=config.seed + trainer_id)
 
+  extra_hooks = list(hooks)
+
   def train_spec(phase, start_batch):
     hooks = [StopOnSignalHook(),
              ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
@@ -653,7 +656,7 @@ def train(config: Config, splits, initial_weights: str,
     return tf.estimator.TrainSpec(
         input_fn=pipeline.make_input_fn(trainer_train_split(splits.train), train_config, "train",
                                         start_batch=start_batch),
-        max_steps=phase.end_step, hooks=hooks)
+        max_steps=phase.end_step, hooks=hooks + extra_hooks)
 
   eval_spec = tf.estimator.EvalSpec(
       input_fn=pipeline.make_input_fn(splits.validation, config, "eval"),

@@ -109,6 +109,15 @@ def test_a_failed_loop_stops_the_other_instead_of_hanging_it():
   assert clocks["keras"].seconds == []
 
 
+def test_step_durations_time_each_step_from_its_start_to_its_end():
+  ticks = iter([10.0, 10.5, 11.0, 13.0, 20.0, 20.25])  # a gap between steps is not a step
+  durations = bench_timing.StepDurations(clock=lambda: next(ticks))
+  for _ in range(3):
+    durations.before_step()
+    durations.after_step()
+  assert durations.seconds == [0.5, 2.0, 0.25]
+
+
 def test_no_timed_step_writes_summaries():
   plan = bench_plan.make_plan()
   config = bench_plan.bench_config(plan, "data/sample", "/tmp/unused")
@@ -266,7 +275,10 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   assert results["estimator_epoch_overhead_s"] == overhead["epoch_overhead_s"]
   assert overhead["evaluation_s"] > 0 and overhead["exports"] >= overhead["epochs"]
   assert math.isfinite(overhead["epoch_overhead_s"])
+  # Steps priced at the run's own step time, which lies inside its wall time after start-up.
+  assert 0 < overhead["seconds_per_step"] < overhead["wall_s"] - overhead["startup_s"]
   keras_overhead = results["keras_epoch_overhead_run"]
+  assert 0 < keras_overhead["seconds_per_step"] < keras_overhead["wall_s"] - keras_overhead["startup_s"]
   assert 0 < keras_overhead["startup_s"] < keras_overhead["wall_s"]
   assert results["keras_epoch_overhead_s"] == keras_overhead["epoch_overhead_s"]
   assert keras_overhead["epochs"] == overhead["epochs"] == 1

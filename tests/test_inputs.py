@@ -661,8 +661,25 @@ print("not reached", flush=True)
 """
 
 
+@pytest.fixture
+def sigint_as_in_a_terminal():
+  """Children start with SIGINT's default action, as a command typed in a terminal does.
+
+  A suite started in the background by a script (`make test &`) has SIGINT ignored, its children
+  inherit that, and the package rightly keeps an ignored SIGINT ignored (interrupts.
+  stop_on_signals): the tests that send one would then test nothing. A handler here (not
+  SIG_IGN) is reset to the default in a child when it starts.
+  """
+  previous = signal.getsignal(signal.SIGINT)
+  if previous is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("where", ["step", "end"])
-def test_a_signal_whose_interrupted_python_dropped_still_stops_the_job(where):
+def test_a_signal_whose_interrupted_python_dropped_still_stops_the_job(where,
+                                                                       sigint_as_in_a_terminal):
   process = subprocess.run([sys.executable, "-c", _DROPPED_IN_A_FINALIZER, where], cwd=REPO,
                            text=True, capture_output=True, timeout=60, check=False)
   assert "Exception ignored" in process.stderr  # the handler's own Interrupted was dropped
@@ -734,7 +751,8 @@ def _assert_every_checkpoint_listed(model_dir):
 
 
 @pytest.mark.slow
-def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_rerun_resumes(tiny_dataset, tmp_path):
+def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_rerun_resumes(tiny_dataset, tmp_path,
+                                                                     sigint_as_in_a_terminal):
   model_dir = tmp_path / "model"
   command = _train_command(tiny_dataset, model_dir)
   previous_step = 0

@@ -16,7 +16,8 @@ warm-up steps excluded, each figure repeated (min / median / max reported):
                            mixed precision also the rate in its compute dtype (bfloat16/float16)
   train_gflops             img/s x training FLOPs per image (3 x the TF profiler's forward FLOPs)
   estimator_epoch_overhead_s  per-epoch wall time of a real short train_and_evaluate that is not
-                           training steps (checkpoint, evaluation with its graph rebuilt, exports)
+                           training steps (checkpoints, evaluations, exports, the graphs' first
+                           builds and runs), its steps priced at that run's own median step time
 
 The Estimator and Keras runs take turns, one timing window each (two threads, one running at a
 time), so both see the same moments of the machine's load and estimator/keras is the median of

@@ -138,10 +138,11 @@ def format_table(results: dict) -> str:
       f"Estimator train with in-process evaluation: startup {overhead['startup_s']:.1f} s, overhead "
       f"{overhead['epoch_overhead_s']:.1f} s per epoch (evaluation {_fmt(overhead['evaluation_s'])} s, "
       f"export {_fmt(overhead['export_s'])} s, {overhead['exports']} exports in "
-      f"{overhead['epochs']} epochs)",
+      f"{overhead['epochs']} epochs; the run's median step {overhead['seconds_per_step']:.2f} s)",
       *([f"Keras fit, the same run: startup {results['keras_epoch_overhead_run']['startup_s']:.1f} s, "
          f"overhead {results['keras_epoch_overhead_s']:.1f} s per epoch (validation, checkpoint, "
-         "tracing, the final export)"] if "keras_epoch_overhead_run" in results else []),
+         "tracing, the final export; the run's median step "
+         f"{results['keras_epoch_overhead_run']['seconds_per_step']:.2f} s)"] if "keras_epoch_overhead_run" in results else []),
       f"complete {results['end_to_end']['epochs']}-epoch train, wall: " + ", ".join(
           f"{path} {seconds:.1f} s" for path, seconds in results["end_to_end"]["wall_s"].items()),
       "",

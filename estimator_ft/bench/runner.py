@@ -72,14 +72,11 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
     with clock.phase("feed_dict loop"):
       feed_dict = feed_dict_rates(config, splits.train, num_classes, plan, session_config)
     with clock.phase("Estimator train_and_evaluate epoch overhead"):
-      folder_step_s = config.batch_size / statistics.median(training["folder"])
       overhead = estimator_epoch_overhead(
-          config.replace(model_dir=os.path.join(scratch, "overhead")), splits, plan, folder_step_s)
+          config.replace(model_dir=os.path.join(scratch, "overhead")), splits, plan)
     with clock.phase("Keras fit epoch overhead"):
-      keras_step_s = config.batch_size / statistics.median(training["keras"])
       keras_overhead = keras_epoch_overhead(
-          config.replace(model_dir=os.path.join(scratch, "keras_overhead")), splits, plan,
-          keras_step_s)
+          config.replace(model_dir=os.path.join(scratch, "keras_overhead")), splits, plan)
     with clock.phase("a complete short train on each path, end to end"):
       end_to_end = end_to_end_times(config, plan, scratch)
     accuracy = None

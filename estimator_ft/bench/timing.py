@@ -112,8 +112,27 @@ class WindowClock:
       self._turns.pass_turn(self._name, done=self._window == len(self._lengths))
 
 
-class WindowClockHook(tf.estimator.SessionRunHook):
-  def __init__(self, clock: WindowClock):
+class StepDurations:
+  """How long each training step took, from its start to its end (a StepClockHook or
+  StepClockCallback calls it): what a run's own steps cost, measured in that run."""
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self._started = None
+    self.seconds = []
+
+  def before_step(self) -> None:
+    self._started = self._clock()
+
+  def after_step(self) -> None:
+    self.seconds.append(self._clock() - self._started)
+
+
+class StepClockHook(tf.estimator.SessionRunHook):
+  """Calls a clock's before_step / after_step (WindowClock, StepDurations) around each
+  Estimator training step."""
+
+  def __init__(self, clock):
     self._clock = clock
 
   def before_run(self, run_context):
@@ -123,8 +142,10 @@ class WindowClockHook(tf.estimator.SessionRunHook):
     self._clock.after_step()
 
 
-class WindowClockCallback(tf.keras.callbacks.Callback):
-  def __init__(self, clock: WindowClock):
+class StepClockCallback(tf.keras.callbacks.Callback):
+  """The same around each batch of Keras' fit."""
+
+  def __init__(self, clock):
     super().__init__()
     self._clock = clock
 

@@ -16,8 +16,8 @@ from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft.bench.loaders import python_batches, subset
 from estimator_ft.bench.plan import ACCURACY_SETTINGS, BenchPlan
-from estimator_ft.bench.timing import (StepTimer, TakeTurns, WindowClock, WindowClockCallback,
-                                       WindowClockHook, time_iterations, window_rates)
+from estimator_ft.bench.timing import (StepClockCallback, StepClockHook, StepDurations, StepTimer,
+                                       TakeTurns, WindowClock, time_iterations, window_rates)
 from estimator_ft.config import Config
 from estimator_ft.data import pipeline
 from estimator_ft.data import split as split_lib
@@ -55,7 +55,7 @@ def paired_training_rates(config: Config, splits: Splits, plan: BenchPlan) -> di
   hooks = [estimator_path.ProgressHook(steps_per_epoch, total_estimator_steps, config.batch_size,
                                       config.log_every_n_steps),
            estimator_path.EpochMetricsHook(config.model_dir, steps_per_epoch),
-           WindowClockHook(clocks["estimator"]), folder_timer]
+           StepClockHook(clocks["estimator"]), folder_timer]
   failure = []
 
   def train_estimator():
@@ -76,7 +76,7 @@ def paired_training_rates(config: Config, splits: Splits, plan: BenchPlan) -> di
     turns.wait_for_turn("keras")
     model = keras_path.build_compiled_model(config, num_classes, steps_total=paired_steps)
     model.fit(synthetic.synthetic_dataset(config, num_classes, "train"), epochs=1,
-              steps_per_epoch=paired_steps, callbacks=[WindowClockCallback(clocks["keras"])],
+              steps_per_epoch=paired_steps, callbacks=[StepClockCallback(clocks["keras"])],
               verbose=0)
   except BaseException:
     turns.fail("keras")
@@ -142,13 +142,14 @@ def _export_times(export_root: str) -> list:
   return sorted(times)
 
 
-def estimator_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan,
-                             seconds_per_step: float) -> dict:
+def estimator_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan) -> dict:
   """A real short train_and_evaluate (estimator.train); where its wall time goes besides steps.
 
   startup_s: from the call to the step-0 checkpoint (graph build, session, initial checkpoint).
-  epoch_overhead_s: per epoch, the time after that which is not training steps (seconds_per_step
-  from the folder-pipeline measurement). Of it, evaluation_s runs from an epoch's checkpoint to
+  epoch_overhead_s: per epoch, the time after that which is not training steps: steps times
+  seconds_per_step, the median of this run's own step durations (the first steps' one-time
+  costs stay in the overhead; a step time measured in another phase would count the machine's
+  drift between the two as overhead). Of it, evaluation_s runs from an epoch's checkpoint to
   its evaluation results (evaluation graph rebuilt, checkpoint restored, one validation pass) and
   export_s from there to the last SavedModel export of that epoch; the rest is checkpoint saving.
   The timeline comes from the run's own event files and export folders.
@@ -159,9 +160,11 @@ def estimator_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan,
   # The path's real defaults for checkpoints and summaries: this measures a real run.
   run_config = config.replace(epochs=plan.overhead_epochs, save_checkpoints_steps=0,
                               save_summary_steps=Config.save_summary_steps)
+  durations = StepDurations()
   started = time.time()
-  estimator_path.train(run_config, short, initial_weights="")
+  estimator_path.train(run_config, short, initial_weights="", hooks=[StepClockHook(durations)])
   finished = time.time()
+  seconds_per_step = statistics.median(durations.seconds)
   checkpoints = events.checkpoint_times(config.model_dir)
   evaluations = events.summary_times(os.path.join(config.model_dir, estimator_path.EVAL_DIR))
   exports = _export_times(os.path.join(config.model_dir, "export"))
@@ -181,6 +184,7 @@ def estimator_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan,
       "startup_s": first_checkpoint - started,
       "epoch_overhead_s": (finished - first_checkpoint - steps * seconds_per_step)
                           / plan.overhead_epochs,
+      "seconds_per_step": seconds_per_step,
       "evaluation_s": statistics.mean(evaluation_s) if evaluation_s else None,
       "export_s": statistics.mean(export_s) if export_s else None,
       "timeline_s": {
@@ -207,14 +211,13 @@ class _FirstBatchClock(tf.keras.callbacks.Callback):
       self.first_batch = time.time()
 
 
-def keras_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan,
-                         seconds_per_step: float) -> dict:
+def keras_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan) -> dict:
   """The Keras path's counterpart of estimator_epoch_overhead: the same short run (epochs, steps,
   checkpoints, validation passes, the final export) through keras_path.train.
 
   startup_s: from the call to the first batch of `fit` (model, compile, datasets, restore).
   epoch_overhead_s: per epoch, the time after that which is not training steps (seconds_per_step
-  from Keras' own measured rate). As on the Estimator path it holds the first step's one-time
+  the median of this run's own batch durations, as on the Estimator path). It holds the first step's one-time
   costs (here the tracing of fit's train and test functions), each epoch's checkpoint and
   validation pass, and the final export (the Keras path exports once, at the end).
   """
@@ -223,16 +226,19 @@ def keras_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan,
   steps_per_epoch = split_lib.steps_per_epoch(train, config.batch_size)
   run_config = config.replace(path="keras", epochs=plan.overhead_epochs, save_checkpoints_steps=0,
                               save_summary_steps=Config.save_summary_steps)
-  clock = _FirstBatchClock()
+  clock, durations = _FirstBatchClock(), StepDurations()
   started = time.time()
-  keras_path.train(run_config, short, initial_weights="", callbacks=[clock])
+  keras_path.train(run_config, short, initial_weights="",
+                   callbacks=[clock, StepClockCallback(durations)])
   finished = time.time()
+  seconds_per_step = statistics.median(durations.seconds)
   steps = plan.overhead_epochs * steps_per_epoch
   return {
       "wall_s": finished - started,
       "startup_s": clock.first_batch - started,
       "epoch_overhead_s": (finished - clock.first_batch - steps * seconds_per_step)
                           / plan.overhead_epochs,
+      "seconds_per_step": seconds_per_step,
       "epochs": plan.overhead_epochs,
       "steps_per_epoch": steps_per_epoch,
   }
