@@ -689,7 +689,7 @@ def train(config: Config, splits, initial_weights: str,
                       recipes.phase_line(phase))
         _train_and_evaluate_in_process(
             phase_estimator(phase), config, class_names, splits.validation,
-            train_spec(phase, start_batch), initial_weights, steps_per_epoch, class_weights,
+            train_spec(phase, start_batch), steps_per_epoch, class_weights,
             extras, phase, segment_start, max_steps)
         start_batch = phase.end_step
   except tf.compat.v1.train.NanLossDuringTrainingError as e:
@@ -730,8 +730,7 @@ def train(config: Config, splits, initial_weights: str,
 
 
 def _train_and_evaluate_in_process(estimator, config: Config, class_names, validation_split,
-                                   train_spec, initial_weights: str, steps_per_epoch: int,
-                                   class_weights=None,
+                                   train_spec, steps_per_epoch: int, class_weights=None,
                                    extras: export_lib.ExportExtras = export_lib.NO_EXTRAS,
                                    phase=None, start_step: int = 0, max_steps: int = 0) -> None:
   """train_and_evaluate on one machine, for one phase (up to train_spec.max_steps): each

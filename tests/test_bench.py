@@ -278,7 +278,8 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   # Steps priced at the run's own step time, which lies inside its wall time after start-up.
   assert 0 < overhead["seconds_per_step"] < overhead["wall_s"] - overhead["startup_s"]
   keras_overhead = results["keras_epoch_overhead_run"]
-  assert 0 < keras_overhead["seconds_per_step"] < keras_overhead["wall_s"] - keras_overhead["startup_s"]
+  assert (0 < keras_overhead["seconds_per_step"]
+          < keras_overhead["wall_s"] - keras_overhead["startup_s"])
   assert 0 < keras_overhead["startup_s"] < keras_overhead["wall_s"]
   assert results["keras_epoch_overhead_s"] == keras_overhead["epoch_overhead_s"]
   assert keras_overhead["epochs"] == overhead["epochs"] == 1

@@ -142,7 +142,8 @@ def format_table(results: dict) -> str:
       *([f"Keras fit, the same run: startup {results['keras_epoch_overhead_run']['startup_s']:.1f} s, "
          f"overhead {results['keras_epoch_overhead_s']:.1f} s per epoch (validation, checkpoint, "
          "tracing, the final export; the run's median step "
-         f"{results['keras_epoch_overhead_run']['seconds_per_step']:.2f} s)"] if "keras_epoch_overhead_run" in results else []),
+         f"{results['keras_epoch_overhead_run']['seconds_per_step']:.2f} s)"]
+        if "keras_epoch_overhead_run" in results else []),
       f"complete {results['end_to_end']['epochs']}-epoch train, wall: " + ", ".join(
           f"{path} {seconds:.1f} s" for path, seconds in results["end_to_end"]["wall_s"].items()),
       "",

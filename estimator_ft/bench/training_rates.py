@@ -221,9 +221,9 @@ def keras_epoch_overhead(config: Config, splits: Splits, plan: BenchPlan) -> dic
 
   startup_s: from the call to the first batch of `fit` (model, compile, datasets, restore).
   epoch_overhead_s: per epoch, the time after that which is not training steps (seconds_per_step
-  the median of this run's own batch durations, as on the Estimator path). It holds the first step's one-time
-  costs (here the tracing of fit's train and test functions), each epoch's checkpoint and
-  validation pass, and the final export (the Keras path exports once, at the end).
+  the median of this run's own batch durations, as on the Estimator path). It holds the first
+  step's one-time costs (here the tracing of fit's train and test functions), each epoch's
+  checkpoint and validation pass, and the final export (the Keras path exports once, at the end).
   """
   train = subset(splits.train, plan.overhead_steps_per_epoch * config.batch_size)
   short = dataclasses.replace(splits, train=train)
