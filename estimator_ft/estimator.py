@@ -639,24 +639,23 @@ def train(config: Config, splits, initial_weights: str,
   trainer_id = estimator.config.global_id_in_cluster or 0
   train_config = config.replace(seed=config.seed + trainer_id)
 
-  extra_hooks = list(hooks)
-
   def train_spec(phase, start_batch):
-    hooks = [StopOnSignalHook(),
-             ProgressHook(steps_per_epoch, max_steps, config.batch_size, config.log_every_n_steps,
-                          config.save_checkpoints_steps or steps_per_epoch)]
+    own_hooks = [StopOnSignalHook(),
+                 ProgressHook(steps_per_epoch, max_steps, config.batch_size,
+                              config.log_every_n_steps,
+                              config.save_checkpoints_steps or steps_per_epoch)]
     if config.early_stopping_patience and not in_cluster:
-      hooks.append(EarlyStoppingSaverHook(config, steps_per_epoch))
+      own_hooks.append(EarlyStoppingSaverHook(config, steps_per_epoch))
     if is_chief:
       # The chief writes the training summaries, as the Estimator's own hook would.
-      hooks.append(TrainingSummaryHook(config.model_dir, config.save_summary_steps))
+      own_hooks.append(TrainingSummaryHook(config.model_dir, config.save_summary_steps))
       # One writer of train_history.json: in a cluster, the workers' averages would overwrite it.
-      hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch,
-                                    curves_every_n_steps=config.save_summary_steps))
+      own_hooks.append(EpochMetricsHook(config.model_dir, steps_per_epoch,
+                                        curves_every_n_steps=config.save_summary_steps))
     return tf.estimator.TrainSpec(
         input_fn=pipeline.make_input_fn(trainer_train_split(splits.train), train_config, "train",
                                         start_batch=start_batch),
-        max_steps=phase.end_step, hooks=hooks + extra_hooks)
+        max_steps=phase.end_step, hooks=own_hooks + list(hooks))
 
   eval_spec = tf.estimator.EvalSpec(
       input_fn=pipeline.make_input_fn(splits.validation, config, "eval"),

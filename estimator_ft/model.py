@@ -99,11 +99,10 @@ def restored_variables_scope():
   zeros = {}
 
   def creator(next_creator, **kwargs):
-    shape = kwargs.get("shape")
+    shape = tf.TensorShape(kwargs.get("shape"))  # unknown when not given: left alone
     collections = kwargs.get("collections") or ()
-    if (shape is not None and tf.TensorShape(shape).is_fully_defined()
-        and tf.compat.v1.GraphKeys.LOCAL_VARIABLES not in collections):
-      key = (tuple(tf.TensorShape(shape).as_list()), tf.as_dtype(kwargs.get("dtype") or tf.float32))
+    if shape.is_fully_defined() and tf.compat.v1.GraphKeys.LOCAL_VARIABLES not in collections:
+      key = (tuple(shape.as_list()), tf.as_dtype(kwargs.get("dtype") or tf.float32))
       if key not in zeros:
         # Outside any name or control scope of the layer being built: shared by every layer.
         with tf.init_scope():
