@@ -103,13 +103,13 @@ def _session_config(config: Config):
 
 def estimator_model_fn(config: Config, class_names, steps_per_epoch: int,
                        initial_weights: str = "", class_weights=None, phase=None,
-                       validation_examples: int = 0):
+                       validation_examples: int = 0, build_model=model_lib.build_model):
   """model_fn.build_model_fn's model_fn (for `phase`, default the run's last), whose evaluations
   also write the validation curves - and warn when they read fewer than `validation_examples`
   (0: not known)."""
   class_names = tuple(class_names)
   model_fn = model_fn_lib.build_model_fn(config, class_names, steps_per_epoch, initial_weights,
-                                         class_weights, phase)
+                                         class_weights, phase, build_model)
 
   def model_fn_with_validation_curves(features, labels, mode):
     spec = model_fn(features, labels, mode)
@@ -390,11 +390,16 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
   and their event file in model_dir/eval are what Estimator.evaluate writes (tested), so the
   history, the exporters and TensorBoard see no difference. A TF_CONFIG cluster keeps
   train_and_evaluate: its evaluator task evaluates checkpoints as they appear.
+
+  serving_writer: the exporters' export.EstimatorSavedModelWriter, whose serving graph is then
+  built into this graph on the model the evaluation built (model_fn's build_model must be
+  model.OneModelPerGraph).
   """
 
   def __init__(self, estimator, model_fn, config: Config, validation_split, exporters,
-               max_steps: int, start_step: int = 0):
+               max_steps: int, start_step: int = 0, serving_writer=None):
     self._estimator = estimator
+    self._serving_writer = serving_writer
     self._model_fn = model_fn
     self._config = config
     self._split = validation_split
@@ -424,13 +429,19 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
       self._values[tf.compat.v1.GraphKeys.GLOBAL_STEP] = global_step
       self._update = tf.group([update for _, update in metrics.values()])
       self._reset = tf.group(tf.compat.v1.local_variables_initializer(), iterator.initializer)
-      self._saver = tf.compat.v1.train.Saver(sharded=True)
+      session = tf.compat.v1.Session(graph=graph, config=self._estimator.config.session_config)
+      if self._serving_writer is not None and not self._serving_writer.built:
+        # The exporters' serving graph joins this one and applies the same model (the model_fn's
+        # build_model is model.OneModelPerGraph): one ResNet50 built per process, not two.
+        self._saver = self._serving_writer.build_in(graph, session)
+      else:
+        self._saver = tf.compat.v1.train.Saver(sharded=True)
       # The spec's evaluation hooks (the validation curves) run as in Estimator.evaluate: their
       # fetches with every batch, their end() after each pass.
       self._hooks = list(spec.evaluation_hooks)
       for hook in self._hooks:
         hook.begin()
-    self._session = tf.compat.v1.Session(graph=graph, config=self._estimator.config.session_config)
+    self._session = session
     self._graph = graph  # last: a build that failed half-way is retried, never used
 
   def evaluate(self, checkpoint_path: str) -> dict:
@@ -733,18 +744,20 @@ def _train_and_evaluate_in_process(estimator, config: Config, class_names, valid
                                    extras: export_lib.ExportExtras = export_lib.NO_EXTRAS,
                                    phase=None, start_step: int = 0, max_steps: int = 0) -> None:
   """train_and_evaluate on one machine, for one phase (up to train_spec.max_steps): each
-  checkpoint evaluated and exported in this process, from an evaluation graph and a serving
-  graph built once (InProcessEvaluator); the export of the run's `max_steps` is the final one."""
+  checkpoint evaluated and exported in this process, from one graph built once for both (the
+  InProcessEvaluator's, holding the writer's serving graph); the export of the run's `max_steps`
+  is the final one."""
   # Without the initial weights: the evaluation and serving graphs restore every variable from a
   # checkpoint before they run, so reading the initial-weights file into initializers that never
   # run would only cost their builds time (about 0.5 s each at 64 px, measured).
   model_fn = estimator_model_fn(config, class_names, steps_per_epoch, "",
-                                class_weights, phase, validation_split.num_examples)
+                                class_weights, phase, validation_split.num_examples,
+                                build_model=model_lib.OneModelPerGraph())
   writer = export_lib.EstimatorSavedModelWriter(model_fn, config,
                                                 estimator.config.session_config)
   exporters = export_lib.make_exporters(config, class_names, extras, writer)
   evaluator = InProcessEvaluator(estimator, model_fn, config, validation_split, exporters,
-                                 max_steps or train_spec.max_steps, start_step)
+                                 max_steps or train_spec.max_steps, start_step, writer)
   try:
     estimator.train(train_spec.input_fn, max_steps=train_spec.max_steps,
                     hooks=list(train_spec.hooks), saving_listeners=[evaluator])

@@ -35,7 +35,8 @@ first image, so each signature's subgraph is warm before the first live request.
 Estimator exporters (after each evaluation during training): `export/best` when the validation
 metric `--export_best_metric` beats every version already in `export/best`; `export/latest` for
 the final checkpoint (every evaluated one with --export_latest_every_epoch). In the training
-process they share an EstimatorSavedModelWriter, whose serving graph is built once.
+process they share an EstimatorSavedModelWriter, whose serving graph is built once, into the
+in-process evaluation graph (one ResNet50 for both).
 The comparison uses the metrics recorded in those versions, so a resumed run never publishes a
 worse model as the newest (= served) "best". Each keeps `--exports_to_keep` versions.
 """
@@ -406,9 +407,14 @@ class EstimatorSavedModelWriter:
   `Estimator.export_saved_model` builds the serving graph (ResNet50 and the decode pipelines)
   anew for every export: about 4 s on 2 cores, twice per epoch with the latest and best
   exporters. This builds the same graph once - the same receiver, the model_fn's PREDICT spec,
-  the signature defs `Estimator._add_meta_graph_for_mode` builds, its sharded saver and
+  the signature defs `Estimator._add_meta_graph_for_mode` builds, a sharded saver and the
   local-init main op - keeps a session on it, and per export only restores the checkpoint and
   writes the SavedModel.
+
+  The serving graph is its own (built at the first write) or, through `build_in`, part of the
+  in-process evaluation graph, which already holds the model: then only the receiver and the
+  prediction outputs (and the saver) are added: 0.9 s instead of 2.7 s at 64 px, measured. Each
+  SavedModel holds only what serving needs of the graph (_ServingSaver), whichever it is.
   """
 
   def __init__(self, model_fn, config: Config, session_config=None):
@@ -416,31 +422,69 @@ class EstimatorSavedModelWriter:
     self._config = config
     self._session_config = session_config
     self._graph = None
+    self._session, self._owns_session = None, True
+
+  @property
+  def built(self) -> bool:
+    return self._graph is not None
+
+  def build_in(self, graph, session) -> tf.compat.v1.train.Saver:
+    """Adds the serving graph to `graph`, whose model_fn built the model for another mode (with
+    model.OneModelPerGraph), and exports through `session` on it (the caller's, which it closes).
+    Returns the saver of every variable of `graph`, for the caller to restore with: an export
+    after an evaluation of the same checkpoint then restores through executors already built."""
+    with graph.as_default():
+      known = set(_variable_names(tf.compat.v1.global_variables()))
+      self._add_serving_graph()
+      added = set(_variable_names(tf.compat.v1.global_variables())) - known
+    if added:
+      raise ValueError(f"The model_fn's PREDICT call created {len(added)} new variables (e.g. "
+                       f"{sorted(added)[0]}) in a graph that already holds the model: build its "
+                       "model_fn with build_model=model.OneModelPerGraph().")
+    self._session, self._owns_session = session, False
+    self._graph = graph  # last: a build that failed half-way is retried, never used
+    return self._saver
 
   def _build(self):
     graph = tf.Graph()
     with graph.as_default():
       tf.compat.v1.train.create_global_step()
       tf.compat.v1.random.set_random_seed(self._config.seed)
-      receiver = serving_input_receiver_fn(self._config.image_size,
-                                           self._config.max_image_pixels)()
-      with model_lib.restored_variables_scope():  # each export restores them all first
-        spec = self._model_fn(receiver.features, None, tf.estimator.ModeKeys.PREDICT)
-      export_outputs = estimator_export_lib.export_outputs_for_mode(
-          mode=spec.mode, serving_export_outputs=spec.export_outputs,
-          predictions=spec.predictions, loss=spec.loss, metrics=spec.eval_metric_ops)
-      self._signature_def_map = estimator_export_lib.build_all_signature_defs(
-          receiver.receiver_tensors, export_outputs, receiver.receiver_tensors_alternatives,
-          serving_only=True)
-      self._saver = tf.compat.v1.train.Saver(sharded=True)
-      self._main_op = tf.compat.v1.train.Scaffold.default_local_init_op()
-    self._session = tf.compat.v1.Session(graph=graph, config=self._session_config)
+      self._add_serving_graph()
     self._graph = graph  # last: a build that failed half-way is retried, never used
+
+  def _add_serving_graph(self):
+    graph = tf.compat.v1.get_default_graph()
+    local_init_before = {id(item) for _, item in _local_init_items(graph)}
+    receiver = serving_input_receiver_fn(self._config.image_size, self._config.max_image_pixels)()
+    with model_lib.restored_variables_scope():  # each export restores them all first
+      spec = self._model_fn(receiver.features, None, tf.estimator.ModeKeys.PREDICT)
+    export_outputs = estimator_export_lib.export_outputs_for_mode(
+        mode=spec.mode, serving_export_outputs=spec.export_outputs,
+        predictions=spec.predictions, loss=spec.loss, metrics=spec.eval_metric_ops)
+    self._signature_def_map = estimator_export_lib.build_all_signature_defs(
+        receiver.receiver_tensors, export_outputs, receiver.receiver_tensors_alternatives,
+        serving_only=True)
+    # Scaffold.default_local_init_op's parts, of the serving graph's own local state only.
+    local_init = [(kind, item) for kind, item in _local_init_items(graph)
+                  if id(item) not in local_init_before]
+    local_variables, tables, resources = (
+        [item for kind, item in local_init if kind == key] for key in _LOCAL_INIT_KINDS)
+    self._main_op = tf.group(tf.compat.v1.variables_initializer(local_variables),
+                             tf.group(tables), tf.group([r.create for r in resources]))
+    keep = [tensor_info.name for signature in self._signature_def_map.values()
+            for tensor_info in (list(signature.inputs.values()) + list(signature.outputs.values()))]
+    keep.append(self._main_op.name)
+    for variable in tf.compat.v1.global_variables() + local_variables:
+      keep.extend(_graph_names(variable))
+    self._saver = _ServingSaver(keep, sharded=True)
 
   def write(self, staging: str, checkpoint_path: str) -> str:
     """The SavedModel of `checkpoint_path`, written into a new folder in `staging`."""
     if self._graph is None:
       self._build()
+    if self._session is None:
+      self._session = tf.compat.v1.Session(graph=self._graph, config=self._session_config)
     saved_model_dir = os.path.join(staging, "saved_model")
     # Its own graph as the default: a saver built in graph mode would otherwise restore eagerly.
     with self._graph.as_default():
@@ -456,8 +500,102 @@ class EstimatorSavedModelWriter:
     return saved_model_dir
 
   def close(self):
-    if self._graph is not None:
+    if self._session is not None and self._owns_session:
       self._session.close()
+
+
+_LOCAL_INIT_KINDS = ("local_variable", "table_initializer", "local_resource")
+
+
+def _local_init_items(graph) -> list:
+  """(kind, item) of what Scaffold.default_local_init_op initializes in `graph`."""
+  keys = (tf.compat.v1.GraphKeys.LOCAL_VARIABLES, tf.compat.v1.GraphKeys.TABLE_INITIALIZERS,
+          tf.compat.v1.GraphKeys.LOCAL_RESOURCES)
+  return [(kind, item) for kind, key in zip(_LOCAL_INIT_KINDS, keys)
+          for item in graph.get_collection(key)]
+
+
+def _variable_names(variables) -> list:
+  return [variable.op.name for variable in variables]
+
+
+class _ServingSaver(tf.compat.v1.train.Saver):
+  """A Saver whose exported MetaGraphDef (what a SavedModel builder writes) holds only the part of
+  its graph that serving needs: the nodes `keep` names (the signatures' inputs and outputs, the
+  main op, the serving graph's variables) and this saver's, with what they depend on, the
+  functions they call, and the collections that refer to nothing else. A serving graph built
+  into the evaluation graph would otherwise carry the validation pipeline and the metrics; a
+  serving graph of its own loses nothing.
+  """
+
+  def __init__(self, keep, **saver_kwargs):
+    super().__init__(**saver_kwargs)
+    saver_def = self.saver_def
+    self._keep = {name.split(":")[0] for name in list(keep) + [
+        saver_def.filename_tensor_name, saver_def.save_tensor_name, saver_def.restore_op_name]}
+    self._pruned = None  # (graph version, GraphDef): the graph gets no ops between exports
+
+  def export_meta_graph(self, filename=None, collection_list=None, as_text=False,
+                        export_scope=None, clear_devices=False, clear_extraneous_savers=False,
+                        strip_default_attrs=False, save_debug_info=False):
+    graph = tf.compat.v1.get_default_graph()
+    if self._pruned is None or self._pruned[0] != graph.version:
+      self._pruned = (graph.version, _subgraph(graph.as_graph_def(add_shapes=True), self._keep))
+    graph_def = self._pruned[1]
+    kept = {node.name for node in graph_def.node}
+    collections = [key for key in graph.get_all_collection_keys()
+                   if (collection_list is None or key in collection_list)
+                   and all(_graph_names(item) and _graph_names(item) <= kept
+                           for item in graph.get_collection(key))]
+    return tf.compat.v1.train.export_meta_graph(
+        filename=filename, graph_def=graph_def, saver_def=self.saver_def,
+        collection_list=collections, as_text=as_text, export_scope=export_scope,
+        clear_devices=clear_devices, clear_extraneous_savers=clear_extraneous_savers,
+        strip_default_attrs=strip_default_attrs, save_debug_info=save_debug_info)
+
+
+def _graph_names(item) -> set:
+  """The graph nodes a collection item refers to; empty for an item that is not of a graph."""
+  if isinstance(item, tf.Variable):
+    proto = item.to_proto()
+    return {name.split(":")[0] for name in (proto.variable_name, proto.initializer_name,
+                                            proto.snapshot_name, proto.initial_value_name) if name}
+  if isinstance(item, tf.Tensor):
+    return {item.op.name}
+  if isinstance(item, tf.Operation):
+    return {item.name}
+  return set()
+
+
+def _subgraph(graph_def, keep):
+  """graph_def's nodes named in `keep` and every node they depend on (data and control inputs),
+  in their order, with the library functions those nodes call (and the functions those call)."""
+  nodes = {node.name: node for node in graph_def.node}
+  reached, pending = set(), [name for name in keep if name in nodes]
+  while pending:
+    name = pending.pop()
+    if name not in reached:
+      reached.add(name)
+      pending.extend(source.lstrip("^").split(":")[0] for source in nodes[name].input)
+  subgraph = type(graph_def)()
+  subgraph.versions.CopyFrom(graph_def.versions)
+  subgraph.node.extend(node for node in graph_def.node if node.name in reached)
+  functions = {function.signature.name: function for function in graph_def.library.function}
+  gradients = {gradient.function_name: gradient for gradient in graph_def.library.gradient}
+  called, pending = set(), [list(subgraph.node)]
+  while pending:
+    for node in pending.pop():
+      names = [node.op] + [attr.func.name for attr in node.attr.values() if attr.HasField("func")]
+      names += [func.name for attr in node.attr.values() for func in attr.list.func]
+      for name in names:
+        if name in functions and name not in called:
+          called.add(name)
+          pending.append(functions[name].node_def)
+          if name in gradients:
+            pending.append([type(node)(op=gradients[name].gradient_func)])
+  subgraph.library.function.extend(functions[name] for name in sorted(called))
+  subgraph.library.gradient.extend(gradients[name] for name in sorted(called) if name in gradients)
+  return subgraph
 
 
 def export_estimator(estimator, config: Config, class_names, export_base: str,

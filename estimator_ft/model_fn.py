@@ -16,7 +16,7 @@ handled explicitly here:
 """
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
@@ -209,7 +209,8 @@ def per_example_loss(labels, probabilities, num_classes: int, label_smoothing: f
 
 def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_weights: str = "",
                    class_weights: Optional[Sequence[float]] = None,
-                   phase: Optional[recipes.Phase] = None):
+                   phase: Optional[recipes.Phase] = None,
+                   build_model: Callable[[Config, int], tf.keras.Model] = model_lib.build_model):
   """Returns the model_fn for `tf.estimator.Estimator`.
 
   `initial_weights` is a checkpoint prefix written by `model.save_initial_weights`; when given, a
@@ -219,6 +220,8 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
   phase the whole base is frozen (its BatchNorm in inference mode, no weight decay) while the
   optimizer already holds the slots of every variable phase 2 trains, so the graphs of both
   phases have the same variables and each restores the other's checkpoints.
+  `build_model` makes the model of each call (model.OneModelPerGraph: one model for all the calls
+  in one graph).
   """
   class_names = tuple(class_names)
   num_classes = len(class_names)
@@ -228,7 +231,7 @@ def build_model_fn(config: Config, class_names, steps_per_epoch: int, initial_we
   def model_fn(features, labels, mode):
     images = features[contract.FEATURE_KEY] if isinstance(features, dict) else features
     training = mode == ModeKeys.TRAIN
-    model = model_lib.build_model(config, num_classes)
+    model = build_model(config, num_classes)
     # Built with --fine_tune_from's trainable set: phase 2's. With --head_epochs both phases
     # create the optimizer's slots for all of it, the same way, so their graphs have the same
     # variables under the same names (the head phase trains only the head's).

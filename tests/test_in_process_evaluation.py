@@ -1,6 +1,7 @@
 """The Estimator path's evaluation and exports inside the training process: graphs built once,
 results identical to Estimator.evaluate and Estimator.export_saved_model."""
 
+import collections
 import dataclasses
 import logging
 import os
@@ -8,10 +9,12 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from estimator_ft import contract
 from estimator_ft import estimator as estimator_path
 from estimator_ft import export
+from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft.config import Config
 from estimator_ft.data import loading
@@ -77,6 +80,77 @@ def test_one_serving_graph_writes_the_estimators_export_again_and_again(trained,
         contract.PROBABILITIES].numpy())
   np.testing.assert_array_equal(outputs[0], outputs[2])
   np.testing.assert_array_equal(outputs[1], outputs[2])
+
+
+def _graph_of(saved_model_dir):
+  saved_model = saved_model_pb2.SavedModel()
+  with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+    saved_model.ParseFromString(f.read())
+  (meta_graph,) = saved_model.meta_graphs
+  return meta_graph
+
+
+def test_the_serving_graph_built_into_the_evaluation_graph_exports_only_serving(trained, tmp_path):
+  config, splits, estimator, _ = trained
+  checkpoint = estimator.latest_checkpoint()
+  reference_metrics = estimator.evaluate(pipeline.make_input_fn(splits.validation, config, "eval"),
+                                         checkpoint_path=checkpoint, name="reference_shared")
+  model_fn = estimator_path.estimator_model_fn(config, splits.class_names, 4,
+                                               build_model=model_lib.OneModelPerGraph())
+  writer = export.EstimatorSavedModelWriter(model_fn, config)
+  evaluator = estimator_path.InProcessEvaluator(estimator, model_fn, config, splits.validation,
+                                                exporters=[], max_steps=3, serving_writer=writer)
+  metrics = evaluator.evaluate(checkpoint)
+  shared = export.export_estimator(estimator, config, splits.class_names, str(tmp_path / "shared"),
+                                   checkpoint, writer=writer)
+  evaluator.end(None, 3)
+  assert writer.built
+  for name in reference_metrics:
+    assert metrics[name] == pytest.approx(reference_metrics[name], rel=1e-6), name
+  own_writer = export.EstimatorSavedModelWriter(model_fn_lib.build_model_fn(
+      config, splits.class_names, 4), config)
+  try:
+    own = export.export_estimator(estimator, config, splits.class_names, str(tmp_path / "own"),
+                                  checkpoint, writer=own_writer)
+  finally:
+    own_writer.close()
+  reference = export.export_estimator(estimator, config, splits.class_names,
+                                      str(tmp_path / "estimator"), checkpoint)
+  # Nothing of the evaluation in it: the same ops as a serving graph of its own, the same
+  # collections and variables as the Estimator's export (whose graph also keeps the Keras
+  # model's own dead copy on its Input placeholder).
+  shared_graph, own_graph, reference_graph = (_graph_of(path) for path in (shared, own, reference))
+  op_types = [collections.Counter(node.op for node in graph.graph_def.node)
+              for graph in (shared_graph, own_graph)]
+  assert op_types[0] == op_types[1]
+  assert not {"IteratorGetNext", "IteratorV2", "MakeIterator"} & set(op_types[0])
+  assert sorted(shared_graph.collection_def) == sorted(reference_graph.collection_def)
+  variables = [sorted(name for name, _ in tf.train.list_variables(os.path.join(path, "variables",
+                                                                             "variables")))
+               for path in (shared, reference)]
+  assert variables[0] == variables[1]
+  with open(splits.validation.paths[0], "rb") as f:
+    image = f.read()
+  decoded = tf.image.decode_image(image, channels=3, expand_animations=False)[tf.newaxis]
+  outputs = []
+  for path in (shared, reference):
+    signatures = tf.saved_model.load(path).signatures
+    outputs.append([
+        signatures[contract.SERVING_SIGNATURE](**{contract.IMAGE_BYTES_INPUT: tf.constant([image])})[
+            contract.PROBABILITIES].numpy(),
+        signatures[contract.IMAGES_SIGNATURE](**{contract.IMAGES_INPUT: tf.cast(decoded, tf.float32)})[
+            contract.PROBABILITIES].numpy()])
+  np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_a_serving_graph_cannot_join_a_graph_with_a_model_it_would_not_share(trained):
+  config, splits, estimator, model_fn = trained  # builds a new model at every call
+  writer = export.EstimatorSavedModelWriter(model_fn, config)
+  evaluator = estimator_path.InProcessEvaluator(estimator, model_fn, config, splits.validation,
+                                                exporters=[], max_steps=3, serving_writer=writer)
+  with pytest.raises(ValueError, match="build_model=model.OneModelPerGraph"):
+    evaluator.evaluate(estimator.latest_checkpoint())
+  assert not writer.built
 
 
 def test_a_validation_pass_that_could_not_read_every_example_says_so(trained, tmp_path, caplog):
