@@ -33,11 +33,6 @@ from estimator_ft import files
 from estimator_ft.files import is_local
 
 
-def is_absolute(path: str) -> bool:
-  """A URL is absolute; a local path when os.path says so (checkpoint state files hold either)."""
-  return not is_local(path) or os.path.isabs(path)
-
-
 def exists(path: str) -> bool:
   return os.path.exists(path) if is_local(path) else tf.io.gfile.exists(path)
 

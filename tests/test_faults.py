@@ -494,6 +494,19 @@ def test_intact_latest_checkpoint_is_used_as_it_is(checkpointed_dir, caplog):
   assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
+def test_a_relative_model_dir_resumes_its_latest_checkpoint_without_a_word(
+    checkpointed_dir, monkeypatch, caplog):
+  # `make demo` passes --model_dir=runs/demo: TensorFlow already joins the state file's relative
+  # names to that folder, and joining them again named every checkpoint missing.
+  monkeypatch.chdir(checkpointed_dir.parent)
+  model_dir = checkpointed_dir.name
+  state_before = (checkpointed_dir / "checkpoint").read_text()
+  assert faults.list_unlisted_checkpoints(model_dir, NAME) == []
+  assert faults.recover_checkpoint_state(model_dir, NAME) == os.path.join(model_dir, f"{NAME}-6")
+  assert (checkpointed_dir / "checkpoint").read_text() == state_before
+  assert not [r for r in caplog.records if r.levelname in ("WARNING", "INFO")]
+
+
 @pytest.mark.parametrize("damage", [truncate, flip_a_byte], ids=["truncated", "bit_flip"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(checkpointed_dir, damage, caplog):
   damage(data_file(checkpointed_dir, 6))

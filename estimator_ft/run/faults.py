@@ -78,16 +78,12 @@ def _named_checkpoints(model_dir: str) -> Tuple[Optional[str], List[str], Option
   state_path = os.path.join(model_dir, CHECKPOINT_STATE_FILE)
   if not storage.exists(state_path):
     return None, [], f"{state_path} is missing"
-  # None when the file does not parse (TensorFlow only logs a warning then).
+  # None when the file does not parse (TensorFlow only logs a warning then). TensorFlow has
+  # already joined each relative name in it to model_dir (itself maybe relative: runs/demo).
   state = tf.train.get_checkpoint_state(model_dir)
   if state is None or not state.model_checkpoint_path:
     return None, [], f"{state_path} is damaged (it does not name a checkpoint)"
-
-  def absolute(path):
-    return path if storage.is_absolute(path) else os.path.join(model_dir, path)
-
-  return (absolute(state.model_checkpoint_path),
-          [absolute(p) for p in state.all_model_checkpoint_paths], None)
+  return state.model_checkpoint_path, list(state.all_model_checkpoint_paths), None
 
 
 def remove_stale_temporaries(model_dir: str, checkpoint_name: str) -> List[str]:
