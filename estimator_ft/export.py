@@ -430,7 +430,7 @@ class EstimatorSavedModelWriter:
 
   def build_in(self, graph, session) -> tf.compat.v1.train.Saver:
     """Adds the serving graph to `graph`, whose model_fn built the model for another mode (with
-    model.OneModelPerGraph), and exports through `session` on it (the caller's, which it closes).
+    model.OneModelPerGraph), and exports through `session` on it (the caller's: it closes it).
     Returns the saver of every variable of `graph`, for the caller to restore with: an export
     after an evaluation of the same checkpoint then restores through executors already built."""
     with graph.as_default():
@@ -545,8 +545,7 @@ class _ServingSaver(tf.compat.v1.train.Saver):
     kept = {node.name for node in graph_def.node}
     collections = [key for key in graph.get_all_collection_keys()
                    if (collection_list is None or key in collection_list)
-                   and all(_graph_names(item) and _graph_names(item) <= kept
-                           for item in graph.get_collection(key))]
+                   and all(_refers_only_to(item, kept) for item in graph.get_collection(key))]
     return tf.compat.v1.train.export_meta_graph(
         filename=filename, graph_def=graph_def, saver_def=self.saver_def,
         collection_list=collections, as_text=as_text, export_scope=export_scope,
@@ -567,11 +566,16 @@ def _graph_names(item) -> set:
   return set()
 
 
+def _refers_only_to(item, node_names) -> bool:
+  names = _graph_names(item)
+  return bool(names) and names <= node_names
+
+
 def _subgraph(graph_def, keep):
   """graph_def's nodes named in `keep` and every node they depend on (data and control inputs),
   in their order, with the library functions those nodes call (and the functions those call)."""
   nodes = {node.name: node for node in graph_def.node}
-  reached, pending = set(), [name for name in keep if name in nodes]
+  reached, pending = set(), list(keep)
   while pending:
     name = pending.pop()
     if name not in reached:
@@ -591,7 +595,7 @@ def _subgraph(graph_def, keep):
         if name in functions and name not in called:
           called.add(name)
           pending.append(functions[name].node_def)
-          if name in gradients:
+          if name in gradients:  # its gradient function is walked as a node calling it
             pending.append([type(node)(op=gradients[name].gradient_func)])
   subgraph.library.function.extend(functions[name] for name in sorted(called))
   subgraph.library.gradient.extend(gradients[name] for name in sorted(called) if name in gradients)
