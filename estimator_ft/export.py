@@ -455,7 +455,11 @@ class EstimatorSavedModelWriter:
 
   def _add_serving_graph(self):
     graph = tf.compat.v1.get_default_graph()
-    local_init_before = {id(item) for _, item in _local_init_items(graph)}
+    # What Scaffold.default_local_init_op initializes: its main op takes the serving graph's own.
+    local_init_keys = (tf.compat.v1.GraphKeys.LOCAL_VARIABLES,
+                       tf.compat.v1.GraphKeys.TABLE_INITIALIZERS,
+                       tf.compat.v1.GraphKeys.LOCAL_RESOURCES)
+    before = {key: {id(item) for item in graph.get_collection(key)} for key in local_init_keys}
     receiver = serving_input_receiver_fn(self._config.image_size, self._config.max_image_pixels)()
     with model_lib.restored_variables_scope():  # each export restores them all first
       spec = self._model_fn(receiver.features, None, tf.estimator.ModeKeys.PREDICT)
@@ -465,11 +469,9 @@ class EstimatorSavedModelWriter:
     self._signature_def_map = estimator_export_lib.build_all_signature_defs(
         receiver.receiver_tensors, export_outputs, receiver.receiver_tensors_alternatives,
         serving_only=True)
-    # Scaffold.default_local_init_op's parts, of the serving graph's own local state only.
-    local_init = [(kind, item) for kind, item in _local_init_items(graph)
-                  if id(item) not in local_init_before]
     local_variables, tables, resources = (
-        [item for kind, item in local_init if kind == key] for key in _LOCAL_INIT_KINDS)
+        [item for item in graph.get_collection(key) if id(item) not in before[key]]
+        for key in local_init_keys)
     self._main_op = tf.group(tf.compat.v1.variables_initializer(local_variables),
                              tf.group(tables), tf.group([r.create for r in resources]))
     keep = [tensor_info.name for signature in self._signature_def_map.values()
@@ -502,17 +504,6 @@ class EstimatorSavedModelWriter:
   def close(self):
     if self._session is not None and self._owns_session:
       self._session.close()
-
-
-_LOCAL_INIT_KINDS = ("local_variable", "table_initializer", "local_resource")
-
-
-def _local_init_items(graph) -> list:
-  """(kind, item) of what Scaffold.default_local_init_op initializes in `graph`."""
-  keys = (tf.compat.v1.GraphKeys.LOCAL_VARIABLES, tf.compat.v1.GraphKeys.TABLE_INITIALIZERS,
-          tf.compat.v1.GraphKeys.LOCAL_RESOURCES)
-  return [(kind, item) for kind, key in zip(_LOCAL_INIT_KINDS, keys)
-          for item in graph.get_collection(key)]
 
 
 def _variable_names(variables) -> list:
