@@ -261,6 +261,24 @@ def test_predict_yields_features_only(folder_set, splits, tmp_path):
   assert sum(len(b["image"]) for b in batches) == 9
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_only_the_training_stream_is_autotuned(folder_set, splits, tmp_path, cache):
+  # An autotuned iterator's destruction waits for its model thread's optimisation period: the
+  # in-process evaluator re-initializes its iterator for every evaluation, and with autotuning
+  # every second evaluation of `make demo` stalled 10-19 s (2-core AVX2 EPYC).
+  root, _, _ = folder_set
+  config = make_config(tmp_path, root / "train", root / "validation", cache=cache)
+  for mode, split, autotuned in (("train", splits.train, True), ("eval", splits.validation, False),
+                                 ("predict", splits.validation, False)):
+    dataset = pipeline_lib.make_dataset(split, config, mode)
+    # None is tf.data's default: autotuned.
+    assert (dataset.options().autotune.enabled is not False) == autotuned, mode
+  # Still parallel without it: the eval stream keeps its every example, in order.
+  eval_labels = np.concatenate([labels for _, labels in pipeline_lib.make_dataset(
+      splits.validation, config, "eval").as_numpy_iterator()])
+  np.testing.assert_array_equal(eval_labels, splits.validation.labels)
+
+
 def test_train_shuffles_each_epoch_and_repeats(folder_set, splits, tmp_path):
   root, train_written, _ = folder_set
   config = make_config(tmp_path, root / "train", root / "validation", batch_size=3,
