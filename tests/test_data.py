@@ -273,7 +273,7 @@ def test_only_the_training_stream_is_autotuned(folder_set, splits, tmp_path, cac
     dataset = pipeline_lib.make_dataset(split, config, mode)
     # None is tf.data's default: autotuned.
     assert (dataset.options().autotune.enabled is not False) == autotuned, mode
-  # Still parallel without it: the eval stream keeps its every example, in order.
+  # Complete without it: the eval stream still yields every example, in order.
   eval_labels = np.concatenate([labels for _, labels in pipeline_lib.make_dataset(
       splits.validation, config, "eval").as_numpy_iterator()])
   np.testing.assert_array_equal(eval_labels, splits.validation.labels)
