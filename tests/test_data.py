@@ -268,14 +268,14 @@ def test_only_the_training_stream_is_autotuned(folder_set, splits, tmp_path, cac
   # every second evaluation of `make demo` stalled 10-19 s (2-core AVX2 EPYC).
   root, _, _ = folder_set
   config = make_config(tmp_path, root / "train", root / "validation", cache=cache)
+  datasets = {}
   for mode, split, autotuned in (("train", splits.train, True), ("eval", splits.validation, False),
                                  ("predict", splits.validation, False)):
-    dataset = pipeline_lib.make_dataset(split, config, mode)
+    datasets[mode] = pipeline_lib.make_dataset(split, config, mode)
     # None is tf.data's default: autotuned.
-    assert (dataset.options().autotune.enabled is not False) == autotuned, mode
+    assert (datasets[mode].options().autotune.enabled is not False) == autotuned, mode
   # Complete without it: the eval stream still yields every example, in order.
-  eval_labels = np.concatenate([labels for _, labels in pipeline_lib.make_dataset(
-      splits.validation, config, "eval").as_numpy_iterator()])
+  eval_labels = np.concatenate([labels for _, labels in datasets["eval"].as_numpy_iterator()])
   np.testing.assert_array_equal(eval_labels, splits.validation.labels)
 
 
