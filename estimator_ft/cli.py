@@ -66,8 +66,8 @@ def _define_train():
 
 def _run_train(argv):
   _no_positional(argv)
-  from estimator_ft.jobs import train as train_job
   config = _config_from_flags()
+  from estimator_ft.jobs import train as train_job
   results = train_job.run(config)
   _print_train_summary(results, config)
   return 0
@@ -120,11 +120,11 @@ def _define_compare():
 
 def _run_compare(argv):
   _no_positional(argv)
-  from estimator_ft.jobs import compare
   if not FLAGS.output_dir:
     raise ValueError("--output_dir is required: the folder for the comparison outputs.")
-  paths = compare.check_paths(FLAGS.paths)
   config = _config_from_flags(require_model_dir=False, model_dir=FLAGS.output_dir)
+  from estimator_ft.jobs import compare
+  paths = compare.check_paths(FLAGS.paths)
   comparison = compare.run_compare(config, FLAGS.output_dir, paths)
   print(compare.format_report(comparison))
   return 0

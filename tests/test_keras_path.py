@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import types
 
 import numpy as np
@@ -175,7 +176,7 @@ def test_keras_reads_the_batches_the_estimator_reads(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_exact_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_dataset, tmp_path):
+def test_exact_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_dataset, tmp_path, caplog):
   """Stopped after epoch 1 and resumed: with --exact_resume the stream continues at batch 3."""
   settings = dict(epochs=2, exact_resume=True, deterministic=True, augment=True,
                   export_during_training=False)
@@ -183,6 +184,9 @@ def test_exact_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_dataset
   train_job.run(whole)
   resumed = make_config(tiny_dataset, tmp_path / "resumed", **settings)
   train_job.run(resumed.replace(epochs=1))
+  # The same epoch 1 for the run resumed without exact resume below (exact_resume does not
+  # change epoch 1, and a model_dir may be moved: its checkpoint state names files relatively).
+  shutil.copytree(tmp_path / "resumed", tmp_path / "replayed")
   train_job.run(resumed)
   num_classes = 2
   expected = keras_path.checkpoint_weights(whole, num_classes, keras_path.latest_checkpoint(whole.model_dir))
@@ -193,8 +197,11 @@ def test_exact_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_dataset
   assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
   # Without exact resume the resumed run re-reads epoch 1's batches, which changes the weights.
   replayed = make_config(tiny_dataset, tmp_path / "replayed", **{**settings, "exact_resume": False})
-  train_job.run(replayed.replace(epochs=1))
-  train_job.run(replayed)
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="estimator_ft"):
+    train_job.run(replayed)
+  assert f"resuming from {tmp_path / 'replayed' / keras_path.CHECKPOINT_NAME}-{STEPS_PER_EPOCH}" in (
+      caplog.text)
   different = keras_path.checkpoint_weights(replayed, num_classes,
                                             keras_path.latest_checkpoint(replayed.model_dir))
   assert max(float(np.max(np.abs(a - e))) for a, e in zip(different, expected)) > 1e-4

@@ -195,8 +195,14 @@ def _moving_stat_changes(estimator, prefix, config):
   return np.array(moving), np.array(kernels)
 
 
-def test_bn_moving_statistics_change_with_apply_and_not_with_skip(tmp_path):
-  config, estimator, prefix = _train_steps(tmp_path, "apply")
+@pytest.fixture(scope="module")
+def trained_with_updates(module_tmp_path):
+  """3 training steps with the BN updates applied: for the BN test and the evaluation test."""
+  return _train_steps(module_tmp_path, "apply")
+
+
+def test_bn_moving_statistics_change_with_apply_and_not_with_skip(trained_with_updates, tmp_path):
+  config, estimator, prefix = trained_with_updates
   moving, kernels = _moving_stat_changes(estimator, prefix, config)
   assert len(moving) == 106
   assert (moving > 0).mean() > 0.9, "most BN moving statistics must move after 3 training steps"
@@ -209,8 +215,8 @@ def test_bn_moving_statistics_change_with_apply_and_not_with_skip(tmp_path):
   assert kernels.max() > 0, "the weights still train under skip: that is what made the bug subtle"
 
 
-def test_evaluation_is_deterministic(tmp_path):
-  config, estimator, _ = _train_steps(tmp_path, "apply", steps=1)
+def test_evaluation_is_deterministic(trained_with_updates):
+  config, estimator, _ = trained_with_updates
   input_fn = synthetic_lib.make_synthetic_input_fn(config, 2, "eval", num_examples=12)
   first = estimator.evaluate(input_fn)
   second = estimator.evaluate(input_fn)

@@ -169,6 +169,23 @@ def test_bad_flags_fail_with_a_message(tiny_dataset, tmp_path, flags, message):
   assert not (tmp_path / "m").exists(), "a rejected setting must not leave a model_dir behind"
 
 
+@pytest.mark.parametrize("subcommand", ["train", "compare"])
+def test_a_bad_setting_is_answered_before_tensorflow_starts(tiny_dataset, tmp_path, subcommand):
+  """Flag errors in the seconds of TensorFlow's start-up would be the wait a user notices most."""
+  where = f"--model_dir={tmp_path}/m" if subcommand == "train" else f"--output_dir={tmp_path}/out"
+  argv = ["estimator-ft", subcommand, f"--train_dir={tiny_dataset}/train",
+          f"--validation_dir={tiny_dataset}/validation", where, "--image_size=16"]
+  script = ("import sys\n"
+            "from estimator_ft import cli\n"
+            "try:\n"
+            f"  cli.run_main({argv!r})\n"
+            "except SystemExit as e:\n"
+            "  print('exit', e.code, 'tensorflow' in sys.modules)\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+  assert "too small: ResNet50 needs at least 32" in result.stderr, result.stderr
+  assert result.stdout.split() == ["exit", "2", "False"], result.stdout
+
+
 def test_cli_usage_errors(tmp_path):
   result = run_cli("train", f"--model_dir={tmp_path}")
   assert result.returncode == 2 and "No data given" in result.stderr
