@@ -168,14 +168,17 @@ def test_training_flag_follows_the_mode(tmp_path):
   assert evaluation == pytest.approx(inference, rel=1e-5)
 
 
-def _train_steps(tmp_path, update_ops, steps=3):
+TRAIN_STEPS = 3
+
+
+def _train_steps(tmp_path, update_ops):
   config = make_config(update_ops=update_ops, model_dir=str(tmp_path / update_ops))
   prefix = model_lib.save_initial_weights(config, 2, str(tmp_path / "init" / update_ops))
   estimator = tf.estimator.Estimator(
-      model_fn_lib.build_model_fn(config, ("a", "b"), steps_per_epoch=steps, initial_weights=prefix),
+      model_fn_lib.build_model_fn(config, ("a", "b"), steps_per_epoch=TRAIN_STEPS, initial_weights=prefix),
       model_dir=config.model_dir, config=tf.estimator.RunConfig(tf_random_seed=0))
   input_fn = synthetic_lib.make_synthetic_input_fn(config, 2, "train", num_examples=16)
-  estimator.train(input_fn, steps=steps)
+  estimator.train(input_fn, steps=TRAIN_STEPS)
   return config, estimator, prefix
 
 
@@ -197,7 +200,7 @@ def _moving_stat_changes(estimator, prefix, config):
 
 @pytest.fixture(scope="module")
 def trained_with_updates(module_tmp_path):
-  """3 training steps with the BN updates applied: for the BN test and the evaluation test."""
+  """TRAIN_STEPS training steps with the BN updates applied: for the BN test and the evaluation test."""
   return _train_steps(module_tmp_path, "apply")
 
 
@@ -207,7 +210,7 @@ def test_bn_moving_statistics_change_with_apply_and_not_with_skip(trained_with_u
   assert len(moving) == 106
   assert (moving > 0).mean() > 0.9, "most BN moving statistics must move after 3 training steps"
   assert kernels.max() > 0
-  assert estimator.get_variable_value("global_step") == 3
+  assert estimator.get_variable_value("global_step") == TRAIN_STEPS
 
   config, estimator, prefix = _train_steps(tmp_path, "skip")
   moving, kernels = _moving_stat_changes(estimator, prefix, config)
