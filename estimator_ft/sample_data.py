@@ -67,6 +67,19 @@ def _draw_clutter(draw, rng, size: int) -> None:
       draw.polygon(triangle, fill=_random_colour(rng))
 
 
+# Stripe colours closer than this (RGB distance) let the grating vanish into the background noise,
+# and the image shows neither class: such images were most of a trained demo's validation errors.
+MIN_STRIPE_COLOUR_DISTANCE = 80.0
+
+
+def _stripe_colours(rng) -> tuple:
+  low = np.array(_random_colour(rng), float)
+  while True:
+    high = np.array(_random_colour(rng), float)
+    if np.linalg.norm(high - low) >= MIN_STRIPE_COLOUR_DISTANCE:
+      return low, high
+
+
 def _stripes(rng, image: Image.Image, class_name: str) -> Image.Image:
   """Blends a sinusoidal grating of the class's orientation over a random patch of the image."""
   size = image.size[0]
@@ -79,7 +92,7 @@ def _stripes(rng, image: Image.Image, class_name: str) -> Image.Image:
   wave = 0.5 + 0.5 * np.sin(phase)
   if rng.random() < 0.5:
     wave = (wave > 0.5).astype(float)  # hard-edged bars as well as smooth gratings
-  low, high = np.array(_random_colour(rng), float), np.array(_random_colour(rng), float)
+  low, high = _stripe_colours(rng)
   grating = low + (high - low) * wave[..., None]
   # The patch: a random rectangle covering 50-100% of each side.
   w, h = (rng.uniform(0.5, 1.0, 2) * size).astype(int)

@@ -845,6 +845,19 @@ def test_sample_generator_is_deterministic_and_loadable(tmp_path):
   assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
 
 
+def test_sample_stripes_always_stand_out_from_each_other():
+  """Two near-equal stripe colours make a grating that vanishes in the background noise."""
+  distances = []
+  for seed in range(500):
+    low, high = sample_data._stripe_colours(np.random.default_rng(seed))
+    distances.append(np.linalg.norm(high - low))
+  assert min(distances) >= sample_data.MIN_STRIPE_COLOUR_DISTANCE
+  # Two uniform colours fall closer than that about 10 % of the time: the redraw is exercised.
+  naive = [np.linalg.norm(np.subtract(*np.random.default_rng(seed).integers(0, 256, (2, 3))))
+           for seed in range(500)]
+  assert 0.01 < np.mean(np.array(naive) < sample_data.MIN_STRIPE_COLOUR_DISTANCE) < 0.2
+
+
 def test_sample_generator_cli_needs_no_tensorflow(tmp_path):
   # `make demo` runs it before anything else; data/make_sample_data.py is the same command.
   script = (
