@@ -853,8 +853,9 @@ def test_sample_stripes_always_stand_out_from_each_other():
     distances.append(np.linalg.norm(high - low))
   assert min(distances) >= sample_data.MIN_STRIPE_COLOUR_DISTANCE
   # Two uniform colours fall closer than that about 10 % of the time: the redraw is exercised.
-  naive = [np.linalg.norm(np.subtract(*np.random.default_rng(seed).integers(0, 256, (2, 3))))
-           for seed in range(500)]
+  rngs = [np.random.default_rng(seed) for seed in range(500)]
+  naive = [np.linalg.norm(np.subtract(sample_data._random_colour(rng), sample_data._random_colour(rng)))
+           for rng in rngs]
   assert 0.01 < np.mean(np.array(naive) < sample_data.MIN_STRIPE_COLOUR_DISTANCE) < 0.2
 
 

@@ -208,7 +208,7 @@ def test_bn_moving_statistics_change_with_apply_and_not_with_skip(trained_with_u
   config, estimator, prefix = trained_with_updates
   moving, kernels = _moving_stat_changes(estimator, prefix, config)
   assert len(moving) == 106
-  assert (moving > 0).mean() > 0.9, "most BN moving statistics must move after 3 training steps"
+  assert (moving > 0).mean() > 0.9, f"most BN moving statistics must move after {TRAIN_STEPS} training steps"
   assert kernels.max() > 0
   assert estimator.get_variable_value("global_step") == TRAIN_STEPS
 
