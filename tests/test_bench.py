@@ -6,20 +6,24 @@ No test here times anything against a target: speed targets live in the benchmar
 import dataclasses
 import json
 import math
+import os
 import threading
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from estimator_ft.bench import loaders as bench_loaders
 from estimator_ft.bench import machine as bench_machine
 from estimator_ft.bench import plan as bench_plan
 from estimator_ft.bench import runner as bench_runner
 from estimator_ft.bench import scan as bench_scan
+from estimator_ft.bench import sources as bench_sources
 from estimator_ft.bench import timing as bench_timing
 from estimator_ft.config import Config
 from estimator_ft.data import folders as folders_lib
 from estimator_ft.data import pipeline as pipeline_lib
+from estimator_ft.jobs import prepare
 try:
   from tests import images  # repo root on sys.path: `python -m pytest`, or tests/ is a package
 except ImportError:
@@ -232,12 +236,23 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
       bench_plan.make_plan(image_size=SIZE, batch_size=4, steps=1, repeats=1, quick=True),
       warmup_steps=1, loader_batches=2, overhead_epochs=1, overhead_steps_per_epoch=1,
       matmul_repeats=1)
-  returned = bench_runner.run_plan(plan, str(tiny_dataset), str(output), quick=True)
+  records_dir = tmp_path / "records"
+  prepare.run_prepare(str(tiny_dataset / "train"), str(tiny_dataset / "validation"),
+                      str(records_dir))
+  returned = bench_runner.run_plan(plan, str(tiny_dataset), str(output), quick=True,
+                                   records_dir=str(records_dir))
   results = json.loads(output.read_text())
   assert results["estimator_img_per_s"] == pytest.approx(returned["estimator_img_per_s"])
 
   figures = ("estimator_img_per_s", "estimator_folder_img_per_s", "keras_img_per_s",
              "feed_dict_img_per_s", "pipeline_img_per_s", "python_loader_img_per_s")
+  # The same Estimator session continued on the prepared records after the folder.
+  (records_rate,) = results["estimator_records_img_per_s"]["runs"]
+  assert 0 < records_rate < 1e5
+  assert results["synthetic_vs_records_step_ratio"] == pytest.approx(
+      records_rate / results["estimator_img_per_s"])
+  assert results["records_over_folder_pipeline"] == pytest.approx(
+      results["records_pipeline_img_per_s"]["median"] / results["pipeline_img_per_s"])
   for name in figures:
     runs = results["spread"][name]
     assert len(runs["runs"]) == 1
@@ -291,7 +306,8 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   assert env["tensorflow"].startswith("2.15") and env["cpu_cores"] >= 1
   assert isinstance(env["onednn"], bool)
   assert set(results["phases"]) >= {
-      "Estimator and Keras fit in turn, then Estimator on folder input", "feed_dict loop"}
+      "Estimator and Keras fit in turn, then Estimator on folder input and on records",
+      "feed_dict loop"}
   table = capsys.readouterr().out
   for name in figures + ("estimator_over_keras", "pipeline_over_python_loader", "end_to_end_ratio"):
     assert name in table
@@ -303,3 +319,61 @@ def test_scan_benchmark_decodes_every_file_once_then_none(tmp_path):
   assert figures["files"] == 10 and figures["image_size"] == 224
   written = [p.read_bytes() for p in (tmp_path / "scan_data").rglob("*.jpg")]
   assert len(written) == len(set(written)) == 10  # ten distinct files
+
+
+def test_photo_like_jpegs_cost_what_an_ilsvrc_photo_costs_to_decode(tmp_path):
+  data = bench_sources.write_photo_folders(str(tmp_path), train_images=8)
+  # The folder path's decode cost grows with the entropy-coded bytes: the goal is judged on
+  # files of ILSVRC's mean size, not on flat images that flatter the folder path.
+  assert abs(data["mean_file_bytes"] / bench_sources.ILSVRC_MEAN_FILE_BYTES - 1) < 0.1
+  files = sorted((tmp_path / "train").rglob("*.jpg"))
+  assert len(files) == 8 and len({p.read_bytes() for p in files}) == 8
+  with Image.open(files[0]) as image:
+    assert image.size == (bench_sources.PHOTO_WIDTH, bench_sources.PHOTO_HEIGHT)
+
+
+def test_sources_take_turns_in_a_reversed_order_every_other_round():
+  assert bench_sources.source_order(0) == bench_sources.SOURCES
+  assert bench_sources.source_order(1) == tuple(reversed(bench_sources.SOURCES))
+  assert bench_sources.source_order(2) == bench_sources.SOURCES
+
+
+def test_sources_summary_pairs_each_round_with_the_folder_of_the_same_round():
+  folder, records, max_side = bench_sources.SOURCES
+
+  def windows(*pairs):
+    return [{"img_per_s": rate, "cpu_ms_per_image": cpu} for rate, cpu in pairs]
+
+  summary = bench_sources.summarize({folder: windows((100, 4.0), (50, 5.0), (100, 4.0)),
+                                     records: windows((110, 4.0), (60, 4.0), (90, 5.0)),
+                                     max_side: windows((250, 1.6), (90, 2.5), (150, 2.1))})
+  wall = summary[f"{max_side}_over_folder"]["wall"]
+  assert wall["rounds"] == [2.5, 1.8, 1.5] and wall["median"] == 1.8
+  assert wall["rounds_at_goal"] == 1
+  # Per CPU-second: the folder's CPU ms an image over the records' (fewer ms, more images).
+  per_cpu = summary[f"{max_side}_over_folder"]["per_cpu_second"]
+  assert per_cpu["rounds"] == [2.5, 2.0, 4.0 / 2.1] and per_cpu["rounds_at_goal"] == 2
+  assert summary[f"{records}_over_folder"]["wall"]["rounds"] == [1.1, 1.2, 0.9]
+  assert "rounds_at_goal" not in summary[f"{records}_over_folder"]["wall"]  # the goal is max_side's
+
+
+def test_sources_bench_times_each_source_in_a_process_of_its_own(tmp_path, capsys):
+  output = tmp_path / "sources.json"
+  results = bench_runner.run_sources_bench(16, image_size=SIZE, batch_size=4, batches=2,
+                                           rounds=1, output=str(output))
+  assert json.loads(output.read_text())["windows"] == results["windows"]
+  windows = results["windows"]
+  assert set(windows) == set(bench_sources.SOURCES)
+  process_ids = [w["process_id"] for name in bench_sources.SOURCES for w in windows[name]]
+  assert len(set(process_ids)) == 3 and os.getpid() not in process_ids
+  for name in bench_sources.SOURCES:
+    (window,) = windows[name]
+    assert window["images"] == 2 * 4 and window["img_per_s"] > 0 and window["cpu_ms_per_image"] > 0
+  # The same photos three ways: records keep the bytes, max_side re-encodes the 500x375 files.
+  data = results["data"]
+  assert data["records_bytes"] > 16 * data["mean_file_bytes"]
+  assert data["records_max_side_256_bytes"] < data["records_bytes"] / 2
+  ratio = results["records_max_side_256_over_folder"]["wall"]
+  assert ratio["rounds"] == [windows["records_max_side_256"][0]["img_per_s"] /
+                             windows["folder"][0]["img_per_s"]]
+  assert "records_max_side_256 / folder, wall: median" in capsys.readouterr().out

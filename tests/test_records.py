@@ -308,5 +308,7 @@ def test_bench_measures_the_records_pipeline(prepared, tiny_dataset):
   from estimator_ft.bench import plan as bench_plan
   plan = bench_plan.make_plan(image_size=SIZE, batch_size=4, steps=2, repeats=1, quick=True)
   config = bench_plan.bench_config(plan, str(tiny_dataset), "/tmp/unused")
-  rates = loaders.records_pipeline_rates(str(prepared[0]), config, plan)
+  rates = loaders.records_pipeline_rates(*loaders.records_source(str(prepared[0]), config, 2), plan)
   assert rates and all(r > 0 for r in rates)
+  with pytest.raises(ValueError, match="has 2 classes and --data_dir 3: the bench trains one model"):
+    loaders.records_source(str(prepared[0]), config, 3)

@@ -3,7 +3,7 @@
 import dataclasses
 import logging
 import os
-from typing import Iterator
+from typing import Iterator, Tuple
 
 import numpy as np
 from PIL import Image
@@ -109,12 +109,21 @@ def input_loader_rates(split: Split, config: Config, plan: BenchPlan) -> dict:
   return {"pipeline": rate(tf_data), "python_loader": rate(python_loader)}
 
 
-def records_pipeline_rates(records_dir: str, config: Config, plan: BenchPlan) -> list:
-  """img/s of the same tf.data pipeline reading the train split of prepared records instead."""
+def records_source(records_dir: str, config: Config, num_classes: int) -> Tuple[Split, Config]:
+  """The train split of prepared records and `config` reading it instead of the folders."""
   split = records.records_split(records_dir, "train")
+  if len(split.class_names) != num_classes:
+    raise ValueError(f"--records_dir={records_dir} has {len(split.class_names)} classes and "
+                     f"--data_dir {num_classes}: the bench trains one model on both, so prepare "
+                     "the records from --data_dir (or from folders with as many classes).")
+  return split, config.replace(train_dir="", validation_dir="", records_dir=records_dir)
+
+
+def records_pipeline_rates(split: Split, config: Config, plan: BenchPlan) -> list:
+  """img/s of the same tf.data pipeline reading the train split of prepared records instead
+  (`records_source`)."""
   count = plan.warmup_steps + plan.loader_batches * plan.repeats
-  dataset_iterator = iter(pipeline.make_dataset(split, config.replace(
-      train_dir="", validation_dir="", records_dir=records_dir), "train"))
+  dataset_iterator = iter(pipeline.make_dataset(split, config, "train"))
   timestamps = time_iterations(lambda: next(dataset_iterator), count)
   return window_rates(timestamps, plan.warmup_steps, plan.loader_batches, plan.repeats,
                       config.batch_size)

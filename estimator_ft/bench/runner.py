@@ -11,13 +11,15 @@ import time
 
 from estimator_ft import estimator as estimator_path
 from estimator_ft import files
-from estimator_ft.bench.loaders import input_loader_rates, records_pipeline_rates, resolve_data_dir
+from estimator_ft.bench.loaders import (input_loader_rates, records_pipeline_rates, records_source,
+                                        resolve_data_dir)
 from estimator_ft.bench.machine import (compute_dtype, cpu_environment, environment,
                                         forward_flops_per_image, matmul_gflops)
 from estimator_ft.bench import scan
-from estimator_ft.bench.plan import BenchPlan, bench_config, make_plan
+from estimator_ft.bench import sources
+from estimator_ft.bench.plan import TARGETS, BenchPlan, bench_config, make_plan
 from estimator_ft.bench.report import format_table, summarize
-from estimator_ft.bench.timing import PhaseClock
+from estimator_ft.bench.timing import PhaseClock, spread
 from estimator_ft.bench.training_rates import (end_to_end_times, estimator_epoch_overhead,
                                                feed_dict_rates, keras_epoch_overhead,
                                                paired_training_rates, short_run_accuracy)
@@ -63,12 +65,14 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
       forward_flops = forward_flops_per_image(config, num_classes)
     with clock.phase("tf.data pipeline vs Python loader"):
       loaders = input_loader_rates(splits.train, config, plan)
-    records_rates = None
+    records_rates = records = None
     if records_dir:
+      records = records_source(records_dir, config, num_classes)
       with clock.phase("tf.data pipeline on records"):
-        records_rates = records_pipeline_rates(records_dir, config, plan)
-    with clock.phase("Estimator and Keras fit in turn, then Estimator on folder input"):
-      training = paired_training_rates(config, splits, plan)
+        records_rates = records_pipeline_rates(*records, plan)
+    with clock.phase("Estimator and Keras fit in turn, then Estimator on folder input"
+                     + (" and on records" if records else "")):
+      training = paired_training_rates(config, splits, plan, records)
     with clock.phase("feed_dict loop"):
       feed_dict = feed_dict_rates(config, splits.train, num_classes, plan, session_config)
     with clock.phase("Estimator train_and_evaluate epoch overhead"):
@@ -96,13 +100,19 @@ def run_plan(plan: BenchPlan, data_dir: str, output: str = "", quick: bool = Fal
     results["records_pipeline_img_per_s"] = {"median": median, "all": records_rates,
                                              "records_dir": records_dir}
     results["records_over_folder_pipeline"] = median / statistics.median(loaders["pipeline"])
+    results["estimator_records_img_per_s"] = spread(training["records"])
+    results["synthetic_vs_records_step_ratio"] = (
+        results["estimator_records_img_per_s"]["median"] / results["estimator_img_per_s"])
   env["load_average_1min_after"] = os.getloadavg()[0]
   results["phases"] = clock.phases
   results["wall_time_s"] = time.time() - started
   print(format_table(results))
   if records_rates:
     print(f"records pipeline ({records_dir}): {results['records_pipeline_img_per_s']['median']:.1f} "
-          f"img/s, {results['records_over_folder_pipeline']:.2f}x the folder pipeline")
+          f"img/s, {results['records_over_folder_pipeline']:.2f}x the folder pipeline; the "
+          f"Estimator on records {results['estimator_records_img_per_s']['median']:.1f} img/s, "
+          f"{results['synthetic_vs_records_step_ratio']:.2f}x its synthetic rate (target >= "
+          f"{TARGETS['synthetic_vs_folder_step_ratio'][0]})")
   _write_results(results, output)
   return results
 
@@ -116,6 +126,17 @@ def run_scan_bench(num_files: int, output: str = "") -> dict:
         f"{figures['first_scan_s']:.1f} s ({figures['first_files_per_s']:.0f} files/s), second "
         f"start {figures['second_scan_s']:.2f} s ({figures['second_files_per_s']:.0f} files/s): "
         f"{figures['second_over_first_speedup']:.0f}x faster")
+  _write_results(results, output)
+  return results
+
+
+def run_sources_bench(train_images: int, image_size: int = 224, batch_size: int = 32,
+                      batches: int = 48, rounds: int = 4, output: str = "") -> dict:
+  """`estimator-ft bench --source_images=N`: the training pipeline on a folder of N photo-sized
+  JPEGs, on its records and on its records prepared with --max_side, alone (bench/sources.py)."""
+  with tempfile.TemporaryDirectory(prefix="estimator_ft_bench_sources_") as scratch:
+    results = sources.sources_rates(scratch, train_images, image_size, batch_size, batches, rounds)
+  print(sources.format_summary(results))
   _write_results(results, output)
   return results
 

@@ -6,7 +6,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -27,13 +27,14 @@ from estimator_ft.jobs import train as train_job
 from estimator_ft.run import events
 
 
-def paired_training_rates(config: Config, splits: Splits, plan: BenchPlan) -> dict:
+def paired_training_rates(config: Config, splits: Splits, plan: BenchPlan,
+                          records: Optional[Tuple[Split, Config]] = None) -> dict:
   """img/s of the Estimator path and of Keras `fit` on the same synthetic batches, their windows
   taken in turn; then the Estimator alone, continuing in the same graph and session on the
-  image-folder pipeline.
+  image-folder pipeline, and then (given `records`: loaders.records_source) on prepared records.
 
-  Returns {"estimator": [...], "keras": [...], "folder": [...]}, one rate per timed window;
-  estimator[i] and keras[i] were measured next to each other.
+  Returns {"estimator": [...], "keras": [...], "folder": [...]} (and "records"), one rate per
+  timed window; estimator[i] and keras[i] were measured next to each other.
   """
   class_names = tuple(splits.class_names)
   num_classes = len(class_names)
@@ -46,16 +47,20 @@ def paired_training_rates(config: Config, splits: Splits, plan: BenchPlan) -> di
   def input_fn():
     generated = synthetic.synthetic_dataset(config, num_classes, "train")
     folder = pipeline.make_dataset(splits.train, config, "train")
+    if records:
+      folder = folder.take(paired_steps).concatenate(pipeline.make_dataset(*records, "train"))
     return generated.take(paired_steps).concatenate(folder)
 
   estimator = estimator_path.make_estimator(config, class_names, steps_per_epoch)
-  folder_timer = StepTimer()
-  total_estimator_steps = 2 * paired_steps
+  step_timer = StepTimer()
+  # Synthetic (paired with Keras), then folder, then records: each as many steps.
+  phases = ("synthetic", "folder") + (("records",) if records else ())
+  total_estimator_steps = len(phases) * paired_steps
   # The path's own hooks ride along: their per-step fetches are part of what it costs.
   hooks = [estimator_path.ProgressHook(steps_per_epoch, total_estimator_steps, config.batch_size,
                                       config.log_every_n_steps),
            estimator_path.EpochMetricsHook(config.model_dir, steps_per_epoch),
-           StepClockHook(clocks["estimator"]), folder_timer]
+           StepClockHook(clocks["estimator"]), step_timer]
   failure = []
 
   def train_estimator():
@@ -90,10 +95,12 @@ def paired_training_rates(config: Config, splits: Splits, plan: BenchPlan) -> di
   if failure:
     raise failure[0]
   images_per_second = lambda seconds: [plan.steps * config.batch_size / s for s in seconds]
-  folder = window_rates(folder_timer.timestamps[paired_steps:], plan.warmup_steps, plan.steps,
-                        plan.repeats, config.batch_size)
+  continued = {phase: window_rates(step_timer.timestamps[index * paired_steps:
+                                                          (index + 1) * paired_steps],
+                                   plan.warmup_steps, plan.steps, plan.repeats, config.batch_size)
+               for index, phase in enumerate(phases) if index}
   return {"estimator": images_per_second(clocks["estimator"].seconds),
-          "keras": images_per_second(clocks["keras"].seconds), "folder": folder}
+          "keras": images_per_second(clocks["keras"].seconds), **continued}
 
 
 def feed_dict_rates(config: Config, split: Split, num_classes: int, plan: BenchPlan,
