@@ -364,6 +364,14 @@ SOURCES_IMAGE_SIZE = 224
 
 def _run_bench(argv):
   _no_positional(argv)
+  if FLAGS.source_images:
+    ignored = [f"--{name}" for name in ("quick", "precision", "jit", "data_dir", "accuracy_steps",
+                                        "records_dir", "scan_files", "compare_onednn")
+               if FLAGS[name].present]
+    if ignored:  # before TensorFlow is imported: a settings mistake costs no start-up
+      raise ValueError(f"--source_images measures the input pipeline alone, on data it generates: "
+                       f"{', '.join(ignored)} would do nothing there. Drop them, or run the "
+                       "training bench without --source_images.")
   from estimator_ft.bench import runner
   if FLAGS.scan_files:
     runner.run_scan_bench(FLAGS.scan_files, FLAGS.output)

@@ -7,12 +7,15 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from estimator_ft import cli
 from estimator_ft.bench import loaders as bench_loaders
 from estimator_ft.bench import machine as bench_machine
 from estimator_ft.bench import plan as bench_plan
@@ -377,3 +380,13 @@ def test_sources_bench_times_each_source_in_a_process_of_its_own(tmp_path, capsy
   assert ratio["rounds"] == [windows["records_max_side_256"][0]["img_per_s"] /
                              windows["folder"][0]["img_per_s"]]
   assert "records_max_side_256 / folder, wall: median" in capsys.readouterr().out
+
+
+def test_source_images_refuses_flags_it_would_ignore():
+  result = subprocess.run(
+      [sys.executable, "-m", "estimator_ft", "bench", "--source_images=8", "--quick",
+       "--records_dir=r"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == cli.EXIT_USER_ERROR, result.stderr
+  assert ("--source_images measures the input pipeline alone, on data it generates: --quick, "
+          "--records_dir would do nothing there.") in result.stderr
+  assert "Wrote" not in result.stderr  # refused before any photo was generated

@@ -50,6 +50,7 @@ SOURCES = ("folder", "records", f"records_max_side_{PREPARED_MAX_SIDE}")
 SPEED_GOAL = 2.0  # records with max_side over the folder pipeline
 WARMUP_BATCHES = 8  # fills the pipeline's buffers and thread pools before the clock starts
 VALIDATION_PER_CLASS = 4  # prepare needs a validation split; nothing here reads it
+PROGRESS_EVERY_S = 5.0
 
 
 def photo_like_jpeg(rng: np.random.Generator, width: int = PHOTO_WIDTH,
@@ -71,8 +72,14 @@ def write_photo_folders(root: str, train_images: int, seed: int = 0,
   """
   rng = np.random.default_rng(seed)
   train_bytes = []
+  started = last_report = time.monotonic()
   for split, count in (("train", train_images), ("validation", 2 * VALIDATION_PER_CLASS)):
     for index in range(count):
+      if split == "train" and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+        last_report = time.monotonic()
+        rate = progress.steps_per_second(index, last_report - started)
+        logger.info("Writing photo-like JPEGs: %d of %d (ETA %s)", index, train_images,
+                    progress.format_seconds((train_images - index) / rate if rate else None))
       folder = os.path.join(root, split, f"class_{index % 2}")
       os.makedirs(folder, exist_ok=True)
       data = photo_like_jpeg(rng, width, height)
