@@ -335,6 +335,12 @@ def test_photo_like_jpegs_cost_what_an_ilsvrc_photo_costs_to_decode(tmp_path):
     assert image.size == (bench_sources.PHOTO_WIDTH, bench_sources.PHOTO_HEIGHT)
 
 
+def test_sources_bench_refuses_fewer_photos_than_classes(tmp_path):
+  with pytest.raises(ValueError, match="--source_images=1: give at least 2"):
+    bench_sources.sources_rates(str(tmp_path), 1)
+  assert list(tmp_path.iterdir()) == []  # nothing generated
+
+
 def test_sources_take_turns_in_a_reversed_order_every_other_round():
   assert bench_sources.source_order(0) == bench_sources.SOURCES
   assert bench_sources.source_order(1) == tuple(reversed(bench_sources.SOURCES))

@@ -310,5 +310,5 @@ def test_bench_measures_the_records_pipeline(prepared, tiny_dataset):
   config = bench_plan.bench_config(plan, str(tiny_dataset), "/tmp/unused")
   rates = loaders.records_pipeline_rates(*loaders.records_source(str(prepared[0]), config, 2), plan)
   assert rates and all(r > 0 for r in rates)
-  with pytest.raises(ValueError, match="has 2 classes and --data_dir 3: the bench trains one model"):
+  with pytest.raises(ValueError, match="has 2 classes where --data_dir has 3: the bench trains one model"):
     loaders.records_source(str(prepared[0]), config, 3)

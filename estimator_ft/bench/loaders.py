@@ -113,8 +113,8 @@ def records_source(records_dir: str, config: Config, num_classes: int) -> Tuple[
   """The train split of prepared records and `config` reading it instead of the folders."""
   split = records.records_split(records_dir, "train")
   if len(split.class_names) != num_classes:
-    raise ValueError(f"--records_dir={records_dir} has {len(split.class_names)} classes and "
-                     f"--data_dir {num_classes}: the bench trains one model on both, so prepare "
+    raise ValueError(f"--records_dir={records_dir} has {len(split.class_names)} classes where "
+                     f"--data_dir has {num_classes}: the bench trains one model on both, so prepare "
                      "the records from --data_dir (or from folders with as many classes).")
   return split, config.replace(train_dir="", validation_dir="", records_dir=records_dir)
 

@@ -130,12 +130,12 @@ def run_scan_bench(num_files: int, output: str = "") -> dict:
   return results
 
 
-def run_sources_bench(train_images: int, image_size: int = 224, batch_size: int = 32,
-                      batches: int = 48, rounds: int = 4, output: str = "") -> dict:
+def run_sources_bench(train_images: int, output: str = "", **settings) -> dict:
   """`estimator-ft bench --source_images=N`: the training pipeline on a folder of N photo-sized
-  JPEGs, on its records and on its records prepared with --max_side, alone (bench/sources.py)."""
+  JPEGs, on its records and on its records prepared with --max_side, alone (bench/sources.py;
+  `settings`: sources_rates' image_size, batch_size, batches, rounds)."""
   with tempfile.TemporaryDirectory(prefix="estimator_ft_bench_sources_") as scratch:
-    results = sources.sources_rates(scratch, train_images, image_size, batch_size, batches, rounds)
+    results = sources.sources_rates(scratch, train_images, **settings)
   print(sources.format_summary(results))
   _write_results(results, output)
   return results

@@ -29,7 +29,6 @@ from estimator_ft.bench.machine import cpu_environment
 from estimator_ft.config import Config
 from estimator_ft.data import loading
 from estimator_ft.data import pipeline
-from estimator_ft.data import records
 from estimator_ft.jobs import prepare
 
 logger = logging.getLogger("estimator_ft")
@@ -68,7 +67,7 @@ def write_photo_folders(root: str, train_images: int, seed: int = 0,
                         width: int = PHOTO_WIDTH, height: int = PHOTO_HEIGHT) -> dict:
   """root/train/class_{0,1}/ with `train_images` photo-like JPEGs and root/validation/ with a few.
 
-  Returns the mean file size of the train split in bytes.
+  Returns what was written: the count, the photo size and the train files' mean size in bytes.
   """
   rng = np.random.default_rng(seed)
   train_bytes = []
@@ -102,8 +101,7 @@ def time_source(source: dict, image_size: int, batch_size: int, warmup_batches: 
   `source` (Config fields: train_dir + validation_dir, or records_dir), `warmup_batches` untimed,
   then `batches` timed."""
   config = _pipeline_config(image_size, batch_size, **source)
-  split = (records.records_split(config.records_dir, "train") if config.records_dir
-           else loading.load_splits(config).train)
+  split = loading.load_splits(config).train
   batches_left = iter(pipeline.make_dataset(split, config, "train"))
   for _ in range(warmup_batches):
     next(batches_left)
@@ -148,9 +146,12 @@ def source_order(round_index: int) -> tuple:
 
 
 def sources_rates(scratch: str, train_images: int, image_size: int = 224, batch_size: int = 32,
-                  batches: int = 48, rounds: int = 4, warmup_batches: int = WARMUP_BATCHES,
+                  batches: int = 48, rounds: int = 8, warmup_batches: int = WARMUP_BATCHES,
                   photo_size: tuple = (PHOTO_WIDTH, PHOTO_HEIGHT)) -> dict:
   """Generates the photos, prepares them twice, then times `rounds` x the three sources."""
+  if train_images < 2:
+    raise ValueError(f"--source_images={train_images}: give at least 2 (the photos go into two "
+                     "class folders); 800 or more for figures worth comparing.")
   started = time.monotonic()
   photos = os.path.join(scratch, "photos")
   data = write_photo_folders(photos, train_images, width=photo_size[0], height=photo_size[1])
