@@ -1,6 +1,7 @@
 """The model_fn, once per ModeKeys, and the BatchNorm update ops it puts in the train op."""
 
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -280,3 +281,32 @@ def test_restored_variables_scope_starts_global_variables_at_zero_and_keeps_loca
   assert len(weights) == 320 and not any(w.any() for w in weights)
   assert local_values.tolist() == [1.0, 1.0, 1.0]
   assert op_counts[1] < 0.8 * op_counts[0], op_counts  # the initializers' ops are gone
+
+
+@pytest.mark.parametrize("tf_config", [None, {
+    "cluster": {"chief": ["localhost:2222"], "worker": ["localhost:2223"], "ps": ["localhost:2224"]},
+    "task": {"type": "chief", "index": 0}}])
+def test_training_sessions_skip_the_readiness_checks_only_outside_a_cluster(
+    tf_config, monkeypatch, tmp_path):
+  if tf_config:
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+  else:
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+  estimator = estimator_path.make_estimator(make_config(model_dir=str(tmp_path)), ("cat", "dog"), 5)
+  graph = tf.Graph()
+  with graph.as_default():
+    features = {contract.FEATURE_KEY: tf.zeros([BATCH, SIZE, SIZE, 3])}
+    spec = estimator.model_fn(features, tf.constant([0, 1, 1, 0], tf.int32), ModeKeys.TRAIN,
+                              estimator.config)
+  scaffold = spec.scaffold
+  if tf_config:
+    # A worker's session waits on these until the chief has initialized the shared variables:
+    # left unset, Scaffold.finalize gives them report_uninitialized_variables.
+    assert scaffold.ready_op is None and scaffold.ready_for_local_init_op is None
+    return
+  # In one process nothing is left to wait for: both checks report nothing, without building
+  # an executor over every variable.
+  assert scaffold.ready_op is not None and scaffold.ready_op is scaffold.ready_for_local_init_op
+  assert scaffold.ready_op.op.type == "Const" and scaffold.ready_op.shape == (0,)
+  with tf.compat.v1.Session(graph=graph) as session:
+    assert session.run(scaffold.ready_op).size == 0
