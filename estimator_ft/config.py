@@ -116,7 +116,8 @@ class Config:
   shuffle_buffer: int = _setting(
       1024, "Shuffle buffer of decoded images behind --cache (the file order itself is a full "
       "permutation of the split every epoch, whatever this is); with --records_dir, also the "
-      "buffer of encoded records behind the per-epoch shard order.")
+      "buffer of encoded records behind the per-epoch shard order (two such blocks in memory: the "
+      "next is read ahead).")
   cache: bool = _setting(False, "Cache decoded, resized images in memory (before augmentation).")
   bad_images: str = _setting(
       "fail", "What to do with files that cannot be decoded: fail (list them and stop) or skip them.",

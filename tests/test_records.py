@@ -26,6 +26,8 @@ from tests import images as test_images
 
 SHARDS = 4
 SIZE = 32
+# Ample for reading 24 records of 32 px in the background.
+READ_AHEAD_WAIT_S = 2.0
 
 
 def _prepare(dataset, output_dir, **settings):
@@ -47,10 +49,13 @@ def _read_all(files):
           for r in tf.data.TFRecordDataset(files)]
 
 
-def _names(dataset, count):
+def _name(serialized) -> str:
   spec = {records.KEY_FILENAME: tf.io.FixedLenFeature([], tf.string)}
-  return [tf.io.parse_single_example(r, spec)[records.KEY_FILENAME].numpy().decode()
-          for r in dataset.take(count)]
+  return tf.io.parse_single_example(serialized, spec)[records.KEY_FILENAME].numpy().decode()
+
+
+def _names(dataset, count):
+  return [_name(r) for r in dataset.take(count)]
 
 
 # ---------------------------------------------------------------- each trainer its own shards
@@ -197,6 +202,28 @@ def test_each_epoch_reads_every_record_once_in_an_order_of_seed_and_epoch(prepar
   tf.random.set_seed(123)
   assert _names(records.training_stream(split, 5, 8, start_example=30), 42) == stream[30:]
   assert _names(records.training_stream(split, 6, 8), 24) != epochs[0]
+
+
+def test_the_next_block_is_read_while_this_one_is_consumed_even_across_epochs(prepared, tmp_path):
+  # A buffer larger than the split: every epoch is one block, the case where reading the next
+  # block inside the epoch's own dataset would not help.
+  records_dir = tmp_path / "records"
+  shutil.copytree(prepared[0], records_dir)
+  split = records.records_split(str(records_dir), "train")
+  expected = _names(records.training_stream(split, seed=5, shuffle_buffer=64), 48)
+  epochs = (_names(records.epoch_records(split, 5, 0, 64), 24) +
+            _names(records.epoch_records(split, 5, 1, 64), 24))
+  stream = iter(records.training_stream(split, seed=5, shuffle_buffer=64))
+  names = [_name(next(stream))]
+  time.sleep(READ_AHEAD_WAIT_S)  # epoch 1's block is read meanwhile (24 records of 32 px)
+  for shard in split.record_files:
+    os.remove(shard)
+  # Epoch 1 is read already, so the rest of epochs 0 and 1 come without the files.
+  names += [_name(next(stream)) for _ in range(47)]
+  assert names == expected
+  # The read-ahead leaves the order alone: it is epoch_records' epochs, back to back.
+  assert names == epochs
+  assert sorted(names[:24]) == sorted(names[24:]) and names[:24] != names[24:]
 
 
 def test_make_dataset_on_records_resumes_at_a_batch_and_evaluates_every_example(prepared):

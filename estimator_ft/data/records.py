@@ -170,18 +170,19 @@ def _epoch_seed(seed, epoch, stream: int) -> tf.Tensor:
   return tf.stack([tf.cast(seed, tf.int64) * 3 + stream, tf.cast(epoch, tf.int64)])
 
 
-def epoch_records(split: Split, seed: int, epoch, shuffle_buffer: int) -> tf.data.Dataset:
-  """The serialized records of epoch `epoch`, in its training order (module docstring)."""
+def _interleaved_records(split: Split, seed: int, epoch) -> tf.data.Dataset:
+  """Epoch `epoch`'s records before the buffer: its shard order, read INTERLEAVE_CYCLE at a time."""
   files = tf.constant(split.record_files, tf.string)
   count = len(split.record_files)
   order = tf.random.experimental.stateless_shuffle(
       tf.range(count, dtype=tf.int64), seed=_epoch_seed(seed, epoch, 1), alg=PERMUTATION_ALGORITHM)
-  records = tf.data.Dataset.from_tensor_slices(tf.gather(files, order)).interleave(
+  return tf.data.Dataset.from_tensor_slices(tf.gather(files, order)).interleave(
       tf.data.TFRecordDataset, cycle_length=min(count, INTERLEAVE_CYCLE), block_length=1,
       num_parallel_calls=min(count, INTERLEAVE_CYCLE), deterministic=True)
-  buffer = max(1, min(shuffle_buffer, split.num_examples))
-  if buffer == 1:
-    return records
+
+
+def _permuted_blocks(split: Split, seed: int, epoch, buffer: int) -> tf.data.Dataset:
+  """Epoch `epoch` as blocks of `buffer` serialized records (the last one shorter), each permuted."""
   # A block shuffle rather than Dataset.shuffle: tf.data's shuffle mixes TensorFlow's global seed
   # into its own, which would make the stream depend on more than (seed, epoch).
   block_seed = _epoch_seed(seed, epoch, 2)
@@ -193,7 +194,19 @@ def epoch_records(split: Split, seed: int, epoch, shuffle_buffer: int) -> tf.dat
         alg=PERMUTATION_ALGORITHM)
     return tf.gather(block, order)
 
-  return records.batch(buffer).enumerate().map(permute).unbatch()
+  return _interleaved_records(split, seed, epoch).batch(buffer).enumerate().map(permute)
+
+
+def _shuffle_block(split: Split, shuffle_buffer: int) -> int:
+  return max(1, min(shuffle_buffer, split.num_examples))
+
+
+def epoch_records(split: Split, seed: int, epoch, shuffle_buffer: int) -> tf.data.Dataset:
+  """The serialized records of epoch `epoch`, in its training order (module docstring)."""
+  buffer = _shuffle_block(split, shuffle_buffer)
+  if buffer == 1:
+    return _interleaved_records(split, seed, epoch)
+  return _permuted_blocks(split, seed, epoch, buffer).unbatch()
 
 
 def training_stream(split: Split, seed: int, shuffle_buffer: int,
@@ -203,10 +216,21 @@ def training_stream(split: Split, seed: int, shuffle_buffer: int,
   Whole epochs before it are skipped for free (each epoch's size is known from dataset.json and
   its order depends on (seed, epoch) alone); within its epoch the records before it are read and
   dropped before they are parsed or decoded.
+  The stream is epoch_records of epoch 0, 1, ... back to back, read one block ahead: no record of
+  a block leaves before the whole block is read, so without it every block boundary (each epoch
+  of a split smaller than the buffer) stalled the whole pipeline while the next block was read -
+  measured on 800 records at 224 px, 48-136 ms every 25 batches of ~15 ms, 17 % of the time. The
+  price is memory: up to two blocks of encoded records (2 x --shuffle_buffer records) instead of
+  one. Across epochs too, so the block stream is flattened before the read-ahead.
   """
   first_epoch, offset = divmod(start_example, split.num_examples)
-  stream = tf.data.Dataset.counter(first_epoch).flat_map(
-      lambda epoch: epoch_records(split, seed, epoch, shuffle_buffer))
+  epochs = tf.data.Dataset.counter(first_epoch)
+  buffer = _shuffle_block(split, shuffle_buffer)
+  if buffer == 1:
+    stream = epochs.flat_map(lambda epoch: _interleaved_records(split, seed, epoch))
+  else:
+    stream = epochs.flat_map(
+        lambda epoch: _permuted_blocks(split, seed, epoch, buffer)).prefetch(1).unbatch()
   return stream.skip(offset)
 
 
