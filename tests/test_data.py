@@ -222,6 +222,32 @@ def test_augment_is_random_per_seed_and_deterministic():
   np.testing.assert_array_equal(again, outputs[5])
 
 
+def test_crops_resize_to_the_same_values_by_both_routes_of_resize_crop():
+  rng = np.random.default_rng(0)
+  ratio = images_lib.CAST_FIRST_MAX_PIXEL_RATIO
+  # (height, width, output size): an upscale and a crop within `ratio` x the output's pixels
+  # (cast to float32 first), one over it (read as uint8), and a --max_side=256 record at 224 px.
+  cases = ((12, 10, SIZE), (40, 50, SIZE), (200, 240, SIZE), (256, 341, 224))
+  assert [h * w <= ratio * size * size for h, w, size in cases] == [True, True, False, True]
+  for height, width, size in cases:
+    crop = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    from_float = tf.image.resize(tf.constant(crop, tf.float32), [size, size]).numpy()
+    # TensorFlow's own uint8 route gives the float route's values: what makes a cast exact.
+    np.testing.assert_array_equal(tf.image.resize(tf.constant(crop), [size, size]).numpy(),
+                                  from_float)
+    resized = images_lib.resize_crop(tf.constant(crop), size)
+    assert resized.dtype == tf.float32
+    np.testing.assert_array_equal(resized.numpy(), from_float)
+  # And so augmenting a decoded (uint8) image gives what augmenting its float copy does.
+  for height, width in ((40, 48), (200, 240)):
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    for index in range(4):
+      seed = tf.constant([7, index], tf.int64)
+      np.testing.assert_array_equal(
+          images_lib.augment_image(tf.constant(image), seed, SIZE).numpy(),
+          images_lib.augment_image(tf.constant(image, tf.float32), seed, SIZE).numpy())
+
+
 # ------------------------------------------------------------------ folder pipeline
 
 
