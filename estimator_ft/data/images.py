@@ -307,7 +307,9 @@ def resize_crop(crop, image_size: int) -> tf.Tensor:
   size = [image_size, image_size]
   if crop.dtype == tf.float32:
     return tf.image.resize(crop, size)
-  small = tf.size(crop) <= CAST_FIRST_MAX_PIXEL_RATIO * image_size * image_size * 3
+  # int64: a crop under a raised --max_image_pixels may hold more than 2**31 values.
+  values = tf.size(crop, out_type=tf.int64)
+  small = values <= CAST_FIRST_MAX_PIXEL_RATIO * image_size * image_size * 3
   return tf.cond(small, lambda: tf.image.resize(tf.cast(crop, tf.float32), size),
                  lambda: tf.image.resize(crop, size))
 
