@@ -12,6 +12,7 @@ The training input is one infinite, reshuffled stream, so epochs are counted in 
 import logging
 import math
 import os
+import threading
 import time
 
 import tensorflow as tf
@@ -405,7 +406,7 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
   What `train_and_evaluate` does on one machine, without its per-evaluation costs: it calls
   `Estimator.evaluate`, which builds the evaluation graph again (ResNet50 and the input
   pipeline: about 4 s on 2 cores) and opens a new session for every checkpoint. Here the graph
-  is built once, on the first evaluation, and kept with its session; each evaluation restores
+  is built once and kept with its session; each evaluation restores
   the checkpoint into it, resets the metrics and makes one full pass over the validation set.
   The metrics (the model_fn's eval_metric_ops plus the mean `loss`, as Estimator.evaluate adds)
   and their event file in model_dir/eval are what Estimator.evaluate writes (tested), so the
@@ -415,6 +416,16 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
   serving_writer: the exporters' export.EstimatorSavedModelWriter, whose serving graph is then
   built into this graph on the model the evaluation built (model_fn's build_model must be
   model.OneModelPerGraph).
+
+  As the saver hook's listener, it starts that build in a thread of its own when training
+  begins (`begin`): while the training session is created, the initial checkpoint written and
+  the first step's graph optimized - C++ work that mostly keeps one core busy and releases the
+  GIL - the other core builds the evaluation graph, which the first evaluation then finds ready.
+  Measured at 64 px on 2 cores: the first evaluation ends 1.7-2.0 s after its checkpoint instead
+  of 3.7-4.3 s, the start takes 1.0-1.4 s longer, so a run reaches its first evaluation's end
+  about 1.2 s sooner (BUILD_NOTES "Speed"). Every graph,
+  name scope and variable creator of that build is the thread's own (TensorFlow keeps the
+  default graph per thread), so the graph is the one a build on the main thread makes.
   """
 
   def __init__(self, estimator, model_fn, config: Config, validation_split, exporters,
@@ -431,6 +442,35 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
     self._start_step = start_step
     self._eval_dir = os.path.join(config.model_dir, EVAL_DIR)
     self._graph = None
+    self._background_build = None  # (thread, [its error]) while begin()'s build runs
+
+  @property
+  def built(self) -> bool:
+    return self._graph is not None
+
+  def begin(self):
+    if self._graph is not None or self._background_build is not None:
+      return
+    error = []
+
+    def build():
+      try:
+        self._build()
+      except Exception as e:  # pylint: disable=broad-except
+        error.append(e)  # wait_for_build builds again on the main thread
+
+    # A daemon: an interrupted run's process may exit without waiting for it.
+    thread = threading.Thread(target=build, name="evaluation-graph-build", daemon=True)
+    self._background_build = (thread, error)
+    thread.start()
+
+  def wait_for_build(self):
+    """Waits for begin()'s background build, if one runs; returns its error (None if none)."""
+    if self._background_build is None:
+      return None
+    (thread, error), self._background_build = self._background_build, None
+    thread.join()
+    return error[0] if error else None
 
   def _build(self):
     graph = tf.Graph()
@@ -467,6 +507,11 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
 
   def evaluate(self, checkpoint_path: str) -> dict:
     """The eval metrics of `checkpoint_path`, also written to model_dir/eval for its step."""
+    background_error = self.wait_for_build()
+    if background_error is not None:
+      # Built again here, where an error of the build itself is raised as it always was.
+      logger.warning("Building the evaluation graph in the background failed (%s: %s); building "
+                     "it now instead.", type(background_error).__name__, background_error)
     if self._graph is None:
       self._build()
     # Its own graph as the default: a saver built in graph mode would otherwise restore eagerly.
@@ -505,8 +550,15 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
                       metrics, is_the_final_export=global_step_value >= self._max_steps)
 
   def end(self, session, global_step_value):
+    self.close()
+
+  def close(self) -> None:
+    """Closes the evaluation session, once a background build has finished (a training that
+    failed or was interrupted calls no listener's end: _train_and_evaluate_in_process closes)."""
+    self.wait_for_build()
     if self._graph is not None:
       self._session.close()
+      self._graph = None
 
 
 class EarlyStoppingSaverHook(tf.compat.v1.train.CheckpointSaverHook):
@@ -783,6 +835,7 @@ def _train_and_evaluate_in_process(estimator, config: Config, class_names, valid
     estimator.train(train_spec.input_fn, max_steps=train_spec.max_steps,
                     hooks=list(train_spec.hooks), saving_listeners=[evaluator])
   finally:
+    evaluator.close()
     writer.close()
 
 

@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -141,6 +142,79 @@ def test_the_serving_graph_built_into_the_evaluation_graph_exports_only_serving(
         signatures[contract.IMAGES_SIGNATURE](**{contract.IMAGES_INPUT: tf.cast(decoded, tf.float32)})[
             contract.PROBABILITIES].numpy()])
   np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def _recording_threads(model_fn, threads: list):
+  """model_fn, which appends the name of the thread that calls it to `threads`."""
+
+  def recorded(features, labels, mode):
+    threads.append(threading.current_thread().name)
+    return model_fn(features, labels, mode)
+
+  return recorded
+
+
+def test_the_graph_built_in_the_background_evaluates_and_exports_as_one_built_in_the_foreground(
+    trained, tmp_path):
+  config, splits, estimator, _ = trained
+  checkpoint = estimator.latest_checkpoint()
+  with open(splits.validation.paths[0], "rb") as f:
+    image = tf.constant([f.read()])
+  results = {}
+  for background in (False, True):
+    threads = []
+    model_fn = _recording_threads(estimator_path.estimator_model_fn(
+        config, splits.class_names, 4, build_model=model_lib.OneModelPerGraph()), threads)
+    writer = export.EstimatorSavedModelWriter(model_fn, config)
+    evaluator = estimator_path.InProcessEvaluator(estimator, model_fn, config, splits.validation,
+                                                  exporters=[], max_steps=3, serving_writer=writer)
+    if background:
+      evaluator.begin()  # what the training's saver hook calls before the session starts
+      assert evaluator.wait_for_build() is None
+      assert evaluator.built and writer.built  # before any evaluation asked for it
+    metrics = evaluator.evaluate(checkpoint)
+    path = export.export_estimator(estimator, config, splits.class_names,
+                                   str(tmp_path / f"background_{background}"), checkpoint,
+                                   writer=writer)
+    evaluator.close()
+    writer.close()
+    serve = tf.saved_model.load(path).signatures[contract.SERVING_SIGNATURE]
+    results[background] = (metrics, serve(**{contract.IMAGE_BYTES_INPUT: image})[
+        contract.PROBABILITIES].numpy(), threads)
+  # The model_fn ran for EVAL, then for the serving graph's PREDICT: on the build's own thread.
+  assert results[True][2] == ["evaluation-graph-build"] * 2
+  assert results[False][2] == [threading.main_thread().name] * 2
+  assert results[True][0] == results[False][0]
+  np.testing.assert_array_equal(results[True][1], results[False][1])
+
+
+def test_a_failed_background_build_is_built_again_on_the_main_thread(trained, caplog):
+  config, splits, estimator, model_fn = trained
+  checkpoint = estimator.latest_checkpoint()
+
+  def main_thread_only(features, labels, mode):
+    if threading.current_thread() is not threading.main_thread():
+      raise RuntimeError("not on this thread")
+    return model_fn(features, labels, mode)
+
+  evaluator = estimator_path.InProcessEvaluator(estimator, main_thread_only, config,
+                                                splits.validation, exporters=[], max_steps=3)
+  evaluator.begin()
+  with caplog.at_level(logging.WARNING, logger="estimator_ft"):
+    metrics = evaluator.evaluate(checkpoint)
+  assert ("Building the evaluation graph in the background failed (RuntimeError: not on this "
+          "thread); building it now instead.") in caplog.text
+  reference = estimator_path.InProcessEvaluator(estimator, model_fn, config, splits.validation,
+                                                exporters=[], max_steps=3).evaluate(checkpoint)
+  assert metrics == reference
+  evaluator.close()
+  assert not evaluator.built
+  # A training that ends before any evaluation closes an evaluator whose build is still running.
+  unused = estimator_path.InProcessEvaluator(estimator, model_fn, config, splits.validation,
+                                             exporters=[], max_steps=3)
+  unused.begin()
+  unused.close()
+  assert unused.wait_for_build() is None and not unused.built
 
 
 def test_a_serving_graph_cannot_join_a_graph_with_a_model_it_would_not_share(trained):
