@@ -421,9 +421,9 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
   begins (`begin`): while the training session is created, the initial checkpoint written and
   the first step's graph optimized - C++ work that mostly keeps one core busy and releases the
   GIL - the other core builds the evaluation graph, which the first evaluation then finds ready.
-  Measured at 64 px on 2 cores: the first evaluation ends 1.7-2.0 s after its checkpoint instead
-  of 3.7-4.3 s, the start takes 1.0-1.4 s longer, so a run reaches its first evaluation's end
-  about 1.2 s sooner (BUILD_NOTES "Speed"). Every graph,
+  Measured at 64 px on 2 cores: the first evaluation ends 2.0-2.2 s after its checkpoint instead
+  of 3.9-4.2 s and the start takes 1.0-1.3 s longer, the steps unchanged: a 2-epoch job 1.3 s
+  shorter on average (BUILD_NOTES "Where the time goes outside training steps"). Every graph,
   name scope and variable creator of that build is the thread's own (TensorFlow keeps the
   default graph per thread), so the graph is the one a build on the main thread makes.
   """
