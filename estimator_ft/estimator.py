@@ -442,7 +442,7 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
     self._start_step = start_step
     self._eval_dir = os.path.join(config.model_dir, EVAL_DIR)
     self._graph = None
-    self._background_build = None  # (thread, [its error]) while begin()'s build runs
+    self._background_build = None  # (thread, its done Event, [its error]) until waited for
 
   @property
   def built(self) -> bool:
@@ -451,25 +451,32 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
   def begin(self):
     if self._graph is not None or self._background_build is not None:
       return
-    error = []
+    error, done = [], threading.Event()
 
     def build():
       try:
         self._build()
       except Exception as e:  # pylint: disable=broad-except
         error.append(e)  # wait_for_build builds again on the main thread
+      finally:
+        done.set()
 
-    # A daemon: an interrupted run's process may exit without waiting for it.
     thread = threading.Thread(target=build, name="evaluation-graph-build", daemon=True)
-    self._background_build = (thread, error)
+    self._background_build = (thread, done, error)
     thread.start()
 
   def wait_for_build(self):
     """Waits for begin()'s background build, if one runs; returns its error (None if none)."""
     if self._background_build is None:
       return None
-    (thread, error), self._background_build = self._background_build, None
+    thread, done, error = self._background_build
+    # Forgotten only once finished: a signal's Interrupted raised inside this wait leaves the
+    # build for close() to wait for, so no builder is inside TensorFlow when the process exits
+    # (that aborts it: "terminate called ..."). An Event, because Thread.join interrupted by an
+    # exception marks a thread that still runs as finished, and the next join would not wait.
+    done.wait()
     thread.join()
+    self._background_build = None
     return error[0] if error else None
 
   def _build(self):

@@ -5,7 +5,9 @@ import collections
 import dataclasses
 import logging
 import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -215,6 +217,37 @@ def test_a_failed_background_build_is_built_again_on_the_main_thread(trained, ca
   unused.begin()
   unused.close()
   assert unused.wait_for_build() is None and not unused.built
+
+
+class _Signalled(Exception):
+  pass
+
+
+def test_a_signal_in_the_wait_for_the_build_leaves_it_for_close_to_wait_for(trained):
+  config, splits, estimator, model_fn = trained
+
+  def signalling(features, labels, mode):
+    # The main thread waits in wait_for_build's join by now: its handler raises there.
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.5)  # the build goes on after the main thread has left the join
+    return model_fn(features, labels, mode)
+
+  def raise_signalled(signum, frame):
+    raise _Signalled()
+
+  previous = signal.signal(signal.SIGUSR1, raise_signalled)
+  try:
+    evaluator = estimator_path.InProcessEvaluator(estimator, signalling, config,
+                                                  splits.validation, exporters=[], max_steps=3)
+    evaluator.begin()
+    with pytest.raises(_Signalled):
+      evaluator.wait_for_build()  # as the Interrupted of a Ctrl-C during the first evaluation
+    evaluator.close()  # what the training's `finally` does
+  finally:
+    signal.signal(signal.SIGUSR1, previous)
+  # close() waited for the build (and closed its session): no builder outlives the run.
+  assert "evaluation-graph-build" not in [thread.name for thread in threading.enumerate()]
+  assert not evaluator.built
 
 
 def test_a_serving_graph_cannot_join_a_graph_with_a_model_it_would_not_share(trained):
