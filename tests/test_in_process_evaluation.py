@@ -211,12 +211,46 @@ def test_a_failed_background_build_is_built_again_on_the_main_thread(trained, ca
   assert metrics == reference
   evaluator.close()
   assert not evaluator.built
-  # A training that ends before any evaluation closes an evaluator whose build is still running.
-  unused = estimator_path.InProcessEvaluator(estimator, model_fn, config, splits.validation,
-                                             exporters=[], max_steps=3)
-  unused.begin()
+
+
+def _wait_until_built(evaluator, timeout_s=120):
+  deadline = time.monotonic() + timeout_s
+  while not evaluator.built and time.monotonic() < deadline:
+    time.sleep(0.05)
+  return evaluator.built
+
+
+def test_the_background_build_starts_once_the_training_graph_is_finalized(trained):
+  config, splits, estimator, model_fn = trained
+  threads = []
+  evaluator = estimator_path.InProcessEvaluator(
+      estimator, _recording_threads(model_fn, threads), config, splits.validation, exporters=[],
+      max_steps=3)
+  training_graph = tf.Graph()
+  with training_graph.as_default():
+    evaluator.begin()  # as the saver hook does, before the Scaffold builds the training saver
+  time.sleep(1.5)  # a build that did not wait calls the model_fn within about 0.5 s
+  assert threads == [] and not evaluator.built
+  training_graph.finalize()  # the Scaffold's last step before the session is created
+  assert _wait_until_built(evaluator)  # without anything asking for it
+  assert threads == ["evaluation-graph-build"]
+  assert evaluator.wait_for_build() is None
+  evaluator.close()
+
+
+def test_an_evaluator_closed_before_its_build_started_builds_nothing(trained):
+  config, splits, estimator, model_fn = trained
+  threads = []
+  # A training that fails or is interrupted before its graph is finalized closes the evaluator.
+  unused = estimator_path.InProcessEvaluator(
+      estimator, _recording_threads(model_fn, threads), config, splits.validation, exporters=[],
+      max_steps=3)
+  with tf.Graph().as_default():
+    unused.begin()
   unused.close()
-  assert unused.wait_for_build() is None and not unused.built
+  assert threads == [] and not unused.built
+  assert "evaluation-graph-build" not in [thread.name for thread in threading.enumerate()]
+  assert unused.wait_for_build() is None
 
 
 class _Signalled(Exception):
