@@ -12,8 +12,8 @@ folder named after the scheme. What a URL gives instead:
     get its files renamed one by one, the `last` file last (what a reader waits for);
   * no fsync: the file system's own close is what makes a write durable there;
   * listdir keeps only names that exist (ram:// also lists the tails of a folder's siblings);
-  * checkpoint_reader / checkpoint_argument: checkpoints read without TensorFlow's guess
-    whether a prefix is a folder (ram:// takes every prefix for one).
+  * checkpoint_reader: checkpoints read without TensorFlow's guess whether a prefix is a folder
+    (ram:// takes every prefix for one).
 The run lock is run/model_dir's (flock locally, a lease on a URL).
 """
 
@@ -210,29 +210,6 @@ def checkpoint_reader(prefix: str):
   for a checkpoint state file inside "model.ckpt-3/" and fail.
   """
   return tf.compat.v1.train.NewCheckpointReader(prefix)
-
-
-def checkpoint_argument(prefix: str) -> str:
-  """What to give TensorFlow's folder-or-prefix checkpoint functions (init_from_checkpoint) for
-  the checkpoint at `prefix`: the prefix, or where the file system takes it for a folder (ram://,
-  see checkpoint_reader) its folder, whose `checkpoint` state file names it (write_checkpoint_state).
-  """
-  if not tf.io.gfile.isdir(prefix):
-    return prefix
-  folder = os.path.dirname(prefix)
-  if tf.train.latest_checkpoint(folder) != prefix:
-    raise ValueError(f"{prefix}: this file system reports the checkpoint prefix as a folder, and "
-                     f"{folder}/checkpoint does not name it, so TensorFlow cannot load it. Keep "
-                     "the checkpoint alone in its folder with a checkpoint state file naming it "
-                     "(tf.compat.v1.train.update_checkpoint_state), or on a local disk.")
-  return folder
-
-
-def write_checkpoint_state(prefix: str) -> None:
-  """Makes `prefix` the checkpoint its folder's `checkpoint` state file names (see
-  checkpoint_argument)."""
-  folder = os.path.dirname(prefix)
-  tf.compat.v1.train.update_checkpoint_state(folder, checkpoint_state_name(prefix, folder))
 
 
 def checkpoint_state_name(prefix: str, folder: str) -> str:

@@ -169,6 +169,49 @@ def test_training_flag_follows_the_mode(tmp_path):
   assert evaluation == pytest.approx(inference, rel=1e-5)
 
 
+def test_the_initial_weights_are_read_by_one_restore_op_into_every_variable(tmp_path):
+  config = make_config()
+  prefix = model_lib.save_initial_weights(config, 2, str(tmp_path / "initial" / "weights"))
+  reader = tf.train.load_checkpoint(prefix)
+  models = []
+
+  def recorded_build(*args, **kwargs):
+    models.append(model_lib.build_model(*args, **kwargs))
+    return models[-1]
+
+  graph = tf.Graph()
+  with graph.as_default():
+    features = {contract.FEATURE_KEY: tf.zeros([BATCH, SIZE, SIZE, 3])}
+    model_fn_lib.build_model_fn(config, ("cat", "dog"), steps_per_epoch=5, initial_weights=prefix,
+                                build_model=recorded_build)(
+                                    features, tf.constant([0, 1, 1, 0]), ModeKeys.TRAIN)
+    # One op for all 320 tensors, where init_from_checkpoint builds one per variable.
+    assert [op.type for op in graph.get_operations()].count("RestoreV2") == 1
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      values = session.run(models[0].weights)
+  assert len(values) == 320
+  for index, value in enumerate(values):  # each variable its own tensor, in order
+    np.testing.assert_array_equal(value, reader.get_tensor(f"initial_weights/w{index:04d}"))
+
+
+def test_initial_weights_written_for_another_model_are_refused_with_what_to_do(tmp_path):
+  config = make_config()
+  three_classes = model_lib.save_initial_weights(config, 3, str(tmp_path / "three" / "weights"))
+  with tf.Graph().as_default():
+    model = model_lib.build_model(config, 2)
+    with pytest.raises(model_lib.WeightsError,
+                       match=r"holds initial_weights/w\d{4} with shape \[2048, 3\] where the "
+                             r"model's head_\S+ is \(2048, 1\).*Delete it, or use a new --model_dir"):
+      model_lib.init_from_initial_weights(model, three_classes)
+  with pytest.raises(model_lib.WeightsError, match=r"with shape \[2048, 3\] where"):
+    model_lib.load_initial_weights(model_lib.build_model(config, 2), three_classes)
+  fewer = model_lib.write_initial_weights([np.zeros(3, np.float32)], "test",
+                                          str(tmp_path / "fewer" / "weights"))
+  with pytest.raises(model_lib.WeightsError, match="holds 1 tensors but the model has 320"):
+    model_lib.load_initial_weights(model_lib.build_model(config, 2), fewer)
+
+
 TRAIN_STEPS = 3
 
 
