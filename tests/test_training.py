@@ -109,6 +109,22 @@ def test_tensorboard_layout(resumed_run):
   assert list(rates.values()) == pytest.approx([Config().learning_rate] * len(rates))
 
 
+@pytest.mark.slow
+def test_tensorboard_gets_the_finished_training_graph_once_per_session(resumed_run):
+  model_dir, _, _ = resumed_run
+  graphs = []
+  for path in sorted(glob.glob(str(model_dir / "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      if event.HasField("graph_def"):
+        graphs.append(tf.compat.v1.GraphDef.FromString(event.graph_def))
+  written = [graph for graph in graphs if graph.node]
+  # Each of the two runs' sessions wrote its graph once, after the Scaffold had finished it (the
+  # saver's ops are in it); not also while its hooks began, before the saver existed.
+  assert len(written) == 2
+  for graph in written:
+    assert any(node.name.startswith("save/") for node in graph.node)
+
+
 def test_a_model_dir_of_another_configuration_is_refused(tmp_path):
   config = Config(train_dir="t", validation_dir="v", model_dir=str(tmp_path), image_size=64).validate()
   model_dir_lib.write_run_config(config, ("a", "b"))
