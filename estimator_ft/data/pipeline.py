@@ -94,15 +94,17 @@ def _one(item: tuple):
 
 
 def _options(mode: str) -> tf.data.Options:
+  del mode  # every stream alike
   options = tf.data.Options()
-  if mode != "train":
-    # No autotuning for the one-pass streams: the in-process evaluator re-initializes its
-    # iterator for every evaluation, and destroying an autotuned iterator waits for its model
-    # thread to wake from its optimisation period, which grows to tens of seconds while the
-    # iterator sits idle between evaluations (measured: 10-19 s stalls in every second
-    # evaluation of `make demo` on a 2-core AVX2 EPYC). Without autotuning the parallel map and
-    # batch run on as many threads as there are cores, and prefetch sizes its own buffer.
-    options.autotune.enabled = False
+  # No autotuning. Destroying an autotuned iterator waits for its model thread, and in TF 2.15
+  # that thread can miss the wake-up and sleep out its optimisation period, which grows to tens
+  # of seconds over the iterator's life (gdb: the main thread in ~RootDataset::Iterator, the
+  # model thread in Model::OptimizeLoop's timed wait). Measured on 2-core EPYCs: 10-19 s stalls
+  # in every second evaluation of `make demo` (the in-process evaluator re-initializes its
+  # iterator for every pass), and 16-20 s at the end of Keras `fit` (its training iterator) in
+  # about half of the 2-epoch 64-px runs. Without autotuning the parallel map and batch run on
+  # as many threads as there are cores, and prefetch sizes its own buffer.
+  options.autotune.enabled = False
   # The source is a list of file names (or TFDS records), which file-based auto-sharding cannot
   # split; say DATA up front instead of letting every multi-worker run warn and fall back to it.
   options.experimental_distribute.auto_shard_policy = (
