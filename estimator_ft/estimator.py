@@ -577,8 +577,9 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
     self.close()
 
   def close(self) -> None:
-    """Closes the evaluation session, once a background build has finished (a training that
-    failed or was interrupted calls no listener's end: _train_and_evaluate_in_process closes)."""
+    """Closes the evaluation session, once a background build that has started has finished (one
+    not started yet is cancelled). A training that failed or was interrupted calls no listener's
+    end: _train_and_evaluate_in_process closes."""
     self.wait_for_build(cancel=True)
     if self._graph is not None:
       self._session.close()

@@ -220,12 +220,16 @@ def _wait_until_built(evaluator, timeout_s=120):
   return evaluator.built
 
 
-def test_the_background_build_starts_once_the_training_graph_is_finalized(trained):
+def _evaluator_recording_threads(trained, threads: list):
   config, splits, estimator, model_fn = trained
-  threads = []
-  evaluator = estimator_path.InProcessEvaluator(
+  return estimator_path.InProcessEvaluator(
       estimator, _recording_threads(model_fn, threads), config, splits.validation, exporters=[],
       max_steps=3)
+
+
+def test_the_background_build_starts_once_the_training_graph_is_finalized(trained):
+  threads = []
+  evaluator = _evaluator_recording_threads(trained, threads)
   training_graph = tf.Graph()
   with training_graph.as_default():
     evaluator.begin()  # as the saver hook does, before the Scaffold builds the training saver
@@ -239,12 +243,9 @@ def test_the_background_build_starts_once_the_training_graph_is_finalized(traine
 
 
 def test_an_evaluator_closed_before_its_build_started_builds_nothing(trained):
-  config, splits, estimator, model_fn = trained
   threads = []
   # A training that fails or is interrupted before its graph is finalized closes the evaluator.
-  unused = estimator_path.InProcessEvaluator(
-      estimator, _recording_threads(model_fn, threads), config, splits.validation, exporters=[],
-      max_steps=3)
+  unused = _evaluator_recording_threads(trained, threads)
   with tf.Graph().as_default():
     unused.begin()
   unused.close()
