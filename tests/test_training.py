@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from estimator_ft import model as model_lib
 from estimator_ft.config import Config
 from estimator_ft.jobs import train as train_job
 from estimator_ft.run import errors as errors_lib
@@ -123,6 +124,25 @@ def test_tensorboard_gets_the_finished_training_graph_once_per_session(resumed_r
   assert len(written) == 2
   for graph in written:
     assert any(node.name.startswith("save/") for node in graph.node)
+
+
+@pytest.mark.slow
+def test_the_estimator_path_under_a_mirrored_strategy_starts_from_the_initial_weights(
+    tiny_dataset, tmp_path):
+  # The initial weights' initializers are set in the cross-replica context, where a strategy's
+  # mirrored variables take them (model.init_from_initial_weights). Half-scale kernels: weights
+  # that no initializer of the graph would draw.
+  config = tiny_config(tiny_dataset, tmp_path / "mirrored", distribution="mirrored")
+  values = [w * 0.5 if w.ndim > 1 else w for w in model_lib.build_model(config, 2).get_weights()]
+  prefix = model_lib.write_initial_weights(values, "half-scale kernels",
+                                           str(tmp_path / "initial" / "weights"))
+  assert train_job.run(config, initial_weights=prefix)["global_step"] == 3
+  step_0 = tf.train.load_checkpoint(str(tmp_path / "mirrored" / "model.ckpt-0"))
+  with tf.Graph().as_default():
+    names = [w.name.split(":")[0] for w in model_lib.build_model(config, 2).weights]
+  assert len(names) == len(values) == 320
+  for name, value in zip(names, values):
+    np.testing.assert_array_equal(step_0.get_tensor(name), value, name)
 
 
 def test_a_model_dir_of_another_configuration_is_refused(tmp_path):
