@@ -4,8 +4,8 @@ Pretrained weights are not loaded inside the Estimator graph (a Keras `load_weig
 Keras' own session and is then overwritten by the Estimator's variable initializers). Instead every
 path starts from an *initial-weights checkpoint* written once by `save_initial_weights`, keyed by the
 position of each weight in `model.weights`: the Estimator reads it through variable initializers
-(as `tf.compat.v1.train.init_from_checkpoint` sets them), Keras through `set_weights`. The same file therefore
-gives the Estimator and Keras paths bit-identical starting points.
+(set as `tf.compat.v1.train.init_from_checkpoint` sets them), Keras through `set_weights`. The
+same file therefore gives the Estimator and Keras paths bit-identical starting points.
 """
 
 import contextlib

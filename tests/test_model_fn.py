@@ -202,7 +202,8 @@ def test_initial_weights_written_for_another_model_are_refused_with_what_to_do(t
     model = model_lib.build_model(config, 2)
     with pytest.raises(model_lib.WeightsError,
                        match=r"holds initial_weights/w\d{4} with shape \[2048, 3\] where the "
-                             r"model's head_\S+ is \(2048, 1\).*Delete it, or use a new --model_dir"):
+                             r"model's head_\S+ is \(2048, 1\).*Delete it, or use a new "
+                             r"--model_dir"):
       model_lib.init_from_initial_weights(model, three_classes)
   with pytest.raises(model_lib.WeightsError, match=r"with shape \[2048, 3\] where"):
     model_lib.load_initial_weights(model_lib.build_model(config, 2), three_classes)
