@@ -412,7 +412,7 @@ def init_from_initial_weights(model: tf.keras.Model, prefix: str) -> None:
   0.33 s and 0.18 s to run instead of 0.34 s, at every training session's start.
   """
   variables = model.weights
-  stored = _checked_initial_weights(prefix, variables)
+  _, stored = _checked_initial_weights(prefix, variables)
 
   def set_initializers(unused_strategy=None):
     with tf.device("/cpu:0"):  # RestoreV2 has a CPU kernel only
@@ -433,8 +433,8 @@ def init_from_initial_weights(model: tf.keras.Model, prefix: str) -> None:
 
 
 def _checked_initial_weights(prefix: str, variables):
-  """[(key, dtype)] of the initial-weights checkpoint at `prefix`, one per variable in order;
-  WeightsError when it was written for another model."""
+  """(its reader, [(key, dtype)] one per variable in order) of the initial-weights checkpoint at
+  `prefix`; WeightsError when it was written for another model."""
   reader = storage.checkpoint_reader(prefix)
   shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
   if len(shapes) != len(variables):
@@ -449,11 +449,10 @@ def _checked_initial_weights(prefix: str, variables):
                          f"{variable.name} is {tuple(variable.shape)}: it was written for another "
                          "configuration. Delete it, or use a new --model_dir.")
     stored.append((key, dtypes[key]))
-  return stored
+  return reader, stored
 
 
 def load_initial_weights(model: tf.keras.Model, prefix: str) -> None:
   """Eager (Keras path): sets the model's weights from the checkpoint."""
-  stored = _checked_initial_weights(prefix, model.weights)
-  reader = storage.checkpoint_reader(prefix)
+  reader, stored = _checked_initial_weights(prefix, model.weights)
   model.set_weights([reader.get_tensor(key) for key, _ in stored])
