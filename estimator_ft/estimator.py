@@ -447,7 +447,8 @@ class InProcessEvaluator(tf.estimator.CheckpointSaverListener):
     self._start_step = start_step
     self._eval_dir = os.path.join(config.model_dir, EVAL_DIR)
     self._graph = None
-    self._background_build = None  # (thread, its done Event, [its error]) until waited for
+    # (thread, its start, done and cancelled Events, [its error]) from begin() until waited for
+    self._background_build = None
 
   @property
   def built(self) -> bool:
