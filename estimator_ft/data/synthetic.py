@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from estimator_ft import contract
 from estimator_ft.data import images
-from estimator_ft.data.pipeline import check_mode
+from estimator_ft.data.pipeline import check_mode, stream_options
 
 
 def synthetic_dataset(config, num_classes: int, mode: str, num_examples: int = 64
@@ -36,7 +36,7 @@ def synthetic_dataset(config, num_classes: int, mode: str, num_examples: int = 6
   else:
     dataset = dataset.map(lambda image, label: ({contract.FEATURE_KEY: image}, label))
   dataset = dataset.batch(config.batch_size, drop_remainder=mode == "train")
-  return dataset.prefetch(tf.data.AUTOTUNE)
+  return dataset.prefetch(tf.data.AUTOTUNE).with_options(stream_options(mode))
 
 
 def make_synthetic_input_fn(config, num_classes: int, mode: str, num_examples: int = 64):
