@@ -180,6 +180,14 @@ def test_matmul_rate_is_two_n_cubed_flops_per_timed_call():
   assert rates["peak_median"] == 2 * 128**3 / 0.5 / 1e9
 
 
+def test_the_cpu_kind_tells_apart_cpus_with_one_model_name():
+  # Zen 3, 4 and 5 EPYCs all say "AMD EPYC"; their speeds differ 2-6x.
+  zen5 = {"vendor_id": "AuthenticAMD", "cpu family": "26", "model": "2", "model name": "AMD EPYC"}
+  assert bench_machine.cpu_kind(lambda name: zen5.get(name, "")) == (
+      "AuthenticAMD family 26 model 2")
+  assert bench_machine.cpu_kind(lambda name: "") == ""  # no /proc/cpuinfo: nothing made up
+
+
 def _solid_colour_folder(root, count=4):
   for index in range(count):
     images.write_png(root / "train" / "red" / f"{index}.png", size=48, solid=images.RED)
@@ -307,6 +315,7 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   assert results["targets"]["estimator_fraction_of_peak"]["minimum"] == (
       bench_plan.fraction_of_peak_target(env["cpu_features"]))
   assert env["tensorflow"].startswith("2.15") and env["cpu_cores"] >= 1
+  assert env["cpu_kind"] == bench_machine.cpu_kind()
   assert isinstance(env["onednn"], bool)
   assert set(results["phases"]) >= {
       "Estimator and Keras fit in turn, then Estimator on folder input and on records",
@@ -314,6 +323,7 @@ def test_quick_bench_writes_sane_figures(tiny_dataset, tmp_path, capsys):
   table = capsys.readouterr().out
   for name in figures + ("estimator_over_keras", "pipeline_over_python_loader", "end_to_end_ratio"):
     assert name in table
+  assert f"({env['cpu_kind']})" in table if env["cpu_kind"] else "()" not in table
 
 
 def test_scan_benchmark_decodes_every_file_once_then_none(tmp_path):

@@ -29,6 +29,14 @@ def _cpuinfo_field(name: str) -> str:
   return ""
 
 
+def cpu_kind(cpuinfo_field: Callable[[str], str] = _cpuinfo_field) -> str:
+  """Vendor, family and model ("AuthenticAMD family 25 model 17"), or "" where /proc/cpuinfo does
+  not say: the model name alone ("AMD EPYC") is the same for Zen 3, 4 and 5, whose speeds differ
+  2-6x and whose AVX-512 decides oneDNN's default."""
+  vendor, family, model = (cpuinfo_field(name) for name in ("vendor_id", "cpu family", "model"))
+  return f"{vendor} family {family} model {model}" if vendor and family and model else ""
+
+
 def onednn_enabled() -> bool:
   """Whether TensorFlow's oneDNN kernels are on in this process (TF_ENABLE_ONEDNN_OPTS aware)."""
   from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
@@ -42,6 +50,7 @@ def cpu_environment() -> dict:
   cpu = _cpuinfo_field("model name") or platform.processor() or platform.machine()
   return {
       "device": ", ".join(d.name for d in gpus) if gpus else f"CPU: {cpu}",
+      "cpu_kind": cpu_kind(),
       "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
       "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"}),
       "tensorflow": tf.__version__,

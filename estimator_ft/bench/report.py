@@ -110,11 +110,13 @@ def _fmt(value, digits=1) -> str:
 
 def format_table(results: dict) -> str:
   settings, env = results["settings"], results["environment"]
+  # Older result files have no cpu_kind.
+  cpu_kind = f" ({env['cpu_kind']})" if env.get("cpu_kind") else ""
   lines = [
       f"estimator-ft bench: {settings['image_size']} px, batch {settings['batch_size']}, "
       f"{settings['precision']}{', XLA' if settings['jit'] else ''}, {settings['steps']} steps x "
       f"{settings['repeats']} repeats after {settings['warmup_steps']} warm-up steps",
-      f"{env['device']}, {env['cpu_cores']} cores, TF {env['tensorflow']}, oneDNN "
+      f"{env['device']}{cpu_kind}, {env['cpu_cores']} cores, TF {env['tensorflow']}, oneDNN "
       f"{'on' if env['onednn'] else 'off'}, load average {env['load_average_1min']:.2f} before, "
       f"{env['load_average_1min_after']:.2f} after",
       "",
