@@ -108,9 +108,7 @@ def fuzz_settings(max_examples):
 
 def _decodes(image_bytes) -> bool:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from estimator_ft import contract  # pylint: disable=g-import-not-at-top
-  from estimator_ft.data import folders as folders_lib, images as images_lib  # pylint: disable=g-import-not-at-top
-  from estimator_ft.data import pipeline as pipeline_lib, split as split_lib  # pylint: disable=g-import-not-at-top
+  from estimator_ft.data import images as images_lib  # pylint: disable=g-import-not-at-top
   try:
     images_lib.decode_image(image_bytes, SIZE)
   except (tf.errors.OpError, ValueError):
@@ -127,7 +125,6 @@ def fuzz_folder_scan(work_dir, counts):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from estimator_ft import contract  # pylint: disable=g-import-not-at-top
   from estimator_ft.data import folders as folders_lib, images as images_lib  # pylint: disable=g-import-not-at-top
-  from estimator_ft.data import pipeline as pipeline_lib, split as split_lib  # pylint: disable=g-import-not-at-top
   hypothesis, st = _strategies()
   root = pathlib.Path(work_dir) / "scan"
   good = root / "only_class" / "good.png"
@@ -162,7 +159,6 @@ def fuzz_training_decode(work_dir, counts):
   """The training pipeline's read+decode map with ignore_errors: bad files dropped, no crash."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from estimator_ft import contract  # pylint: disable=g-import-not-at-top
-  from estimator_ft.data import folders as folders_lib, images as images_lib  # pylint: disable=g-import-not-at-top
   from estimator_ft.data import pipeline as pipeline_lib, split as split_lib  # pylint: disable=g-import-not-at-top
   from estimator_ft.config import Config  # pylint: disable=g-import-not-at-top
   hypothesis, st = _strategies()
