@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from estimator_ft import estimator as estimator_path
 from estimator_ft import model as model_lib
+from estimator_ft import tf_environment
 from estimator_ft.bench.plan import MATMUL_REPEATS
 from estimator_ft.bench.timing import spread
 from estimator_ft.config import Config
@@ -17,19 +18,7 @@ from estimator_ft.config import Config
 MATMUL_SIZES = (2048, 4096)
 
 
-def _cpuinfo_field(name: str) -> str:
-  """The first `name` line of /proc/cpuinfo (Linux), or "" elsewhere."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.split(":", 1)[0].strip() == name:
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
-
-
-def cpu_kind(cpuinfo_field: Callable[[str], str] = _cpuinfo_field) -> str:
+def cpu_kind(cpuinfo_field: Callable[[str], str] = tf_environment.cpuinfo_field) -> str:
   """Vendor, family and model ("AuthenticAMD family 25 model 17"), or "" where /proc/cpuinfo does
   not say: the model name alone ("AMD EPYC") is the same for Zen 3, 4 and 5, whose speeds differ
   2-6x and whose AVX-512 decides oneDNN's default."""
@@ -45,9 +34,9 @@ def onednn_enabled() -> bool:
 
 def cpu_environment() -> dict:
   """The machine: device, cores, the CPU features oneDNN depends on, and whether it is on."""
-  flags = set(_cpuinfo_field("flags").split())
+  flags = set(tf_environment.cpuinfo_field("flags").split())
   gpus = tf.config.list_physical_devices("GPU")
-  cpu = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+  cpu = tf_environment.cpuinfo_field("model name") or platform.processor() or platform.machine()
   return {
       "device": ", ".join(d.name for d in gpus) if gpus else f"CPU: {cpu}",
       "cpu_kind": cpu_kind(),

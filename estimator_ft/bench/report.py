@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from estimator_ft import config as config_lib
 from estimator_ft import estimator as estimator_path
+from estimator_ft import tf_environment
 from estimator_ft.bench.machine import MATMUL_SIZES, compute_dtype
 from estimator_ft.bench.plan import MAXIMUM_TARGETS, TARGETS, fraction_of_peak_target
 from estimator_ft.bench.timing import spread
@@ -73,9 +74,10 @@ def summarize(plan, matmul, forward_flops, loaders, training, feed_dict, overhea
   if peak_dtype != "float32":
     notes.append(f"{plan.precision}: fraction_of_peak is against the {peak_dtype} matmul peak "
                  f"({peak:.0f} GFLOP/s; float32: {matmul['float32']['peak_median']:.0f})")
-  if plan.precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
-    notes.append("mixed_float16 on a CPU: float16 convolutions have no fast CPU kernels; it is "
-                 "meant for GPUs")
+  slow_precision = tf_environment.precision_note(
+      plan.precision, bool(tf.config.list_physical_devices("GPU")), cpu_features)
+  if slow_precision:
+    notes.append(slow_precision)
   if plan.jit and not tf.config.list_physical_devices("GPU") and (
       estimator_path.CPU_GLOBAL_JIT_FLAG not in os.environ.get("TF_XLA_FLAGS", "")):
     notes.append(f"--jit on a CPU: Keras compiles with XLA, but the Estimator's session compiles "

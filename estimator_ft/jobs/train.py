@@ -20,6 +20,7 @@ from estimator_ft import memory as memory_lib
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import progress
+from estimator_ft import tf_environment
 from estimator_ft.config import Config
 from estimator_ft.data import loading
 from estimator_ft.data import samples
@@ -38,6 +39,14 @@ def _warn_about_inexact_resume(config: Config) -> None:
     logger.warning("--exact_resume replays the input stream exactly, but dropout masks come from a "
                    "random stream that restarts with each process: a resumed run matches an "
                    "uninterrupted one exactly only with --dropout=0.")
+
+
+def _warn_about_slow_precision(config: Config) -> None:
+  note = tf_environment.precision_note(config.precision,
+                                       bool(tf.config.list_physical_devices("GPU")),
+                                       tf_environment.cpuinfo_field("flags").split())
+  if note:
+    logger.warning(note)
 
 
 def _check_cluster_shards(config: Config, splits, task) -> None:
@@ -137,6 +146,7 @@ def _run(config: Config, initial_weights: str) -> dict:
     if not task.is_chief:
       return run_cluster_member(config, task, initial_weights)
   check_memory(config)  # after the strategy: nothing may run an op before collectives are set up
+  _warn_about_slow_precision(config)
   started = time.time()
   splits = loading.load_splits(config)
   _check_cluster_shards(config, splits, task)
