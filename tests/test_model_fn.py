@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from estimator_ft import contract
 from estimator_ft import estimator as estimator_path
+from estimator_ft import keras_path
 from estimator_ft import model as model_lib
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft.config import Config
@@ -401,3 +402,12 @@ def test_mixed_float16_trains_through_its_loss_scale_and_checkpoints_it(tmp_path
   moved = np.abs(head - initial_head).max() > 0
   assert (moved and scale > INITIAL_LOSS_SCALE / 2**MIXED_FLOAT16_STEPS) or (
       not moved and scale == INITIAL_LOSS_SCALE / 2**MIXED_FLOAT16_STEPS), scale
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_jit_reaches_both_paths(jit):
+  config = make_config(jit=jit)
+  options = estimator_path.make_run_config(config, 1).session_config.graph_options.optimizer_options
+  assert options.global_jit_level == (tf.compat.v1.OptimizerOptions.ON_1 if jit
+                                      else tf.compat.v1.OptimizerOptions.DEFAULT)
+  assert keras_path.build_compiled_model(config, 2).jit_compile is jit
