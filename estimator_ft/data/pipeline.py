@@ -94,9 +94,9 @@ def _one(item: tuple):
   return item if len(item) > 1 else item[0]
 
 
-def stream_options(mode: str) -> tf.data.Options:
-  """The options of every stream this package makes (make_dataset's, the synthetic ones)."""
-  del mode  # every stream alike
+def stream_options() -> tf.data.Options:
+  """The options of every stream this package makes, whatever its mode (make_dataset's, the
+  synthetic ones)."""
   options = tf.data.Options()
   # No autotuning. Destroying an autotuned iterator waits for its model thread, and in TF 2.15
   # that thread can miss the wake-up and sleep out its optimisation period, which grows to tens
@@ -239,7 +239,7 @@ def make_dataset(split: Split, config, mode: str, start_batch: int = 0) -> tf.da
     return features if mode == "predict" else (features, labels)
 
   dataset = dataset.map(traced_as_written(for_model), **parallel)
-  return dataset.prefetch(tf.data.AUTOTUNE).with_options(stream_options(mode))
+  return dataset.prefetch(tf.data.AUTOTUNE).with_options(stream_options())
 
 
 def make_input_fn(split: Split, config, mode: str, start_batch: int = 0):

@@ -36,7 +36,7 @@ def synthetic_dataset(config, num_classes: int, mode: str, num_examples: int = 6
   else:
     dataset = dataset.map(lambda image, label: ({contract.FEATURE_KEY: image}, label))
   dataset = dataset.batch(config.batch_size, drop_remainder=mode == "train")
-  return dataset.prefetch(tf.data.AUTOTUNE).with_options(stream_options(mode))
+  return dataset.prefetch(tf.data.AUTOTUNE).with_options(stream_options())
 
 
 def make_synthetic_input_fn(config, num_classes: int, mode: str, num_examples: int = 64):
