@@ -179,12 +179,24 @@ def write_bytes(path: str, data: bytes) -> None:
       f.write(data)
 
 
+# GFile.read() with no size asks the file system for the size by name, after opening the file:
+# when the file is renamed over in between (a renewed lease, a rewritten config.json), it reads
+# the old content cut to the new length. Reading fixed chunks to the end uses the open file only.
+_READ_CHUNK_BYTES = 1 << 20
+
+
 def read_bytes(path: str) -> bytes:
+  """The whole content of one version of `path`, even while a writer renames a new one over it."""
   if is_local(path):
     with open(path, "rb") as f:
       return f.read()
+  chunks = []
   with tf.io.gfile.GFile(path, "rb") as f:
-    return f.read()
+    while True:
+      chunk = f.read(_READ_CHUNK_BYTES)
+      if not chunk:
+        return b"".join(chunks)
+      chunks.append(chunk)
 
 
 def write_json_atomic(path: str, value) -> None:

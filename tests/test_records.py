@@ -314,17 +314,16 @@ def test_a_non_local_model_dir_is_guarded_by_a_lease():
     with pytest.raises(model_dir_lib.RunLockedError, match=r"in use by pid \d+ on .* renewed"):
       with model_dir_lib.lease_lock(model_dir, settle_s=0.01):
         pass
-    first = json.loads(tf.io.gfile.GFile(lease_file).read())["time"]
+    first = storage.read_json(lease_file, None)["time"]
     deadline = time.monotonic() + 10
-    while json.loads(tf.io.gfile.GFile(lease_file).read())["time"] == first:  # renewed
+    while storage.read_json(lease_file, None)["time"] == first:  # renewed
       assert time.monotonic() < deadline, "the lease was never renewed"
       time.sleep(0.05)
   assert not tf.io.gfile.exists(lease_file)  # released
   # A dead run's lease (not renewed for longer than the timeout) is taken over.
-  with tf.io.gfile.GFile(lease_file, "w") as f:
-    f.write(json.dumps({"holder": "pid 1 on gone", "time": 0.0}))
+  storage.write_json_atomic(lease_file, {"holder": "pid 1 on gone", "time": 0.0})
   with model_dir_lib.lease_lock(model_dir, settle_s=0.01):
-    holder = json.loads(tf.io.gfile.GFile(lease_file).read())["holder"]
+    holder = storage.read_json(lease_file, None)["holder"]
     assert holder.startswith(f"pid {os.getpid()} on "), holder
   # run_lock takes a lease, not flock, on a non-local file system.
   assert not storage.is_local(model_dir) and storage.is_local("/tmp/model")

@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from estimator_ft import cluster as cluster_lib
+from estimator_ft import storage
 from estimator_ft.data.split import DataError, Split
 
 DATASET_JSON = "dataset.json"
@@ -113,8 +114,7 @@ def read_dataset_json(records_dir: str) -> dict:
             "complete it." if tf.io.gfile.isdir(records_dir) else "")
     raise DataError(f"--records_dir={records_dir} has no {DATASET_JSON}: give a folder written by "
                     f"`estimator-ft prepare --output_dir=DIR`.{hint}")
-  with tf.io.gfile.GFile(path, "r") as f:
-    value = json.load(f)
+  value = json.loads(storage.read_bytes(path))
   if value.get("format") != RECORDS_FORMAT:
     raise DataError(f"{path} is not an estimator_ft records description (format "
                     f"{value.get('format')!r}, expected {RECORDS_FORMAT!r}); prepare it again.")

@@ -129,10 +129,9 @@ def run_prepare(train_dir: str, validation_dir: str, output_dir: str, num_shards
     raise DataError(f"--output_dir={output_dir} already holds a different data set (other images "
                     "or settings). Use another --output_dir, or delete that folder first.")
   if tf.io.gfile.exists(plan_path):
-    with tf.io.gfile.GFile(plan_path) as f:
-      if json.load(f).get("fingerprint") != fingerprint:
-        raise DataError(f"--output_dir={output_dir} holds an interrupted prepare of a different "
-                        "data set. Rerun that command to finish it, or delete the folder.")
+    if json.loads(storage.read_bytes(plan_path)).get("fingerprint") != fingerprint:
+      raise DataError(f"--output_dir={output_dir} holds an interrupted prepare of a different "
+                      "data set. Rerun that command to finish it, or delete the folder.")
     logger.info("Completing the interrupted prepare in %s.", output_dir)
   elif tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir):
     raise DataError(f"--output_dir={output_dir} is not empty and is not a prepared data set: "

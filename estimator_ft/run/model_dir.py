@@ -273,9 +273,8 @@ LEASE_SETTLE_S = 2.0
 
 def _read_lease(path: str) -> Optional[dict]:
   try:
-    with tf.io.gfile.GFile(path, "r") as f:
-      return json.loads(f.read())
-  except (tf.errors.NotFoundError, ValueError):
+    return json.loads(storage.read_bytes(path).decode("utf-8"))
+  except (tf.errors.NotFoundError, ValueError):  # none, or one a crash left half-written
     return None
 
 
@@ -300,12 +299,7 @@ def lease_lock(model_dir: str, timeout_s: Optional[float] = None, renew_s: Optio
                          "finish (or stop it), or use another --model_dir.")
 
   def write():
-    # Written beside it and renamed over it: a reader never sees half a lease (and TF 2.15's
-    # ram:// file system appends to, rather than replaces, a file opened for writing).
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      f.write(json.dumps({"holder": holder, "time": time.time()}))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    storage.write_json_atomic(path, {"holder": holder, "time": time.time()})
 
   lease = _read_lease(path)
   if lease and time.time() - lease["time"] < timeout_s:
