@@ -3,7 +3,9 @@
 import dataclasses
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import time
 
@@ -327,6 +329,46 @@ def test_a_non_local_model_dir_is_guarded_by_a_lease():
     assert holder.startswith(f"pid {os.getpid()} on "), holder
   # run_lock takes a lease, not flock, on a non-local file system.
   assert not storage.is_local(model_dir) and storage.is_local("/tmp/model")
+
+
+def _wait_for(condition, what, timeout_s=10):
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    assert time.monotonic() < deadline, what
+    time.sleep(0.02)
+
+
+def test_a_lease_whose_renewal_fails_keeps_renewing(tmp_path, caplog):
+  """A failed renewal (an object store's transient error) is retried, not the end of renewals."""
+  model_dir = tmp_path / "model"
+  model_dir.mkdir()
+  lease_file = model_dir / model_dir_lib.LOCK_FILE
+  with caplog.at_level(logging.INFO, logger="estimator_ft"):
+    with model_dir_lib.lease_lock(str(model_dir), renew_s=0.02, settle_s=0.01):
+      shutil.rmtree(model_dir)  # every write of the lease now fails
+      _wait_for(lambda: caplog.text.count("Could not renew the run lease") >= 2,
+                "a failed renewal was not reported twice")
+      model_dir.mkdir()
+      _wait_for(lease_file.exists, "the renewals stopped after a failure")
+      _wait_for(lambda: "is renewed again" in caplog.text, "the recovery was not reported")
+  assert re.search(r"Could not renew the run lease .*; retrying in 0.02 s. Unrenewed for \d+ s of the 120 s after which another run may take --model_dir over", caplog.text)
+  assert not lease_file.exists()  # released
+
+
+def test_a_lease_taken_over_is_left_to_its_new_holder(tmp_path, caplog):
+  model_dir = tmp_path / "model"
+  model_dir.mkdir()
+  lease_file = str(model_dir / model_dir_lib.LOCK_FILE)
+  other = {"holder": "pid 2 on elsewhere", "time": time.time()}
+  with caplog.at_level(logging.INFO, logger="estimator_ft"):
+    with model_dir_lib.lease_lock(str(model_dir), renew_s=0.02, settle_s=0.01):
+      storage.write_json_atomic(lease_file, other)  # as a run that found this lease expired
+      _wait_for(lambda: "taken over" in caplog.text, "the takeover was not reported")
+      time.sleep(0.1)  # several renewal periods
+      assert storage.read_json(lease_file, None) == other  # not overwritten
+  assert re.search(r"--model_dir=.* was taken over by pid 2 on elsewhere: .* Both runs now write "
+                   r"there: stop one of them", caplog.text)
+  assert storage.read_json(lease_file, None) == other  # nor deleted on exit
 
 
 def test_bench_measures_the_records_pipeline(prepared, tiny_dataset):

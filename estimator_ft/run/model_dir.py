@@ -274,7 +274,7 @@ LEASE_SETTLE_S = 2.0
 def _read_lease(path: str) -> Optional[dict]:
   try:
     return json.loads(storage.read_bytes(path).decode("utf-8"))
-  except (tf.errors.NotFoundError, ValueError):  # none, or one a crash left half-written
+  except (tf.errors.NotFoundError, FileNotFoundError, ValueError):  # none, or half-written
     return None
 
 
@@ -316,8 +316,27 @@ def lease_lock(model_dir: str, timeout_s: Optional[float] = None, renew_s: Optio
   stop = threading.Event()
 
   def renew():
+    # A renewal that fails (an object store's transient error) must not end the renewals: the
+    # lease would then expire under a live run. A lease another run holds is left to it: it took
+    # over after this one went unrenewed for timeout_s, and said so.
+    failing_since = None
     while not stop.wait(renew_s):
-      write()
+      try:
+        lease = _read_lease(path)
+        if lease and lease["holder"] != holder:
+          logger.error("--model_dir=%s was taken over by %s: this run's lease went unrenewed for "
+                       "over %.0f s. Both runs now write there: stop one of them.", model_dir,
+                       lease["holder"], timeout_s)
+          return
+        write()
+        if failing_since is not None:
+          logger.info("The run lease %s is renewed again.", path)
+        failing_since = None
+      except (tf.errors.OpError, OSError) as e:
+        failing_since = failing_since or time.monotonic()
+        logger.warning("Could not renew the run lease %s (%s); retrying in %g s. Unrenewed for "
+                       "%.0f s of the %.0f s after which another run may take --model_dir over.",
+                       path, e, renew_s, time.monotonic() - failing_since + renew_s, timeout_s)
 
   renewer = threading.Thread(target=renew, name="estimator_ft-lease", daemon=True)
   renewer.start()
