@@ -351,7 +351,8 @@ def test_a_lease_whose_renewal_fails_keeps_renewing(tmp_path, caplog):
       model_dir.mkdir()
       _wait_for(lease_file.exists, "the renewals stopped after a failure")
       _wait_for(lambda: "is renewed again" in caplog.text, "the recovery was not reported")
-  assert re.search(r"Could not renew the run lease .*; retrying in 0.02 s. Unrenewed for \d+ s of the 120 s after which another run may take --model_dir over", caplog.text)
+  assert re.search(r"Could not renew the run lease .*; retrying in 0.02 s\. Unrenewed for \d+ s "
+                   r"of the 120 s after which another run may take --model_dir over", caplog.text)
   assert not lease_file.exists()  # released
 
 
