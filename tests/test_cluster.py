@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -33,6 +34,7 @@ FAILURE_TIMEOUT_S = 120
 # Python processes that only sleep or exit: well under these on any machine.
 QUICK_TIMEOUT_S = 30
 SLEEP_FOREVER_S = 600
+CLASSES = ("a", "b")
 
 
 # ---------------------------------------------------------------- TF_CONFIG
@@ -143,20 +145,51 @@ def test_launch_local_needs_train_flags_and_known_roles():
 
 
 def test_a_worker_waits_for_the_chiefs_files_and_fails_clearly_when_they_never_come(tmp_path):
+  config = Config(train_dir="t", validation_dir="v", model_dir=str(tmp_path), image_size=32)
   prefix = str(tmp_path / "initial_weights" / "weights")
   started = time.monotonic()
-  with pytest.raises(ValueError, match=r"worker:0 waited 0.3 s for the chief .* same --model_dir"):
-    model_dir_lib.wait_for_chief(str(tmp_path), prefix, "worker:0", timeout_s=0.3, poll_s=0.05)
+  with pytest.raises(ValueError, match=r"worker:0 waited 0.3 s for the chief to prepare .* \(no "
+                                       r"config.json yet\), in vain\. .* same --model_dir and the "
+                                       r"same flags"):
+    model_dir_lib.wait_for_chief(config, CLASSES, prefix, "worker:0", timeout_s=0.3, poll_s=0.05)
   assert time.monotonic() - started < QUICK_TIMEOUT_S
 
-  (tmp_path / model_dir_lib.CONFIG_FILE).write_text("{}")
+  model_dir_lib.write_run_config(config, CLASSES)
   (tmp_path / "initial_weights").mkdir()
   (tmp_path / "initial_weights" / "weights.index").write_bytes(b"")
   # The index alone is a checkpoint half renamed into place: still not ready.
-  with pytest.raises(ValueError, match="waited"):
-    model_dir_lib.wait_for_chief(str(tmp_path), prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
+  with pytest.raises(ValueError, match="initial weights .* are not complete yet"):
+    model_dir_lib.wait_for_chief(config, CLASSES, prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
   (tmp_path / "initial_weights" / "weights.data-00000-of-00001").write_bytes(b"")
-  model_dir_lib.wait_for_chief(str(tmp_path), prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
+  model_dir_lib.wait_for_chief(config, CLASSES, prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
+
+
+def test_a_worker_waits_while_the_chief_replaces_a_run_that_never_trained(tmp_path, caplog):
+  """The old run's config.json and initial weights are there before the chief sets them aside."""
+  config = Config(train_dir="t", validation_dir="v", model_dir=str(tmp_path), image_size=32)
+  old = config.replace(learning_rate=config.learning_rate * 10)
+  prefix = str(tmp_path / "initial_weights" / "weights")
+  model_dir_lib.write_run_config(old, CLASSES)
+  (tmp_path / "initial_weights").mkdir()
+  for name in ("weights.index", "weights.data-00000-of-00001"):
+    (tmp_path / "initial_weights" / name).write_bytes(b"old")
+  with caplog.at_level(logging.INFO, logger="estimator_ft"):
+    with pytest.raises(ValueError, match=r"waited 0.2 s .* \(its config.json is a run that never "
+                                         r"trained, with other settings \(learning_rate: "):
+      model_dir_lib.wait_for_chief(config, CLASSES, prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
+  assert caplog.text.count("worker:0 waits for the chief") == 1  # once per reason
+  # The chief sets the old run aside and writes this run's files: the worker goes on.
+  assert model_dir_lib.prepare_model_dir(config, CLASSES) is False
+  (tmp_path / "initial_weights").mkdir()
+  for name in ("weights.index", "weights.data-00000-of-00001"):
+    (tmp_path / "initial_weights" / name).write_bytes(b"new")
+  model_dir_lib.wait_for_chief(config, CLASSES, prefix, "worker:0", timeout_s=0.2, poll_s=0.05)
+  # A different run that trained is refused at once: nobody will replace it.
+  (tmp_path / "model.ckpt-5.index").write_bytes(b"x")
+  started = time.monotonic()
+  with pytest.raises(ValueError, match="holds a run with a different configuration"):
+    model_dir_lib.wait_for_chief(old, CLASSES, prefix, "worker:0", timeout_s=QUICK_TIMEOUT_S)
+  assert time.monotonic() - started < QUICK_TIMEOUT_S / 2
 
 
 # ---------------------------------------------------------------- history of an async run

@@ -313,7 +313,10 @@ def test_a_non_local_model_dir_is_guarded_by_a_lease():
   lease_file = f"{model_dir}/{model_dir_lib.LOCK_FILE}"
   with model_dir_lib.lease_lock(model_dir, renew_s=0.05, settle_s=0.01):
     assert tf.io.gfile.exists(lease_file)
-    with pytest.raises(model_dir_lib.RunLockedError, match=r"in use by pid \d+ on .* renewed"):
+    with pytest.raises(model_dir_lib.RunLockedError,
+                       match=r"in use by pid \d+ on .* renewed 0 s ago\).* If that run is gone .*"
+                             r"its lease expires in 120 s: then the same command takes model_dir "
+                             r"over and resumes"):
       with model_dir_lib.lease_lock(model_dir, settle_s=0.01):
         pass
     first = storage.read_json(lease_file, None)["time"]
@@ -354,6 +357,24 @@ def test_a_lease_whose_renewal_fails_keeps_renewing(tmp_path, caplog):
   assert re.search(r"Could not renew the run lease .*; retrying in 0.02 s\. Unrenewed for \d+ s "
                    r"of the 120 s after which another run may take --model_dir over", caplog.text)
   assert not lease_file.exists()  # released
+
+
+def test_a_lease_that_cannot_be_released_does_not_hide_what_ended_the_run(tmp_path, caplog):
+  model_dir = tmp_path / "model"
+  model_dir.mkdir()
+  lease_file = model_dir / model_dir_lib.LOCK_FILE
+
+  class RunEnded(Exception):
+    pass
+
+  with caplog.at_level(logging.WARNING, logger="estimator_ft"):
+    with pytest.raises(RunEnded):
+      with model_dir_lib.lease_lock(str(model_dir), settle_s=0.01):
+        lease_file.unlink()
+        lease_file.mkdir()  # reading the lease back now fails (IsADirectoryError)
+        raise RunEnded("interrupted at step 12: run the same command to resume")
+  assert re.search(r"Could not release the run lease .* It expires 120 s after its last renewal; "
+                   r"until then a new run in --model_dir=.* is refused", caplog.text)
 
 
 def test_a_lease_taken_over_is_left_to_its_new_holder(tmp_path, caplog):

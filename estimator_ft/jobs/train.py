@@ -215,7 +215,7 @@ def run_cluster_member(config: Config, task: "cluster_lib.Task", initial_weights
   _check_cluster_shards(config, splits, task)
   prefix = initial_weights or os.path.join(config.model_dir, model_dir_lib.INITIAL_WEIGHTS_PREFIX)
   if task.type != cluster_lib.PS:
-    model_dir_lib.wait_for_chief(config.model_dir, prefix, task.name)
+    model_dir_lib.wait_for_chief(config, tuple(splits.class_names), prefix, task.name)
     model_dir_lib.check_resumable(config, tuple(splits.class_names), config.model_dir)
   logger.info("%s of a TF_CONFIG cluster, %s path, model_dir %s", task.name, config.path,
               config.model_dir)

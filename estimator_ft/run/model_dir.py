@@ -173,8 +173,11 @@ def _set_aside_untrained_run(model_dir: str, differences: list) -> str:
   storage.makedirs(aside)
   step_zero = re.compile(rf"^(?:{re.escape(ESTIMATOR_CHECKPOINT_NAME)}|"
                          rf"{re.escape(KERAS_CHECKPOINT_NAME)})-0\.")
-  names = [CONFIG_FILE, os.path.dirname(INITIAL_WEIGHTS_PREFIX), "checkpoint", TRAIN_HISTORY_FILE,
-           KERAS_HISTORY_FILE] + [n for n in storage.listdir(model_dir) if step_zero.match(n)]
+  # config.json last: a set-aside interrupted half way still finds a run to replace when the same
+  # command starts again, rather than checkpoints without their config.json.
+  names = ([os.path.dirname(INITIAL_WEIGHTS_PREFIX), "checkpoint", TRAIN_HISTORY_FILE,
+            KERAS_HISTORY_FILE] + [n for n in storage.listdir(model_dir) if step_zero.match(n)]
+           + [CONFIG_FILE])
   for name in names:
     source = os.path.join(model_dir, name)
     if storage.isdir(source):
@@ -294,9 +297,12 @@ def lease_lock(model_dir: str, timeout_s: Optional[float] = None, renew_s: Optio
   holder = f"pid {os.getpid()} on {os.uname().nodename} ({time.time_ns()})"
 
   def refuse(lease):
+    age_s = time.time() - lease["time"]
     raise RunLockedError(f"--model_dir={model_dir} is in use by {lease['holder']} (its lease was "
-                         f"renewed {time.time() - lease['time']:.0f} s ago). Wait for that run to "
-                         "finish (or stop it), or use another --model_dir.")
+                         f"renewed {age_s:.0f} s ago). Wait for that run to finish (or stop it), "
+                         "or use another --model_dir. If that run is gone (killed, preempted), "
+                         f"its lease expires in {max(timeout_s - age_s, 0):.0f} s: then the same "
+                         "command takes model_dir over and resumes.")
 
   def write():
     storage.write_json_atomic(path, {"holder": holder, "time": time.time()})
@@ -345,9 +351,15 @@ def lease_lock(model_dir: str, timeout_s: Optional[float] = None, renew_s: Optio
   finally:
     stop.set()
     renewer.join()
-    lease = _read_lease(path)
-    if lease and lease["holder"] == holder:
-      tf.io.gfile.remove(path)
+    # An error here must not replace what ended the run (its results, or how to resume it).
+    try:
+      lease = _read_lease(path)
+      if lease and lease["holder"] == holder:
+        tf.io.gfile.remove(path)
+    except (tf.errors.OpError, OSError) as e:
+      logger.warning("Could not release the run lease %s (%s). It expires %.0f s after its last "
+                     "renewal; until then a new run in --model_dir=%s is refused.", path, e,
+                     timeout_s, model_dir)
 
 
 def prepare_model_dir(config: Config, class_names) -> bool:
@@ -417,22 +429,52 @@ def write_history(model_dir: str, file_name: str, history: list) -> None:
 
 # ---------------------------------------------------------------- a cluster's chief
 
-def wait_for_chief(model_dir: str, prefix: str, role: str, timeout_s: float = CHIEF_WAIT_TIMEOUT_S,
+def wait_for_chief(config: Config, class_names: Tuple[str, ...], prefix: str, role: str,
+                   timeout_s: float = CHIEF_WAIT_TIMEOUT_S,
                    poll_s: float = CHIEF_WAIT_POLL_S) -> None:
-  """Blocks until the chief's config.json and complete initial-weights checkpoint exist."""
-  config_path = os.path.join(model_dir, CONFIG_FILE)
+  """Blocks until the chief has prepared model_dir for this run: its config.json and complete
+  initial-weights checkpoint.
+
+  A config.json of other settings from a run that never trained is waited out as well: the chief
+  sets such a run aside (plan_run's "replace"), but only after its own minutes of setup. Raises
+  ValueError at once for a different run that trained, and after timeout_s with what was missing.
+  """
   deadline = time.monotonic() + timeout_s
-  logged = False
-  while not (storage.exists(config_path) and _checkpoint_complete(prefix)):
+  reported = ""
+  while True:
+    missing = _missing_for(config, class_names, prefix)
+    if not missing:
+      return
     if time.monotonic() > deadline:
       raise ValueError(
-          f"{role} waited {timeout_s:g} s for the chief to write {config_path} and the initial "
-          f"weights {prefix}, in vain. Check that the chief is running with the same --model_dir, "
-          "and that model_dir is a folder every task of the cluster can read (a shared file system).")
-    if not logged:
-      logger.info("%s waits for the chief to prepare %s", role, model_dir)
-      logged = True
+          f"{role} waited {timeout_s:g} s for the chief to prepare {config.model_dir} ({missing}), "
+          "in vain. Check that the chief is running with the same --model_dir and the same flags "
+          "as this task, and that model_dir is a folder every task of the cluster can read (a "
+          "shared file system).")
+    if missing != reported:
+      logger.info("%s waits for the chief to prepare %s: %s", role, config.model_dir, missing)
+      reported = missing
     time.sleep(poll_s)
+
+
+def _missing_for(config: Config, class_names: Tuple[str, ...], prefix: str) -> str:
+  """What this run's member still waits for in model_dir, "" when nothing."""
+  model_dir = config.model_dir
+  try:
+    previous = read_run_config(model_dir)
+  except ValueError as e:  # read while the chief moved it aside
+    return str(e)
+  if previous is None:
+    return f"no {CONFIG_FILE} yet"
+  differences = _differences(previous, config, class_names)
+  if differences:
+    if not never_trained(model_dir):
+      raise _different_run_error(model_dir, differences)
+    return (f"its {CONFIG_FILE} is a run that never trained, with other settings "
+            f"({'; '.join(differences)}), which the chief replaces")
+  if not _checkpoint_complete(prefix):
+    return f"the initial weights {prefix} are not complete yet"
+  return ""
 
 
 def _checkpoint_complete(prefix: str) -> bool:
