@@ -15,6 +15,30 @@ def is_local(path: str) -> bool:
   return "://" not in path
 
 
+MOUNTS_FILE = "/proc/self/mounts"
+
+
+def mount_fs_type(path: str, mounts_file: str = MOUNTS_FILE) -> str:
+  """The type of the file system mounted where `path` lives ("ext4", "fuse.gcsfuse"...), "" if
+  unknown (no mounts file: not Linux)."""
+  try:
+    with open(mounts_file) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return ""
+  real = os.path.realpath(path)
+  deepest, fs_type = "", ""
+  for line in lines:
+    fields = line.split()
+    if len(fields) < 3:
+      continue
+    mount_point = fields[1].replace("\\040", " ")  # the mounts file escapes spaces
+    inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+    if inside and len(mount_point) >= len(deepest):  # the last of equal mounts is the visible one
+      deepest, fs_type = mount_point, fields[2]
+  return fs_type
+
+
 def fsync_directory(directory: str) -> None:
   """Makes a rename or new entry in `directory` durable (without it a power cut can undo it)."""
   try:

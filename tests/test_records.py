@@ -15,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from estimator_ft import cluster
+from estimator_ft import files
 from estimator_ft import image_formats
 from estimator_ft import storage
 from estimator_ft.config import Config
@@ -332,6 +333,49 @@ def test_a_non_local_model_dir_is_guarded_by_a_lease():
     assert holder.startswith(f"pid {os.getpid()} on "), holder
   # run_lock takes a lease, not flock, on a non-local file system.
   assert not storage.is_local(model_dir) and storage.is_local("/tmp/model")
+
+
+def _fake_mounts(tmp_path, *mounts):
+  """A mounts file (as /proc/self/mounts) that mounts (file system type, folder) over a root ext4."""
+  lines = ["/dev/root / ext4 rw,relatime 0 0"]
+  for fs_type, folder in mounts:
+    escaped = os.path.realpath(folder).replace(" ", "\\040")
+    lines.append(f"source {escaped} {fs_type} rw,nosuid,nodev 0 0")
+  path = tmp_path / "mounts"
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def test_the_file_system_type_is_the_deepest_mount_holding_the_path(tmp_path):
+  mounts = _fake_mounts(tmp_path, ("fuse.gcsfuse", tmp_path / "gcs"),
+                        ("tmpfs", tmp_path / "gcs" / "inner dir"))
+  assert files.mount_fs_type(str(tmp_path / "gcs" / "bucket" / "run"), mounts) == "fuse.gcsfuse"
+  assert files.mount_fs_type(str(tmp_path / "gcs"), mounts) == "fuse.gcsfuse"
+  assert files.mount_fs_type(str(tmp_path / "gcs" / "inner dir" / "run"), mounts) == "tmpfs"
+  assert files.mount_fs_type(str(tmp_path / "gcsx" / "run"), mounts) == "ext4"  # not inside /gcs
+  assert files.mount_fs_type(str(tmp_path), str(tmp_path / "no_mounts_file")) == ""
+
+
+def test_a_model_dir_on_a_fuse_mount_is_locked_by_a_lease(tmp_path, caplog):
+  """flock on gcsfuse (Vertex AI's /gcs/), s3fs... holds on one machine only."""
+  mounted, plain = tmp_path / "gcs" / "run", tmp_path / "disk" / "run"
+  mounted.mkdir(parents=True)
+  plain.mkdir(parents=True)
+  mounts = _fake_mounts(tmp_path, ("fuse.gcsfuse", tmp_path / "gcs"))
+  with caplog.at_level(logging.INFO, logger="estimator_ft"):
+    with model_dir_lib.run_lock(str(mounted), mounts_file=mounts):
+      lease = storage.read_json(str(mounted / model_dir_lib.LOCK_FILE), None)
+      assert lease["holder"].startswith(f"pid {os.getpid()} on ")
+      with pytest.raises(model_dir_lib.RunLockedError, match=r"its lease was renewed \d+ s ago"):
+        with model_dir_lib.run_lock(str(mounted), mounts_file=mounts):
+          pass
+  assert "is on a fuse.gcsfuse mount, where flock holds on one machine only" in caplog.text
+  assert not (mounted / model_dir_lib.LOCK_FILE).exists()  # the lease is released
+  with model_dir_lib.run_lock(str(plain), mounts_file=mounts):  # a disk: flock, as before
+    assert (plain / model_dir_lib.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+    with pytest.raises(model_dir_lib.RunLockedError, match=r"in use by pid \d+ on .*\. Wait"):
+      with model_dir_lib.run_lock(str(plain), mounts_file=mounts):
+        pass
 
 
 def _wait_for(condition, what, timeout_s=10):

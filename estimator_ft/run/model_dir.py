@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import tensorflow as tf
 
 from estimator_ft import config as config_lib
+from estimator_ft import files
 from estimator_ft import messages
 from estimator_ft import model as model_lib
 from estimator_ft import recipes
@@ -232,16 +233,27 @@ def ensure_writable_dir(path: str, flag: str = "--model_dir", local_only: str = 
                      "or fix its permissions / free disk space; nothing was written.") from e
 
 
+def _is_fuse(fs_type: str) -> bool:
+  # A FUSE mount (gcsfuse as Vertex AI's /gcs/, s3fs, sshfs...) keeps flock in this machine's
+  # kernel: a run on another machine would take the same model_dir unopposed.
+  return fs_type == "fuse" or fs_type.startswith("fuse.")
+
+
 @contextlib.contextmanager
-def run_lock(model_dir: str):
+def run_lock(model_dir: str, mounts_file: str = files.MOUNTS_FILE):
   """An exclusive lock on model_dir for the life of this process.
 
   flock is released by the kernel when the process dies (even by kill -9), so a crashed run never
   leaves a stale lock behind; the file only records who held it last. A model_dir on another
-  TensorFlow file system (gs://, hdfs://, ram://) cannot be flocked: there a lease guards it
-  (lease_lock).
+  TensorFlow file system (gs://, hdfs://, ram://) cannot be flocked, and on a FUSE mount flock
+  holds on one machine only: there a lease guards it (lease_lock).
   """
-  if not storage.is_local(model_dir):
+  local = storage.is_local(model_dir)
+  fs_type = files.mount_fs_type(model_dir, mounts_file) if local else ""
+  if not local or _is_fuse(fs_type):
+    if local:
+      logger.info("--model_dir=%s is on a %s mount, where flock holds on one machine only: the "
+                  "run lock is a renewed lease.", model_dir, fs_type)
     with lease_lock(model_dir):
       yield
     return
