@@ -390,6 +390,40 @@ def test_a_missing_class_has_zero_support_and_bad_images_follow_the_policy(keras
   assert report["training_recorded"]["on_this_folder"] is False
 
 
+def test_images_over_the_runs_pixel_limit_are_bad_files_before_any_prediction(keras_run,
+                                                                              estimator_run,
+                                                                              tiny_dataset, tmp_path):
+  """The scan holds images to the model's --max_image_pixels, not the default: its graphs refuse
+  larger ones, which used to fail a batch with a traceback after hours of predictions."""
+  from estimator_ft.jobs import evaluate
+  from estimator_ft.run import model_dir as model_dir_lib
+  limit = SIZE * SIZE - 1  # every 32 x 32 image of the folder is one pixel over
+  model_dir = tmp_path / "keras_run"
+  shutil.copytree(keras_run[0], model_dir)
+  config_path = model_dir / model_dir_lib.CONFIG_FILE
+  record = json.loads(config_path.read_text())
+  record["config"]["max_image_pixels"] = limit
+  config_path.write_text(json.dumps(record))
+  assert evaluate.checkpoint_model(str(model_dir)).max_image_pixels == limit
+  with pytest.raises(ValueError, match=rf"(?s)is over the limit of {limit} pixels.*"
+                                       r"--bad_images=skip to evaluate without"):
+    evaluate.run_evaluate(str(tmp_path / "out"), model_dir=str(model_dir),
+                          validation_dir=str(tiny_dataset / "validation"))
+  assert not (tmp_path / "out").exists()  # refused before anything was written
+  # An export records its limit in export_info.json; one from before that has the default.
+  best = tmp_path / "best"
+  shutil.copytree(evaluate.saved_model_model(str(estimator_run[0] / "export" / "best")).path, best)
+  info_path = best / "assets.extra" / "export_info.json"
+  info = json.loads(info_path.read_text())
+  assert evaluate.saved_model_model(str(best)).max_image_pixels == info["max_image_pixels"]
+  info["max_image_pixels"] = limit
+  info_path.write_text(json.dumps(info))
+  assert evaluate.saved_model_model(str(best)).max_image_pixels == limit
+  del info["max_image_pixels"]
+  info_path.write_text(json.dumps(info))
+  assert evaluate.saved_model_model(str(best)).max_image_pixels == 89_478_485  # PIL's default
+
+
 @pytest.mark.slow
 def test_each_evaluation_during_training_drew_its_confusion_matrix_in_both_paths(estimator_run,
                                                                                 keras_run):

@@ -31,6 +31,7 @@ from estimator_ft import contract
 from estimator_ft import estimator as estimator_path
 from estimator_ft import export as export_lib
 from estimator_ft import files
+from estimator_ft import image_formats
 from estimator_ft import keras_path
 from estimator_ft import model_fn as model_fn_lib
 from estimator_ft import serving
@@ -69,6 +70,8 @@ class Model:
   config: Optional[Config] = None  # the run's configuration (checkpoints)
   validation_dir: str = ""  # the run's validation folder, when known
   recorded: Optional[dict] = None  # what training measured for these weights on validation_dir
+  # The run's --max_image_pixels: its graphs refuse larger images, so the scan must too.
+  max_image_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS
 
   def describe(self) -> dict:
     return {"kind": self.kind, "path": self.path, "training_path": self.training_path or None,
@@ -165,7 +168,8 @@ def checkpoint_model(model_dir: str, checkpoint: str = "latest") -> Model:
   return Model(kind="checkpoint", path=path, class_names=class_names,
                image_size=config.image_size, training_path=config.path, global_step=step,
                model_dir=model_dir, config=config, validation_dir=config.validation_dir,
-               recorded=_recorded_for_checkpoint(config, model_dir, step))
+               recorded=_recorded_for_checkpoint(config, model_dir, step),
+               max_image_pixels=config.max_image_pixels)
 
 
 def saved_model_model(saved_model: str) -> Model:
@@ -191,7 +195,10 @@ def saved_model_model(saved_model: str) -> Model:
                image_size=int(info["image_size"]), training_path=info.get("path", ""),
                global_step=info.get("global_step"), model_dir=model_dir if record else "",
                validation_dir=(record or {}).get("config", {}).get("validation_dir", ""),
-               recorded=recorded)
+               recorded=recorded,
+               # Exports from before the limit was recorded used the default.
+               max_image_pixels=int(info.get(contract.MAX_IMAGE_PIXELS_INFO)
+                                    or image_formats.DEFAULT_MAX_IMAGE_PIXELS))
 
 
 def resolve_model(model_dir: str = "", checkpoint: str = "latest", saved_model: str = "") -> Model:
@@ -209,13 +216,17 @@ def resolve_model(model_dir: str = "", checkpoint: str = "latest", saved_model: 
 
 # ---------------------------------------------------------------- which data
 
-def load_folder(folder: str, class_names: Sequence[str], bad_images: str = "fail"):
+def load_folder(folder: str, class_names: Sequence[str], bad_images: str = "fail",
+                max_image_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS):
   """(split labelled with the model's class indices, [missing class names]).
 
   A class folder the model does not know is refused: its images have no right answer. A class
-  of the model without a folder is reported with zero support.
+  of the model without a folder is reported with zero support. An image over the model's pixel
+  limit is a bad file (named before any prediction, skipped under bad_images="skip"), not a
+  failed batch hours in.
   """
-  split = folders.scan_image_folder(folder, "validation", bad_images, job="evaluate")
+  split = folders.scan_image_folder(folder, "validation", bad_images, job="evaluate",
+                                    max_image_pixels=max_image_pixels)
   class_names = tuple(class_names)
   unknown = [name for name in split.class_names if name not in class_names]
   if unknown:
@@ -298,7 +309,7 @@ def run_evaluate(output_dir: str, validation_dir: str = "", model_dir: str = "",
   if not validation_dir:
     logger.info("Evaluating on the run's validation folder %s (--validation_dir picks another).",
                 folder)
-  split, missing = load_folder(folder, model.class_names, bad_images)
+  split, missing = load_folder(folder, model.class_names, bad_images, model.max_image_pixels)
   model_dir_lib.ensure_writable_dir(
       output_dir, "--output_dir",
       local_only="the report's CSV files and plots are written with local-file calls")
