@@ -156,6 +156,30 @@ def test_binary_curves_areas_and_thresholds_match_the_hand_computed_figures():
   json.dumps(report, allow_nan=False)  # JSON-ready: no NaN or infinity anywhere
 
 
+def test_curves_of_a_large_set_are_thinned_but_its_figures_use_every_point():
+  """A PR point per distinct score made report.json grow with the data (62 MB at 1M images)."""
+  from sklearn import metrics as skm
+  generator = np.random.default_rng(0)
+  labels = (generator.random(20_000) < 0.1).astype(np.int64)  # 10 % positives
+  scores = np.clip(generator.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
+  binary = metrics.binary_statistics(labels, scores, "b")
+  roc, pr = binary["roc_curve"], binary["pr_curve"]
+  full_precision, _, full_thresholds = skm.precision_recall_curve(labels, scores)
+  assert len(full_thresholds) > 10 * metrics.MAX_CURVE_POINTS  # thinning had work to do
+  assert len(pr["precision"]) == len(pr["recall"]) <= metrics.MAX_CURVE_POINTS
+  assert len(pr["precision"]) == len(pr["thresholds"]) + 1  # still one point more
+  assert len(roc["fpr"]) == len(roc["tpr"]) == len(roc["thresholds"]) <= metrics.MAX_CURVE_POINTS
+  assert pr["precision"][0] == pytest.approx(full_precision[0])  # both ends kept
+  assert (pr["recall"][-1], pr["precision"][-1]) == (0, 1)
+  assert (roc["fpr"][0], roc["tpr"][0], roc["fpr"][-1], roc["tpr"][-1]) == (0, 0, 1, 1)
+  assert np.all(np.diff(pr["thresholds"]) > 0) and np.all(np.diff(roc["fpr"]) >= 0)
+  # The areas and the F1-best threshold come from every point, not the thinned ones.
+  assert binary["pr_auc"] == pytest.approx(skm.average_precision_score(labels, scores))
+  assert binary["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, scores))
+  assert binary["best_f1"]["threshold"] in set(full_thresholds.tolist())
+  assert len(json.dumps(binary)) < 6 * metrics.MAX_CURVE_POINTS * 25  # 6 arrays, ~20 chars a number
+
+
 def test_a_class_without_examples_has_zero_support_and_undefined_recall():
   # c has no examples. Predicted once (example 3, a wrong guess): precision 0/1, recall 0/0.
   labels = [0, 0, 1, 1]

@@ -27,6 +27,10 @@ DEFAULT_CALIBRATION_BINS = 10
 # k the training paths report, min(5, C - 1).
 TOP_K = (2, 3, 5)
 MAX_TOP_K = 5
+# The most points report.json keeps of a ROC or precision-recall curve. The PR curve has a point
+# per distinct score: ~955,000 (62 MB of JSON) for 1M validation images; 1,000 draw the same plot.
+# The areas and the F1-best threshold are computed on every point first.
+MAX_CURVE_POINTS = 1000
 
 
 def _number(value) -> Optional[float]:
@@ -203,10 +207,9 @@ def binary_statistics(labels, scores, positive_class: str,
       # trapezoidal area interpolates linearly between points, which over-states it.
       pr_auc=_number(skm.average_precision_score(labels, scores)),
       # The first ROC threshold is +inf (no example predicted positive): null in JSON.
-      roc_curve={"fpr": _numbers(fpr), "tpr": _numbers(tpr), "thresholds": _numbers(roc_thresholds)},
+      roc_curve=_thinned({"fpr": fpr, "tpr": tpr, "thresholds": roc_thresholds}),
       # precision/recall have one point more than thresholds: recall 0, precision 1, no threshold.
-      pr_curve={"precision": _numbers(precision), "recall": _numbers(recall),
-                "thresholds": _numbers(pr_thresholds)})
+      pr_curve=_thinned({"precision": precision, "recall": recall, "thresholds": pr_thresholds}))
   # F1 at each threshold the data offers (the curve's points above), the best one reported.
   p, r = precision[:-1], recall[:-1]
   with np.errstate(invalid="ignore", divide="ignore"):
@@ -215,6 +218,20 @@ def binary_statistics(labels, scores, positive_class: str,
   result["best_f1"] = _threshold_row(labels, (scores >= pr_thresholds[best]).astype(np.int64),
                                      pr_thresholds[best])
   return result
+
+
+def _thinned(curve: dict, max_points: int = MAX_CURVE_POINTS) -> dict:
+  """The curve's arrays as JSON lists, at most max_points of each, both ends kept.
+
+  Evenly spaced in point order, which follows the sorted scores: a point every n / max_points
+  examples' worth of thresholds. A shorter array (PR thresholds) keeps the same indices.
+  """
+  length = max(len(values) for values in curve.values())
+  if length <= max_points:
+    return {name: _numbers(values) for name, values in curve.items()}
+  kept = np.unique(np.linspace(0, length - 1, max_points).round().astype(np.int64))
+  return {name: _numbers(np.asarray(values)[kept[kept < len(values)]])
+          for name, values in curve.items()}
 
 
 def misclassified(labels, probabilities, class_names: Sequence[str], paths: Sequence[str]) -> list:
