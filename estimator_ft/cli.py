@@ -162,7 +162,8 @@ def _define_prepare():
                        "150 MB of source images a shard. A cluster needs at least one per trainer.",
                        lower_bound=0)
   flags.DEFINE_integer("max_side", 0, "Re-encode (JPEG, quality 95) images whose longer side is "
-                       "larger than this, e.g. 256 for 224-px training; 0 keeps every file's bytes.",
+                       "larger than this, e.g. 256 for 224-px training; 0 keeps every file's bytes. "
+                       "Shrunk with antialiasing: serve images shrunk the same way.",
                        lower_bound=0)
   flags.DEFINE_integer("seed", 0, "Seed of the random order the examples are written in.")
 

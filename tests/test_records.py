@@ -118,6 +118,17 @@ def test_prepare_writes_shards_of_random_samples_and_a_description(prepared, tin
   assert labels != sorted(labels) and sum(labels[:12]) not in (0, 12)
 
 
+def test_a_prepare_that_shrank_images_says_how_to_serve_them_alike(tiny_dataset, tmp_path,
+                                                                    caplog):
+  """Records shrunk by --max_side are smoothed (PIL antialiases); the export's resize is not."""
+  with caplog.at_level(logging.WARNING, logger="estimator_ft"):
+    _prepare(tiny_dataset, tmp_path / "kept", num_shards=1)
+    assert "were shrunk" not in caplog.text
+    _prepare(tiny_dataset, tmp_path / "shrunk", num_shards=1, max_side=SIZE)
+  assert re.search(rf"\d+ images were shrunk to a longer side of {SIZE} px .* send it images "
+                   rf"shrunk the same way \(longer side {SIZE} px\)", caplog.text)
+
+
 def test_without_max_side_the_original_bytes_are_kept(tiny_dataset, tmp_path):
   _prepare(tiny_dataset, tmp_path / "r", num_shards=1)
   for example in _read_all([str(tmp_path / "r" / records.shard_name("validation", 0, 1))]):

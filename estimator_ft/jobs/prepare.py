@@ -191,4 +191,11 @@ def run_prepare(train_dir: str, validation_dir: str, output_dir: str, num_shards
               elapsed, total / elapsed if elapsed else 0.0,
               f"; {reencoded} images written by this run re-encoded (--max_side={max_side})"
               if max_side else "")
+  if reencoded:
+    logger.warning(
+        "%d images were shrunk to a longer side of %d px (PIL, antialiased) and re-encoded: the "
+        "model trains and validates on those. Its export resizes what it is sent straight to "
+        "--image_size without antialiasing, so send it images shrunk the same way (longer side "
+        "%d px) to get what validation measured; with photos far larger than --image_size the "
+        "difference is largest.", reencoded, max_side, max_side)
   return description
