@@ -232,6 +232,10 @@ def exif_orientation(data: bytes) -> Optional[int]:
 
 # ---------------------------------------------------------------- BMP palettes
 
+BMP_PALETTE_TAIL = ("-bit palette BMP, which TensorFlow decodes to wrong colours; re-save it as "
+                    "24-bit BMP, PNG or JPEG")
+
+
 def bmp_palette_problem(data: bytes) -> Optional[str]:
   """Why TF would silently mis-decode this BMP, or None.
 
@@ -250,5 +254,4 @@ def bmp_palette_problem(data: bytes) -> Optional[str]:
   if bits == 8 and len(table) == 4 * colours and all(
       table[4 * i] == table[4 * i + 1] == table[4 * i + 2] == i for i in range(colours)):
     return None
-  return (f"{bits}-bit palette BMP, which TensorFlow decodes to wrong colours; re-save it as "
-          "24-bit BMP, PNG or JPEG")
+  return f"{bits}{BMP_PALETTE_TAIL}"

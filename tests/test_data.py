@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 import pathlib
@@ -11,8 +12,10 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from estimator_ft import contract
+from estimator_ft import image_formats
 from estimator_ft import sample_data
 from estimator_ft.config import Config
 from estimator_ft.data import folders as folders_lib
@@ -569,6 +572,49 @@ def test_palette_bmp_is_refused_but_rgb_and_gray_bmp_pass(tmp_path):
   assert [os.path.basename(p) for p, _ in split.skipped] == ["palette.bmp"]
   assert "palette BMP" in split.skipped[0][1]
   assert split.num_examples == 3
+
+
+def test_the_serving_graph_refuses_palette_bmps_by_the_scans_rules():
+  """TF Serving clients reach only the graph: it must refuse what the scan and predict refuse."""
+
+  def pil_bmp(mode):
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).convert(mode).save(buffer, "BMP")
+    return buffer.getvalue()
+
+  palette = images.bmp_image_bytes(16, mode="P")
+  gray = images.bmp_image_bytes(16, mode="L")
+  header_size = int.from_bytes(gray[14:18], "little")
+  broken_ramp = bytearray(gray)
+  broken_ramp[14 + header_size + 4 * 7] = 99  # entry 7's blue is no longer 7
+  samples = {
+      "rgb": images.bmp_image_bytes(16), "gray": gray, "palette": palette, "one_bit": pil_bmp("1"),
+      "broken_ramp": bytes(broken_ramp), "png": images.encoded_bytes("png_rgb", size=16),
+      "jpeg": images.encoded_bytes("jpeg", size=16),
+      "cut_header": palette[:30], "cut_table": palette[:14 + header_size + 4 * 10 + 2],
+      "not_an_image": b"BM", "empty": b""}
+  check = tf.function(images_lib.refuse_palette_bmp, input_signature=[tf.TensorSpec([], tf.string)])
+  refused_by_graph = {}
+  for name, data in samples.items():
+    try:
+      check(tf.constant(data))
+      refused_by_graph[name] = False
+    except tf.errors.InvalidArgumentError as e:
+      refused_by_graph[name] = True
+      assert "palette BMP, which TensorFlow decodes to wrong colours" in e.message, name
+  refused_in_python = {name: image_formats.bmp_palette_problem(data) is not None
+                       for name, data in samples.items()}
+  assert refused_by_graph == refused_in_python
+  assert {n for n, refused in refused_by_graph.items() if refused} == {
+      "palette", "one_bit", "broken_ramp", "cut_table"}
+  # The signatures' path (export.preprocess_image_bytes) refuses it; a 24-bit BMP goes through.
+  serve = tf.function(lambda data: images_lib.decode_and_preprocess(data, 16),
+                      input_signature=[tf.TensorSpec([], tf.string)])
+  assert serve(tf.constant(samples["rgb"])).shape == (16, 16, 3)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="8-bit palette BMP"):
+    serve(tf.constant(palette))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="8-bit palette BMP"):
+    images_lib.refuse_palette_bmp(palette)  # eagerly: the Python rules
 
 
 def test_hidden_files_and_folders_are_ignored(tmp_path):

@@ -341,7 +341,63 @@ def augment_image(image, seed, image_size: int) -> tf.Tensor:
 
 
 
+# A BMP's file and info headers (BITMAPINFOHEADER): what refuse_palette_bmp reads.
+_BMP_HEADERS_BYTES = 54
+_BMP_MAX_PALETTE_COLOURS = 256
+
+
+def _little_endian(header_bytes, start: int, width: int) -> tf.Tensor:
+  values = tf.cast(header_bytes[start:start + width], tf.int64)
+  return tf.reduce_sum(values * (256 ** tf.range(width, dtype=tf.int64)))
+
+
+def refuse_palette_bmp(image_bytes) -> tf.Tensor:
+  """image_bytes, unless it is a palette BMP that TensorFlow would decode to wrong colours
+  (image_formats.bmp_palette_problem, the same rules as graph ops): then InvalidArgumentError.
+
+  The training scan and `predict` refuse such files in Python; a TF Serving client or a direct
+  call of a signature reaches only the graph, which used to answer from garbage pixels.
+  """
+  image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+  if tf.executing_eagerly():
+    problem = image_formats.bmp_palette_problem(image_bytes.numpy())
+    if problem:
+      raise tf.errors.InvalidArgumentError(None, None, f"image: {problem}")
+    return image_bytes
+  length = tf.cast(tf.strings.length(image_bytes), tf.int64)
+  # substr may run past the end (it stops there); zeros pad a short file's header.
+  head = tf.strings.join([tf.strings.substr(image_bytes, 0, _BMP_HEADERS_BYTES),
+                          tf.constant(b"\0" * _BMP_HEADERS_BYTES)])
+  header = tf.io.decode_raw(tf.strings.substr(head, 0, _BMP_HEADERS_BYTES), tf.uint8)
+  is_bmp = tf.logical_and(tf.equal(tf.strings.substr(image_bytes, 0, 2), "BM"),
+                          length >= _BMP_HEADERS_BYTES)
+  header_size = _little_endian(header, 14, 4)
+  bits = _little_endian(header, 28, 2)
+  declared = _little_endian(header, 46, 4)
+  colours = tf.minimum(tf.where(declared > 0, declared,
+                                tf.bitwise.left_shift(tf.constant(1, tf.int64),
+                                                      tf.minimum(bits, 8))),
+                       _BMP_MAX_PALETTE_COLOURS + 1)
+  table_start = tf.minimum(14 + header_size, length)
+  table = tf.io.decode_raw(tf.strings.substr(image_bytes, table_start, 4 * colours), tf.uint8)
+  whole_entries = tf.size(table) // 4 * 4  # a cut file's table ends mid-entry
+  entries = tf.reshape(table[:whole_entries], [-1, 4])
+  ramp = tf.cast(tf.range(tf.shape(entries, out_type=tf.int64)[0]), tf.uint8)
+  # Only an 8-bit identity gray ramp (what PIL writes for grayscale) decodes correctly.
+  gray_ramp = tf.logical_and(
+      tf.logical_and(tf.equal(bits, 8), tf.equal(tf.shape(entries, out_type=tf.int64)[0], colours)),
+      tf.reduce_all(tf.logical_and(tf.equal(entries[:, 0], ramp),
+                                   tf.logical_and(tf.equal(entries[:, 1], ramp),
+                                                  tf.equal(entries[:, 2], ramp)))))
+  palette = tf.logical_and(tf.logical_and(is_bmp, header_size >= 40),
+                           tf.logical_and(bits <= 8, tf.logical_not(gray_ramp)))
+  message = tf.strings.join(["image: ", tf.strings.as_string(bits), image_formats.BMP_PALETTE_TAIL])
+  with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(palette), [message])]):
+    return tf.identity(image_bytes)
+
+
 def decode_and_preprocess(image_bytes, image_size: int,
                           max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
-  """The eval/serving path for one encoded image: pixel limit -> decode -> resize -> preprocess."""
-  return preprocess_for_model(decode_image(image_bytes, image_size, max_pixels))
+  """The eval/serving path for one encoded image: pixel limit -> palette BMPs refused -> decode ->
+  resize -> preprocess."""
+  return preprocess_for_model(decode_image(refuse_palette_bmp(image_bytes), image_size, max_pixels))
