@@ -236,15 +236,13 @@ def resume_changes(old: Dict, new: Dict) -> Tuple[List[str], List[str]]:
   Settings that always change the next step are in config.CHECKPOINT_DEFINING_FIELDS; these two
   depend on the schedule:
     epochs      the cosine schedule decays over all epochs: more epochs would stretch it mid-run
-    batch_size  steps per epoch change, so warm-up, the schedule, the phase boundary of
-                --head_epochs and epoch counting would shift
+    batch_size  always refused: the steps taken were counted in the old batches, so epoch
+                counting (the Estimator's is global step / steps per epoch), the input position,
+                warm-up, the schedule and the phase boundary of --head_epochs would all shift
   Each refused item says what to do; each accepted one is logged.
   """
   refused, accepted = [], []
   schedule = new.get("lr_schedule", "constant")
-  # (the phase boundary of --head_epochs is a step count too)
-  steps_matter = (schedule != "constant" or float(new.get("warmup_epochs", 0) or 0) > 0
-                  or int(new.get("head_epochs", 0) or 0) > 0)
   if "epochs" in old and old["epochs"] != new.get("epochs"):
     if schedule == "cosine":
       refused.append(f"epochs: {old['epochs']} -> {new['epochs']} under --lr_schedule=cosine "
@@ -254,14 +252,11 @@ def resume_changes(old: Dict, new: Dict) -> Tuple[List[str], List[str]]:
       accepted.append(f"--epochs {old['epochs']} -> {new['epochs']}: the {schedule} schedule "
                       "does not depend on the number of epochs; training continues to the new end")
   if "batch_size" in old and old["batch_size"] != new.get("batch_size"):
-    if steps_matter:
-      refused.append(f"batch_size: {old['batch_size']} -> {new['batch_size']} with a warm-up, "
-                     f"--head_epochs or --lr_schedule={schedule} (steps per epoch change, so the "
-                     "schedule or the phase boundary would "
-                     f"shift; keep --batch_size={old['batch_size']}, or start a new --model_dir)")
-    else:
-      accepted.append(f"--batch_size {old['batch_size']} -> {new['batch_size']}: constant "
-                      "learning rate, so only the step count per epoch changes")
+    refused.append(f"batch_size: {old['batch_size']} -> {new['batch_size']} (the steps already "
+                   "taken were counted in the old batches: the epochs done, where the input "
+                   "resumes, a warm-up, the schedule and the phase boundary of --head_epochs "
+                   f"would all shift; keep --batch_size={old['batch_size']} to resume, or start a "
+                   "new --model_dir)")
   return refused, accepted
 
 

@@ -1,6 +1,7 @@
 """Issue 15's fine-tuning recipes: pure rules (no TensorFlow), the one TensorFlow definition both
 paths use, and keras vs estimator with every recipe switched on at once."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -109,6 +110,31 @@ def test_resume_refuses_what_would_shift_the_schedule_and_states_the_rest():
   old = Config(epochs=5).to_dict()
   refused, accepted = recipes.resume_changes(old, Config(epochs=10).to_dict())
   assert not refused and "--epochs 5 -> 10" in accepted[0]
+  # Another batch size is refused even at a constant rate: the Estimator counts the epochs done
+  # as global step / steps per epoch, so a resume at batch 64 over 32 ended after half the data.
+  refused, accepted = recipes.resume_changes(old, Config(epochs=5, batch_size=64).to_dict())
+  assert refused and "batch_size: 32 -> 64" in refused[0] and "keep --batch_size=32" in refused[0]
+  assert not accepted
+
+
+def test_a_single_machine_run_applies_the_resume_rules_too(tmp_path, caplog):
+  """plan_run / prepare_model_dir (the train job on one machine) once skipped resume_changes."""
+  from estimator_ft.run import model_dir as model_dir_lib
+  config = Config(train_dir="t", validation_dir="v", model_dir=str(tmp_path), lr_schedule="cosine")
+  model_dir_lib.write_run_config(config, ("a", "b"))
+  (tmp_path / "model.ckpt-8.index").write_bytes(b"x")  # it trained: nothing to set aside
+  for changes, refusal in (({"epochs": 9}, r"epochs: 5 -> 9 under --lr_schedule=cosine"),
+                           ({"batch_size": 64}, r"batch_size: 32 -> 64")):
+    with pytest.raises(ValueError, match=rf"holds a run with a different configuration \({refusal}"):
+      model_dir_lib.plan_run(config.replace(**changes), ("a", "b"))
+    with pytest.raises(ValueError, match=refusal):
+      model_dir_lib.prepare_model_dir(config.replace(**changes), ("a", "b"))
+  # An accepted change is said when the run resumes.
+  constant = config.replace(lr_schedule="constant")
+  model_dir_lib.write_run_config(constant, ("a", "b"))
+  with caplog.at_level(logging.INFO, logger="estimator_ft"):
+    assert model_dir_lib.prepare_model_dir(constant.replace(epochs=9), ("a", "b")) is True
+  assert "Resuming with --epochs 5 -> 9" in caplog.text
 
 
 def test_config_checks_the_recipe_settings():

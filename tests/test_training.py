@@ -155,8 +155,12 @@ def test_a_model_dir_of_another_configuration_is_refused(tmp_path):
     model_dir_lib.check_resumable(config, ("a", "b", "c"), str(tmp_path))
   with pytest.raises(ValueError, match=r"path: 'estimator' -> 'keras'"):
     model_dir_lib.check_resumable(config.replace(path="keras"), ("a", "b"), str(tmp_path))
-  # Settings that do not change what a checkpoint means may differ on resume.
-  assert model_dir_lib.check_resumable(config.replace(epochs=9, batch_size=8), ("a", "b"), str(tmp_path))
+  # Settings that do not change what a checkpoint means may differ on resume; the batch size
+  # may not (the steps taken were counted in it).
+  assert model_dir_lib.check_resumable(config.replace(epochs=9, log_every_n_steps=7), ("a", "b"),
+                                       str(tmp_path))
+  with pytest.raises(ValueError, match=r"batch_size: 32 -> 8 .*keep --batch_size=32"):
+    model_dir_lib.check_resumable(config.replace(batch_size=8), ("a", "b"), str(tmp_path))
   with pytest.raises(ValueError, match=r"learning_rate: 0.0001 -> 0.001"):
     model_dir_lib.check_resumable(config.replace(learning_rate=1e-3), ("a", "b"), str(tmp_path))
 

@@ -106,14 +106,18 @@ def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str
   previous = read_run_config(model_dir)
   if previous is None:
     return False
-  differences = _differences(previous, config, class_names)
-  refused, accepted = recipes.resume_changes(previous.get("config", {}), config.to_dict())
-  differences += refused
+  differences, accepted = _resume_differences(previous, config, class_names)
   if differences:
     raise _different_run_error(model_dir, differences)
   for change in accepted:
     logger.info("Resuming with %s.", change)
   return True
+
+
+def _resume_differences(previous: dict, config: Config, class_names: Tuple[str, ...]):
+  """(what forbids resuming the recorded run with `config`, the changes a resume accepts)."""
+  refused, accepted = recipes.resume_changes(previous.get("config", {}), config.to_dict())
+  return _differences(previous, config, class_names) + refused, accepted
 
 
 def checkpoint_steps(model_dir: str) -> list:
@@ -151,7 +155,9 @@ def plan_run(config: Config, class_names: Tuple[str, ...]) -> Tuple[str, list]:
                        "it was not written by estimator_ft (or that file was deleted). Use a new "
                        "--model_dir rather than mixing runs.")
     return "new", []
-  differences = _differences(previous, config, class_names)
+  # The schedule's rules too (recipes.resume_changes): a single machine used to skip them, so a
+  # cosine run resumed with more epochs jumped back up its schedule without a word.
+  differences, _ = _resume_differences(previous, config, class_names)
   if not differences:
     return "resume", []
   if never_trained(model_dir):
@@ -385,6 +391,8 @@ def prepare_model_dir(config: Config, class_names) -> bool:
   plan, differences = plan_run(config, tuple(class_names))
   if plan == "replace":
     _set_aside_untrained_run(config.model_dir, differences)
+  elif plan == "resume":
+    check_resumable(config, tuple(class_names), config.model_dir)  # logs the changes it accepts
   write_run_config(config, class_names)
   return plan == "resume"
 
@@ -478,7 +486,7 @@ def _missing_for(config: Config, class_names: Tuple[str, ...], prefix: str) -> s
     return str(e)
   if previous is None:
     return f"no {CONFIG_FILE} yet"
-  differences = _differences(previous, config, class_names)
+  differences, _ = _resume_differences(previous, config, class_names)
   if differences:
     if not never_trained(model_dir):
       raise _different_run_error(model_dir, differences)
