@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -52,6 +53,34 @@ def test_a_second_scan_decodes_nothing_and_a_changed_file_is_checked_again(tmp_p
   # A cached bad verdict stays bad; --rescan decodes everything again.
   assert folders_lib.survey_folder(str(train), "train", cache).bad() == third.bad()
   assert folders_lib.survey_folder(str(train), "train", cache, rescan=True).decoded == 7
+
+
+INTERRUPTED_SCAN_FILES = 3000
+
+
+def test_an_interrupted_first_scan_keeps_what_it_had_checked(tmp_path):
+  """A first scan saves its verdicts as it goes: killed (preempted, OOM) at 1.3 M images, the
+  next start used to decode them all again."""
+  train = tmp_path / "train"
+  for index in range(INTERRUPTED_SCAN_FILES):
+    images.write_png(train / ("a", "b")[index % 2] / f"{index}.png", size=8, seed=index)
+  cache = tmp_path / "cache"
+  manifest = manifest_lib.manifest_path(str(train), str(cache))
+  scan = (f"from estimator_ft.data import folders\n"
+          f"folders.survey_folder({str(train)!r}, 'train', {str(cache)!r}, "
+          f"manifest_save_every_s=0.05)\n")
+  child = subprocess.Popen([sys.executable, "-c", scan], cwd=os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  while child.poll() is None and not os.path.exists(manifest):
+    time.sleep(0.005)
+  child.kill()  # as kill -9: no cleanup runs
+  child.wait()
+  assert child.returncode == -9, "the scan ended before its first partial save: use more files"
+  saved = len(json.loads(open(manifest).read())["files"]["path"])
+  assert 0 < saved < INTERRUPTED_SCAN_FILES
+  resumed = folders_lib.survey_folder(str(train), "train", str(cache))
+  assert resumed.decoded == INTERRUPTED_SCAN_FILES - saved
+  assert len(resumed.files) == INTERRUPTED_SCAN_FILES and not resumed.bad()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "other_version", "other_settings", "bad_entry",

@@ -34,6 +34,12 @@ from estimator_ft.data.split import DataError, Split
 _MAX_LOGGED_BAD_FILES = 20
 # A scan longer than this logs a progress line this often.
 PROGRESS_EVERY_S = 5.0
+# A first scan of a large folder (1.3 M JPEGs: close to an hour) saves the verdicts it has so far
+# this often, so an interrupted scan (preemption, kill, OOM) is not all redone at the next start.
+MANIFEST_SAVE_EVERY_S = 300.0
+# Files handed to the decoding threads at a time: ThreadPoolExecutor.map submits its whole input
+# at once, and 1.28 M pending submissions cost 2.5 GB.
+_EXAMINE_CHUNK_FILES = 4096
 # The EXIF tag that says how a camera held the picture; TF's decoders ignore it.
 _EXIF_ORIENTATION_TAG = 0x0112
 # How many files shared by two classes the error names.
@@ -138,24 +144,36 @@ def _list_class_files(class_dir: str) -> list:
   return files
 
 
-def _examine_all(paths, name: str, max_pixels: int, progress_every_s: float) -> list:
-  """FileFacts of each path, in order; a progress line every few seconds on a long scan."""
+def _examine_all(paths, name: str, max_pixels: int, progress_every_s: float,
+                 save_partial=None, save_every_s: float = MANIFEST_SAVE_EVERY_S) -> list:
+  """FileFacts of each path, in order; a progress line every few seconds on a long scan.
+
+  save_partial(results so far), when given, is called every save_every_s (and not after the
+  last file: the caller saves the whole result).
+  """
   if not paths:
     return []
   # Decoding releases the GIL, so a few threads overlap file reads and decodes.
   workers = min(8, 2 * (os.cpu_count() or 1), len(paths))
   results = []
-  started = last_report = time.monotonic()
+  started = last_report = last_save = time.monotonic()
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    for facts in pool.map(lambda path: examine_image_file(path, max_pixels), paths):
-      results.append(facts)
-      now = time.monotonic()
-      if now - last_report >= progress_every_s and len(results) < len(paths):
-        last_report = now
-        rate = progress.steps_per_second(len(results), now - started)
-        eta = (len(paths) - len(results)) / rate if rate else float("nan")
-        logger.info("Checking the %s images: %d of %d files (%.0f files/s, ETA %s)", name,
-                    len(results), len(paths), rate or 0.0, progress.format_seconds(eta))
+    for first in range(0, len(paths), _EXAMINE_CHUNK_FILES):
+      chunk = paths[first:first + _EXAMINE_CHUNK_FILES]
+      for facts in pool.map(lambda path: examine_image_file(path, max_pixels), chunk):
+        results.append(facts)
+        now = time.monotonic()
+        if len(results) == len(paths):
+          break
+        if save_partial is not None and now - last_save >= save_every_s:
+          save_partial(results)
+          last_save = time.monotonic()
+        if now - last_report >= progress_every_s:
+          last_report = now
+          rate = progress.steps_per_second(len(results), now - started)
+          eta = (len(paths) - len(results)) / rate if rate else float("nan")
+          logger.info("Checking the %s images: %d of %d files (%.0f files/s, ETA %s)", name,
+                      len(results), len(paths), rate or 0.0, progress.format_seconds(eta))
   return results
 
 
@@ -240,9 +258,11 @@ def _shared_files_message(root: str, name: str, class_names, groups) -> str:
 def survey_folder(root: str, name: str, cache_dir: str = "", rescan: bool = False,
                   use_manifest: bool = True,
                   max_pixels: int = image_formats.DEFAULT_MAX_IMAGE_PIXELS,
-                  progress_every_s: float = PROGRESS_EVERY_S) -> FolderSurvey:
+                  progress_every_s: float = PROGRESS_EVERY_S,
+                  manifest_save_every_s: float = MANIFEST_SAVE_EVERY_S) -> FolderSurvey:
   """Lists `<root>/<class>/<image>` and checks every file: the unchanged ones from the manifest,
-  the others by decoding them (then the manifest is updated). rescan: decode every file.
+  the others by decoding them (then the manifest is updated; during a long scan, every
+  manifest_save_every_s too). rescan: decode every file.
 
   A file reached under two classes (a class folder linking to another, a hard link) is bad under
   both, whatever its bytes: it would be trained on with two contradicting labels.
@@ -267,20 +287,28 @@ def survey_folder(root: str, name: str, cache_dir: str = "", rescan: bool = Fals
     logger.info("%s images: %d of %d files unchanged since the last scan (manifest %s); "
                 "checking %d.", name.capitalize(), len(listed) - len(unknown), len(listed), path,
                 len(unknown))
+  recorded = 0
+
+  def record(examined_so_far):
+    nonlocal recorded
+    for i, examined in zip(unknown[recorded:], examined_so_far[recorded:]):
+      if keys[i] is not None:
+        known.record(relative[i], keys[i], examined)
+    recorded = len(examined_so_far)
+
+  def save_partial(examined_so_far):
+    record(examined_so_far)
+    _save_manifest(known, path)
+
   examined_now = _examine_all([listed[i][0] for i in unknown], name, max_pixels,
-                              progress_every_s)
+                              progress_every_s, save_partial if use_manifest else None,
+                              manifest_save_every_s)
+  record(examined_now)
   for i, examined in zip(unknown, examined_now):
     facts[i] = examined
-    if keys[i] is not None:
-      known.record(relative[i], keys[i], examined)
   if use_manifest and (unknown or len(known) != len(listed)):
     known.keep_only(relative)
-    try:
-      known.save(path)
-    except OSError as e:
-      logger.warning("Could not save the scan manifest %s (%s): the next start checks every file "
-                     "again. Point --scan_cache_dir at a writable folder.", path,
-                     e.strerror or e)
+    _save_manifest(known, path)
   # Not from the manifest: which files are one file depends on the whole folder, not on each.
   position = {path: k for k, (path, _) in enumerate(listed)}
   shared = _shared_between_classes(listed, statuses)
@@ -289,6 +317,14 @@ def survey_folder(root: str, name: str, cache_dir: str = "", rescan: bool = Fals
   return FolderSurvey(root=root, name=name, class_names=class_names,
                       files=tuple((p, i, f) for (p, i), f in zip(listed, facts)),
                       decoded=len(unknown), manifest=path, shared=tuple(map(tuple, shared)))
+
+
+def _save_manifest(known: manifest_lib.Manifest, path: str) -> None:
+  try:
+    known.save(path)
+  except OSError as e:
+    logger.warning("Could not save the scan manifest %s (%s): the next start checks every file "
+                   "again. Point --scan_cache_dir at a writable folder.", path, e.strerror or e)
 
 
 def _bad_files_message(root: str, name: str, bad: list, job: str = "train") -> str:
