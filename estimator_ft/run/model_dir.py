@@ -109,9 +109,13 @@ def check_resumable(config: Config, class_names: Tuple[str, ...], model_dir: str
   differences, accepted = _resume_differences(previous, config, class_names)
   if differences:
     raise _different_run_error(model_dir, differences)
+  _say_accepted(accepted)
+  return True
+
+
+def _say_accepted(accepted: list) -> None:
   for change in accepted:
     logger.info("Resuming with %s.", change)
-  return True
 
 
 def _resume_differences(previous: dict, config: Config, class_names: Tuple[str, ...]):
@@ -147,6 +151,12 @@ def plan_run(config: Config, class_names: Tuple[str, ...]) -> Tuple[str, list]:
   aside (prepare_model_dir). Raises ValueError for a different run that did train, and for
   checkpoints without a config.json.
   """
+  plan, differences, _ = _plan(config, class_names)
+  return plan, differences
+
+
+def _plan(config: Config, class_names: Tuple[str, ...]) -> Tuple[str, list, list]:
+  """plan_run's (plan, differences), and the changes a resume accepts ([] unless "resume")."""
   model_dir = config.model_dir
   previous = read_run_config(model_dir)
   if previous is None:
@@ -154,14 +164,14 @@ def plan_run(config: Config, class_names: Tuple[str, ...]) -> Tuple[str, list]:
       raise ValueError(f"--model_dir={model_dir} holds checkpoints but no {CONFIG_FILE}: "
                        "it was not written by estimator_ft (or that file was deleted). Use a new "
                        "--model_dir rather than mixing runs.")
-    return "new", []
+    return "new", [], []
   # The schedule's rules too (recipes.resume_changes): a single machine used to skip them, so a
   # cosine run resumed with more epochs jumped back up its schedule without a word.
-  differences, _ = _resume_differences(previous, config, class_names)
+  differences, accepted = _resume_differences(previous, config, class_names)
   if not differences:
-    return "resume", []
+    return "resume", [], accepted
   if never_trained(model_dir):
-    return "replace", differences
+    return "replace", differences, []
   raise _different_run_error(model_dir, differences)
 
 
@@ -388,11 +398,10 @@ def prepare_model_dir(config: Config, class_names) -> bool:
   plan_run). Returns True if an earlier run of the same configuration is resumed.
   """
   ensure_writable_dir(config.model_dir)
-  plan, differences = plan_run(config, tuple(class_names))
+  plan, differences, accepted = _plan(config, tuple(class_names))
   if plan == "replace":
     _set_aside_untrained_run(config.model_dir, differences)
-  elif plan == "resume":
-    check_resumable(config, tuple(class_names), config.model_dir)  # logs the changes it accepts
+  _say_accepted(accepted)
   write_run_config(config, class_names)
   return plan == "resume"
 
